@@ -1,0 +1,174 @@
+"""Typed run configuration: dataclasses that load from YAML and take dotted overrides.
+
+A run is four sections (data, model, strategy, trainer). The CLI, YAML files and the Python API all
+build the same objects, so a value is validated in exactly one place (``__post_init__``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, get_type_hints
+
+import yaml
+
+STRATEGIES = ("no_freeze", "freeze", "freeze_unfreeze", "unfreeze_milestones")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("cosine", "linear", "constant")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; raised before any data is read or model built."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class DataConfig:
+    train_folder: str | None = None
+    val_folder: str | None = None
+    val_split: float = 0.2
+    image_size: int = 224
+    batch_size: int = 32
+    num_workers: int | None = None  # None: sized from the CPU count and local processes
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.val_split < 1.0, f"val_split must be in (0, 1), got {self.val_split}")
+        _require(self.image_size >= 16, f"image_size must be at least 16, got {self.image_size}")
+        _require(self.batch_size >= 1, f"batch_size must be positive, got {self.batch_size}")
+        _require(self.num_workers is None or self.num_workers >= 0, "num_workers must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    pretrained: bool = True
+    weights: str | None = None  # local .safetensors / .pth file, for offline clusters
+    head_hidden: int | None = None
+    head_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.head_dropout < 1.0, f"head_dropout must be in [0, 1), got {self.head_dropout}")
+        _require(self.head_hidden is None or self.head_hidden > 0, "head_hidden must be positive")
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "freeze_unfreeze"
+    unfreeze_epoch: int = 1
+    milestones: tuple[int, int] = (1, 2)
+    num_layers: int = 1
+    train_bn: bool = True
+
+    def __post_init__(self) -> None:
+        self.milestones = tuple(self.milestones)
+        _require(self.name in STRATEGIES, f"unknown strategy {self.name!r}; choose one of {', '.join(STRATEGIES)}")
+        _require(self.unfreeze_epoch >= 0, f"unfreeze_epoch must be >= 0, got {self.unfreeze_epoch}")
+        _require(len(self.milestones) == 2, f"milestones takes two epochs, got {self.milestones}")
+        a, b = self.milestones
+        _require(0 <= a < b, f"milestones must be increasing epochs (a < b), got {self.milestones}")
+        _require(self.num_layers >= 1, f"num_layers must be >= 1, got {self.num_layers}")
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 10
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # SGD only
+    scheduler: str = "cosine"
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    mixed_precision: str = "no"
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = None
+    seed: int = 42
+    output_dir: str | None = None
+    check_rank_consistency: bool = True
+    channels_last: bool | None = None  # None: on for conv nets on GPU
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.max_epochs >= 1, f"max_epochs must be >= 1, got {self.max_epochs}")
+        _require(self.lr > 0, f"lr must be positive, got {self.lr}")
+        _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _require(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose {OPTIMIZERS}")
+        _require(self.scheduler in SCHEDULERS, f"unknown scheduler {self.scheduler!r}; choose {SCHEDULERS}")
+        _require(0 <= self.warmup_epochs < self.max_epochs, "warmup_epochs must be in [0, max_epochs)")
+        _require(0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)")
+        _require(
+            self.mixed_precision in MIXED_PRECISION,
+            f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}",
+        )
+        _require(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
+        _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be positive")
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self) -> None:
+        epochs = self.trainer.max_epochs
+        if self.strategy.name == "freeze_unfreeze":
+            _require(
+                self.strategy.unfreeze_epoch < epochs,
+                f"unfreeze_epoch {self.strategy.unfreeze_epoch} is past the last epoch "
+                f"(max_epochs={epochs}, epochs count from 0): the backbone would never train",
+            )
+        if self.strategy.name == "unfreeze_milestones":
+            _require(
+                self.strategy.milestones[1] < epochs,
+                f"milestones {self.strategy.milestones} reach past the last epoch (max_epochs={epochs})",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(section_cls: type, values: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in fields(section_cls)}
+    unknown = sorted(set(values) - known)
+    _require(not unknown, f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    return section_cls(**values)
+
+
+def config_from_dict(raw: dict[str, Any], where: str = "config") -> RunConfig:
+    """Build a RunConfig from nested dicts (as in a YAML file), rejecting unknown keys."""
+    raw = dict(raw or {})
+    sections = {f.name: f for f in fields(RunConfig)}
+    unknown = sorted(set(raw) - set(sections))
+    _require(not unknown, f"{where}: unknown section(s) {unknown}; sections are {sorted(sections)}")
+    hints = get_type_hints(RunConfig)
+    built = {name: _coerce(hints[name], raw.get(name) or {}, f"{where}: [{name}]") for name in sections}
+    return RunConfig(**built)
+
+
+def load_yaml(path: str | os.PathLike) -> RunConfig:
+    """Read a run configuration from a YAML file with sections data/model/strategy/trainer."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path) as handle:
+        raw = yaml.safe_load(handle) or {}
+    _require(isinstance(raw, dict), f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return config_from_dict(raw, where=str(path))
+
+
+def apply_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """Return a copy of ``config`` with dotted keys (``"trainer.lr"``) replaced, re-validated."""
+    raw = config.to_dict()
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        _require(section in raw and key in raw[section], f"unknown setting {dotted!r}")
+        raw[section][key] = value
+    return config_from_dict(raw)

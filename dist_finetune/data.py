@@ -1,0 +1,236 @@
+"""Image-folder data: discovery with `datasets`' imagefolder builder, decoding, transforms, loaders.
+
+Loaders yield uint8 NCHW tensors; the model converts and normalises them on its own device (see
+``task.ImageClassifier.forward``), so a batch crosses to the GPU at a quarter of the float32 size
+and the normalisation constants travel with the checkpoint instead of the data pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+EVAL_RESIZE_RATIO = 0.875  # resize to size/0.875, then center-crop size (the torchvision convention)
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently grey pixels
+
+
+class DataError(ValueError):
+    """A problem with the user's image folders; the message names the path and the fix."""
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def load_rgb(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
+    """Open any image as RGB, applying EXIF orientation; first frame of animations.
+
+    ``min_side``: the smallest shorter side the caller needs. JPEGs much larger than that are decoded
+    at 1/2, 1/4 or 1/8 scale (PIL draft mode, DCT-domain downscaling, still >= min_side), which is
+    several times faster than a full decode followed by a resize. Deterministic for a given file.
+    """
+    try:
+        with Image.open(path) as image:
+            if min_side is not None and image.format == "JPEG":
+                width, height = image.size
+                scale = min_side / min(width, height)
+                image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(
+            f"cannot read image {path}: {error}. Remove or replace the file "
+            "(or pass --skip-bad-images to train on the rest)."
+        ) from error
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB from any mode: alpha composited on white, palette expanded, 16-bit scaled to 8-bit."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        scale = 1 / 257 if image.mode.startswith("I;16") or image.getextrema()[1] > 255 else 1
+        image = image.point(lambda value: value * scale).convert("L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def train_transform(image_size: int) -> v2.Compose:
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.RandomResizedCrop(image_size, antialias=True),
+        v2.RandomHorizontalFlip(),
+    ])
+
+
+def eval_transform(image_size: int) -> v2.Compose:
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.Resize(int(round(image_size / EVAL_RESIZE_RATIO)), antialias=True),
+        v2.CenterCrop(image_size),
+    ])
+
+
+class ImageListDataset(Dataset):
+    """(path, label) pairs decoded on access into uint8 CHW tensors."""
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], transform, min_side: int):
+        self.paths = list(paths)
+        self.labels = list(labels)
+        self.transform = transform
+        self.min_side = min_side
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = load_rgb(self.paths[index], self.min_side)
+        return self.transform(image), self.labels[index]
+
+
+def _check_class_folders(folder: str, role: str) -> list[str]:
+    """Fail early, naming the path, on the folder shapes that imagefolder would mis-read silently."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"{role} folder {folder} does not exist (expected {role}/<class>/<image files>)")
+    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise DataError(f"{role} folder {folder} has no class subfolders: put images in {folder}/<class_name>/")
+    for name in classes:
+        if not any(is_image_file(p) for p in (root / name).rglob("*") if p.is_file()):
+            raise DataError(
+                f"class folder {root / name} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                "add images or remove the folder"
+            )
+    return classes
+
+
+def scan_folder(folder: str, role: str) -> tuple[list[str], list[int], list[str]]:
+    """Paths, integer labels and class names of an imagefolder tree, via `datasets`' builder."""
+    import datasets
+
+    expected = _check_class_folders(folder, role)
+    if len(expected) < 2:
+        raise DataError(f"{role} folder {folder} has one class ({expected[0]}): classification needs at least 2 "
+                        "class subfolders")
+    datasets.disable_progress_bars()
+    table = datasets.load_dataset("imagefolder", data_dir=folder, split="train")
+    table = table.cast_column("image", datasets.Image(decode=False))
+    label_feature = table.features.get("label")
+    if label_feature is None:
+        raise DataError(f"{role} folder {folder}: no class labels found (expected {folder}/<class>/<images>)")
+    names = list(label_feature.names)
+    if names != expected:
+        raise DataError(f"{role} folder {folder}: classes {names} read, but folders are {expected}")
+    paths = [entry["path"] for entry in table["image"]]
+    return paths, list(table["label"]), names
+
+
+def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (train, val): ``fraction`` of each class to val, at least one, seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    train, val = [], []
+    for label in sorted(by_class):
+        members = by_class[label]
+        if len(members) < 2:
+            raise DataError(f"class {label} has {len(members)} image(s): a val split needs at least 2 per class")
+        order = torch.randperm(len(members), generator=generator).tolist()
+        n_val = min(len(members) - 1, max(1, round(len(members) * fraction)))
+        val += [members[i] for i in order[:n_val]]
+        train += [members[i] for i in order[n_val:]]
+    return sorted(train), sorted(val)
+
+
+def default_num_workers(local_processes: int) -> int:
+    """Workers per process so that workers x processes stays within the CPU cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // max(1, local_processes) - 1))
+
+
+@dataclass
+class ImageClassificationData:
+    """Train/val image lists and loader settings; build with :meth:`from_folders`."""
+
+    train_paths: list[str]
+    train_labels: list[int]
+    val_paths: list[str]
+    val_labels: list[int]
+    classes: list[str]
+    image_size: int = 224
+    batch_size: int = 32
+    num_workers: int | None = None
+    augment: bool = True
+    source: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_folders(
+        cls,
+        train_folder: str,
+        valid_folder: str | None = None,
+        val_split: float = 0.2,
+        image_size: int = 224,
+        batch_size: int = 32,
+        num_workers: int | None = None,
+        augment: bool = True,
+        seed: int = 42,
+    ) -> "ImageClassificationData":
+        """Read ``train/<class>/*`` (and ``val/<class>/*``, else a stratified ``val_split`` of train)."""
+        train_paths, train_labels, classes = scan_folder(train_folder, "train")
+        if valid_folder is not None:
+            val_paths, val_labels, val_classes = scan_folder(valid_folder, "val")
+            if val_classes != classes:
+                raise DataError(
+                    f"val folder {valid_folder} has classes {val_classes} but train folder {train_folder} "
+                    f"has {classes}; missing in val: {sorted(set(classes) - set(val_classes))}, "
+                    f"extra in val: {sorted(set(val_classes) - set(classes))}"
+                )
+        else:
+            train_idx, val_idx = stratified_split(train_labels, val_split, seed)
+            val_paths, val_labels = [train_paths[i] for i in val_idx], [train_labels[i] for i in val_idx]
+            train_paths, train_labels = [train_paths[i] for i in train_idx], [train_labels[i] for i in train_idx]
+        source = {"train_folder": str(train_folder), "valid_folder": valid_folder, "val_split": val_split}
+        return cls(train_paths, train_labels, val_paths, val_labels, classes, image_size, batch_size,
+                   num_workers, augment, source)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def train_dataset(self) -> ImageListDataset:
+        transform = train_transform(self.image_size) if self.augment else eval_transform(self.image_size)
+        # RandomResizedCrop may keep only ~8% of the area; decode large enough that the crop is not upsampled
+        min_side = self.image_size * 2 if self.augment else self.image_size
+        return ImageListDataset(self.train_paths, self.train_labels, transform, min_side)
+
+    def val_dataset(self) -> ImageListDataset:
+        return ImageListDataset(self.val_paths, self.val_labels, eval_transform(self.image_size), self.image_size)
+
+    def dataloader(self, dataset: Dataset, shuffle: bool, local_processes: int = 1, pin_memory: bool = False,
+                   drop_last: bool = False, seed: int = 0) -> DataLoader:
+        workers = default_num_workers(local_processes) if self.num_workers is None else self.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            pin_memory=pin_memory,
+            drop_last=drop_last,
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+            generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        )

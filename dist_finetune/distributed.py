@@ -1,0 +1,173 @@
+"""Distributed helpers: a correctly configured Accelerator, DDP that follows unfreezing, rank checks.
+
+What is synchronised, and when:
+- Trainable parameters: gradients are all-reduced by DDP every optimizer step. DDP fixes the set of
+  parameters it reduces when it is built, so after a strategy changes ``requires_grad`` the wrapper
+  is rebuilt over the same module (:class:`DDPResync`); the optimizer keeps the same Parameters.
+- BatchNorm running statistics: DDP broadcasts rank 0's buffers at every forward
+  (``broadcast_buffers=True``); between forwards other ranks' buffers drift, so the trainer
+  broadcasts them once more at the end (:func:`broadcast_buffers`). ``sync_batchnorm`` (GPU only)
+  instead computes batch statistics across ranks.
+- Consistency: :func:`check_rank_consistency` compares bit-exact checksums of every trainable
+  parameter and the optimizer's group layout across ranks after each transition and at the end.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator, DistributedType
+from accelerate.state import AcceleratorState
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+class DistributedSetupError(RuntimeError):
+    """The processes do not form the job they were launched as."""
+
+
+class RankMismatchError(RuntimeError):
+    """Ranks hold different trainable parameters or optimizer layouts."""
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1, seed: int = 0) -> Accelerator:
+    """An Accelerator that never trains as N independent rank-0s.
+
+    Launched with WORLD_SIZE > 1 on a machine without a GPU, the CPU (gloo) backend is selected here,
+    so ``torchrun`` or ``accelerate launch --multi_gpu`` work on CPU nodes without extra flags.
+    """
+    world_size = launched_world_size()
+    use_cpu = world_size > 1 and not torch.cuda.is_available()
+    if AcceleratorState._shared_state:
+        # a second Trainer in the same process may ask for another precision
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(
+        cpu=use_cpu,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True)],
+        # the sample order is a function of (seed, epoch) alone: same on every rank, any process count
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
+    )
+    if accelerator.num_processes != world_size:
+        raise DistributedSetupError(
+            f"launched with WORLD_SIZE={world_size} but this process sees {accelerator.num_processes} "
+            "process(es): each rank would train alone on all the data. On CPU launch with "
+            "`accelerate launch --multi_gpu --num_processes N` or torchrun plus ACCELERATE_USE_CPU=1; "
+            "on GPU check that every process sees a GPU (CUDA_VISIBLE_DEVICES)."
+        )
+    return accelerator
+
+
+def refuse_freezing_under_sharding(accelerator: Accelerator, freezes: bool) -> None:
+    """FSDP/DeepSpeed shard parameters at prepare time; a later requires_grad change breaks them."""
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded and freezes:
+        raise DistributedSetupError(
+            f"freezing strategies are not supported under {accelerator.distributed_type.value}: their "
+            "sharded parameters cannot change requires_grad after prepare. Use strategy 'no_freeze' with "
+            "FSDP/DeepSpeed, or DDP (launch_configs/multi_gpu_bf16.yaml) to freeze and unfreeze."
+        )
+
+
+def _trainable_signature(module: nn.Module) -> tuple[int, ...]:
+    return tuple(i for i, p in enumerate(module.parameters()) if p.requires_grad)
+
+
+class DDPResync:
+    """Rebuild the DDP wrapper whenever the set of trainable parameters changes."""
+
+    def __init__(self, accelerator: Accelerator, wrapped: nn.Module):
+        self.accelerator = accelerator
+        self.wrapped = wrapped
+        self.signature = _trainable_signature(accelerator.unwrap_model(wrapped))
+        self.rebuilds = 0
+
+    def __call__(self) -> nn.Module:
+        """The wrapper to train with now: the same one, or a new DDP over the same module."""
+        inner = self.accelerator.unwrap_model(self.wrapped)
+        signature = _trainable_signature(inner)
+        if signature == self.signature or self.accelerator.distributed_type not in (
+            DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.MULTI_XPU,
+            DistributedType.MULTI_NPU, DistributedType.MULTI_MLU, DistributedType.MULTI_HPU,
+        ):
+            self.signature = signature
+            return self.wrapped
+        old = self.wrapped
+        kwargs = self.accelerator.ddp_handler.to_kwargs() if self.accelerator.ddp_handler else {}
+        device_ids = getattr(old, "device_ids", None)
+        if isinstance(old, DistributedDataParallel) and device_ids:
+            kwargs.update(device_ids=device_ids, output_device=old.output_device)
+        new = DistributedDataParallel(inner, **kwargs)  # broadcasts rank 0's state, re-registers hooks
+        models = self.accelerator._models  # accelerate's own list; replace in place, never track twice
+        for index, model in enumerate(models):
+            if model is old:
+                models[index] = new
+        self.wrapped, self.signature = new, signature
+        self.rebuilds += 1
+        return new
+
+
+def _bit_checksum(tensor: torch.Tensor) -> int:
+    """An integer fingerprint of the exact bits (position-weighted, so permutations differ too)."""
+    flat = tensor.detach().contiguous().view(-1)
+    int_type = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
+    bits = flat.view(int_type).to(torch.int64)
+    weights = torch.arange(1, bits.numel() + 1, device=bits.device, dtype=torch.int64) % 65521 + 1
+    return int((bits * weights).sum().item())
+
+
+def rank_fingerprint(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [(n, _bit_checksum(p)) for n, p in model.named_parameters() if p.requires_grad]
+    layout = [
+        (tuple(names.get(id(p), "?") for p in group["params"]), float(group["lr"]))
+        for group in optimizer.param_groups
+    ]
+    return {"params": params, "layout": layout}
+
+
+def _describe_difference(reference: dict, other: dict) -> str:
+    if [n for n, _ in reference["params"]] != [n for n, _ in other["params"]]:
+        ours, theirs = {n for n, _ in reference["params"]}, {n for n, _ in other["params"]}
+        return f"different trainable parameters (only on rank 0: {sorted(ours - theirs)[:3]}, " \
+               f"only here: {sorted(theirs - ours)[:3]})"
+    for (name, a), (_, b) in zip(reference["params"], other["params"]):
+        if a != b:
+            return f"first differing parameter {name!r}"
+    for index, (a, b) in enumerate(zip(reference["layout"], other["layout"])):
+        if a != b:
+            return f"optimizer param group {index} differs ({len(a[0])} params lr={a[1]} vs {len(b[0])} lr={b[1]})"
+    return f"optimizer has {len(reference['layout'])} param groups on rank 0 but {len(other['layout'])} here"
+
+
+def check_rank_consistency(accelerator: Accelerator, model: nn.Module, optimizer, when: str) -> None:
+    """Raise on every rank if any rank's trainable parameters or param groups differ from rank 0's."""
+    if accelerator.num_processes == 1 or not dist.is_initialized():
+        return
+    fingerprint = rank_fingerprint(accelerator.unwrap_model(model), optimizer)
+    gathered: list[dict] = [None] * accelerator.num_processes  # type: ignore[list-item]
+    dist.all_gather_object(gathered, fingerprint)
+    for rank, other in enumerate(gathered[1:], start=1):
+        if other != gathered[0]:
+            raise RankMismatchError(
+                f"rank consistency check failed {when}: rank {rank} differs from rank 0 - "
+                f"{_describe_difference(gathered[0], other)}. The ranks no longer train one model; "
+                "a strategy or callback changed state on some ranks only (turn the check off with "
+                "check_rank_consistency=False only to debug)."
+            )
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src=0)

@@ -1,0 +1,163 @@
+"""The image-classification task: a pretrained backbone plus a new head, and prediction on files.
+
+``forward`` takes uint8 images (what the data loaders yield) or float images in [0, 1] and applies
+the backbone's normalisation itself, so saved models carry their own preprocessing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import __version__
+from .backbones import Backbone, build_backbone, layer_groups
+from .checkpoint import check_state_dict_matches, load_model, save_model
+from .data import eval_transform, is_image_file, load_rgb
+from .finetuning import keep_frozen_norms_in_eval
+
+
+class ClassifierHead(nn.Module):
+    """Linear head, with optional dropout and one hidden layer."""
+
+    def __init__(self, num_features: int, num_classes: int, hidden: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Dropout(dropout)] if dropout > 0 else []
+        if hidden:
+            layers += [nn.Linear(num_features, hidden), nn.ReLU(inplace=True)]
+            layers += [nn.Dropout(dropout)] if dropout > 0 else []
+            num_features = hidden
+        layers.append(nn.Linear(num_features, num_classes))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features)
+
+
+class ImageClassifier(nn.Module):
+    """``backbone`` (pretrained feature extractor) + ``head`` (new classifier)."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet18",
+        pretrained: bool = True,
+        weights: str | None = None,
+        head_hidden: int | None = None,
+        head_dropout: float = 0.0,
+        labels: Sequence[str] | None = None,
+        image_size: int = 224,
+    ):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if labels is not None and len(labels) != num_classes:
+            raise ValueError(f"{len(labels)} labels given for num_classes={num_classes}")
+        spec: Backbone = build_backbone(backbone, pretrained=pretrained, weights=weights)
+        self.backbone = spec.module
+        self.head = ClassifierHead(spec.num_features, num_classes, head_hidden, head_dropout)
+        self.backbone_name = spec.name
+        self.layer_names = spec.layer_names
+        self.fixed_image_size = spec.fixed_image_size
+        self.is_convnet = spec.is_convnet
+        self.num_classes = num_classes
+        self.head_hidden = head_hidden
+        self.head_dropout = head_dropout
+        self.labels = list(labels) if labels is not None else [str(i) for i in range(num_classes)]
+        self.image_size = image_size
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+
+    # --------------------------------------------------------------------------- model
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255)
+        return (images - self.mean) / self.std
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.normalize(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+    def train(self, mode: bool = True) -> "ImageClassifier":
+        super().train(mode)
+        if mode:
+            keep_frozen_norms_in_eval(self)
+        return self
+
+    def backbone_layers(self) -> list[nn.Module]:
+        """The backbone's coarse parameter-holding blocks, input to output (see ``backbones``)."""
+        return layer_groups(self.backbone, self.layer_names)
+
+    # ---------------------------------------------------------------------- checkpoints
+
+    def metadata(self) -> dict:
+        return {
+            "backbone": self.backbone_name,
+            "num_classes": self.num_classes,
+            "labels": self.labels,
+            "image_size": self.image_size,
+            "mean": self.mean.flatten().tolist(),
+            "std": self.std.flatten().tolist(),
+            "head_hidden": self.head_hidden,
+            "head_dropout": self.head_dropout,
+            "library_version": __version__,
+        }
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """Write weights + metadata as one safetensors file (atomically)."""
+        save_model(path, self.state_dict(), self.metadata())
+
+    @classmethod
+    def load_from_checkpoint(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "ImageClassifier":
+        """Rebuild the classifier from a file written by :meth:`save_checkpoint`; nothing else is needed."""
+        state, meta = load_model(path, map_location)
+        model = cls(
+            num_classes=meta["num_classes"],
+            backbone=meta["backbone"],
+            pretrained=False,
+            head_hidden=meta.get("head_hidden"),
+            head_dropout=meta.get("head_dropout", 0.0),
+            labels=meta["labels"],
+            image_size=meta["image_size"],
+        )
+        model.mean.copy_(torch.tensor(meta["mean"]).view(1, 3, 1, 1))
+        model.std.copy_(torch.tensor(meta["std"]).view(1, 3, 1, 1))
+        model.load_weights(state, str(path))
+        return model.to(map_location).eval()
+
+    def load_weights(self, state: dict[str, torch.Tensor], source: str) -> None:
+        check_state_dict_matches(self.state_dict(), state, source)
+        self.load_state_dict(state)
+
+    # ------------------------------------------------------------------------- predict
+
+    @torch.inference_mode()
+    def predict_with_scores(self, paths: Sequence[str], batch_size: int = 32) -> list[tuple[str, float]]:
+        """(label, probability) for each image path, in order."""
+        was_training = self.training
+        self.eval()
+        transform = eval_transform(self.image_size)
+        device = self.mean.device
+        results: list[tuple[str, float]] = []
+        for start in range(0, len(paths), batch_size):
+            batch = torch.stack([transform(load_rgb(p, self.image_size)) for p in paths[start:start + batch_size]])
+            probabilities = self(batch.to(device)).float().softmax(dim=1)
+            scores, indices = probabilities.max(dim=1)
+            results += [(self.labels[i], s) for i, s in zip(indices.tolist(), scores.tolist())]
+        self.train(was_training)
+        return results
+
+    def predict(self, source: str | os.PathLike | Sequence[str], batch_size: int = 32):
+        """A label for a file, a list of labels for a list, ``{path: label}`` for a folder (recursive)."""
+        if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+            paths = sorted(str(p) for p in Path(source).rglob("*") if p.is_file() and is_image_file(p))
+            return dict(zip(paths, (label for label, _ in self.predict_with_scores(paths, batch_size))))
+        if isinstance(source, (str, os.PathLike)):
+            return self.predict_with_scores([str(source)], batch_size)[0][0]
+        return [label for label, _ in self.predict_with_scores([str(p) for p in source], batch_size)]

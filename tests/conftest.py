@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny generated image folders (no downloads), fast random-init backbones."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CLASSES = ("blue", "green", "red")
+
+
+def write_image_folder(root: Path, classes=CLASSES, per_class: int = 8, size: int = 40, seed: int = 0) -> Path:
+    """``root/<class>/<i>.png``: noise with a class-coloured square at a random spot (learnable)."""
+    rng = np.random.default_rng(seed)
+    for index, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
+            x, y = rng.integers(0, size // 2, 2)
+            pixels[y:y + size // 2, x:x + size // 2, index % 3] = 230
+            Image.fromarray(pixels).save(folder / f"{name}_{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folders(tmp_path_factory) -> Path:
+    """``<root>/train`` (3 classes x 8) and ``<root>/val`` (3 classes x 4)."""
+    root = tmp_path_factory.mktemp("images")
+    write_image_folder(root / "train", per_class=8, seed=1)
+    write_image_folder(root / "val", per_class=4, seed=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(image_folders):
+    from dist_finetune import ImageClassificationData
+
+    return ImageClassificationData.from_folders(
+        str(image_folders / "train"), str(image_folders / "val"), image_size=32, batch_size=4, num_workers=0
+    )
+
+
+def tiny_trainer(**settings):
+    from dist_finetune import Trainer
+
+    defaults = {"max_epochs": 3, "lr": 1e-2, "progress_bar": False, "seed": 0}
+    return Trainer(**{**defaults, **settings})

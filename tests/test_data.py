@@ -1,0 +1,123 @@
+"""Image folders: discovery, class order, splits, any image mode, and errors that name the path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_image_folder
+from PIL import Image
+
+from dist_finetune import ImageClassificationData
+from dist_finetune.data import DataError, load_rgb, stratified_split
+
+
+def test_from_folders_reads_classes_in_the_same_order(image_folders, tiny_data):
+    assert tiny_data.classes == ["blue", "green", "red"]
+    assert len(tiny_data.train_paths) == 24 and len(tiny_data.val_paths) == 12
+    for path, label in zip(tiny_data.val_paths, tiny_data.val_labels):
+        assert f"/{tiny_data.classes[label]}/" in path
+    image, label = tiny_data.train_dataset()[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 32, 32) and isinstance(label, int)
+
+
+def test_val_split_is_stratified_and_seeded(image_folders):
+    a = ImageClassificationData.from_folders(str(image_folders / "train"), val_split=0.25, seed=3)
+    b = ImageClassificationData.from_folders(str(image_folders / "train"), val_split=0.25, seed=3)
+    assert a.val_paths == b.val_paths
+    assert sorted(a.val_labels) == [0, 0, 1, 1, 2, 2]
+    assert not set(a.val_paths) & set(a.train_paths)
+    train, val = stratified_split([0] * 10 + [1] * 3, 0.2, seed=0)
+    assert len(val) == 3 and len(train) == 10
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "I;16", "I"])
+def test_every_image_mode_becomes_rgb(tmp_path, mode):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    if mode == "I;16":
+        image = Image.fromarray((np.arange(600, dtype=np.uint16).reshape(20, 30) * 100))
+    elif mode == "I":
+        image = rgb.convert("L").convert("I")
+    else:
+        image = rgb.convert(mode)
+    path = tmp_path / ("x.tif" if mode in ("CMYK", "I;16", "I") else "x.png")
+    image.save(path)
+    loaded = load_rgb(path)
+    assert loaded.mode == "RGB" and loaded.size == (30, 20)
+    if mode == "I;16":
+        assert np.asarray(loaded).max() > 200  # 16-bit range scaled into 8 bits, not clipped to white/black
+
+
+def test_mixed_modes_train_end_to_end(tmp_path):
+    from conftest import tiny_trainer
+
+    from dist_finetune import ImageClassifier
+
+    root = write_image_folder(tmp_path / "train", per_class=4, size=24)
+    for index, path in enumerate(sorted(root.rglob("*.png"))):
+        mode = ["L", "RGBA", "P", "LA"][index % 4]
+        Image.open(path).convert(mode).save(path)
+    data = ImageClassificationData.from_folders(str(root), val_split=0.25, image_size=32, batch_size=3, num_workers=0)
+    metrics = tiny_trainer(max_epochs=1).finetune(ImageClassifier(3, "resnet18", pretrained=False), data, "no_freeze")
+    assert metrics[0]["val_images"] == 3
+
+
+def test_png_named_jpg_and_exif_rotation(tmp_path):
+    path = tmp_path / "lies.jpg"
+    Image.new("RGB", (10, 20), "red").save(path, format="PNG")
+    assert load_rgb(path).size == (10, 20)
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.new("RGB", (40, 20), "blue").save(rotated, exif=exif)
+    assert load_rgb(rotated).size == (20, 40)
+
+
+def test_large_jpeg_decodes_at_reduced_size_but_never_below_the_target(tmp_path):
+    path = tmp_path / "big.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (1500, 2000, 3), dtype=np.uint8)).save(path)
+    reduced = load_rgb(path, min_side=64)
+    assert min(reduced.size) >= 64 and reduced.size[0] <= 500
+    assert load_rgb(path).size == (2000, 1500)
+
+
+def test_missing_folder_names_the_path(tmp_path):
+    with pytest.raises(DataError, match=str(tmp_path / "nope")):
+        ImageClassificationData.from_folders(str(tmp_path / "nope"))
+
+
+def test_folder_without_class_subfolders(tmp_path):
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.png")
+    with pytest.raises(DataError, match="no class subfolders"):
+        ImageClassificationData.from_folders(str(tmp_path / "flat"))
+
+
+def test_empty_class_folder_names_the_class_folder(tmp_path):
+    root = write_image_folder(tmp_path / "train", per_class=3, size=16)
+    (root / "empty").mkdir()
+    with pytest.raises(DataError, match=r"class folder .*empty has no images"):
+        ImageClassificationData.from_folders(str(root))
+
+
+def test_single_class_is_rejected(tmp_path):
+    root = write_image_folder(tmp_path / "train", classes=("only",), per_class=3, size=16)
+    with pytest.raises(DataError, match="one class"):
+        ImageClassificationData.from_folders(str(root))
+
+
+def test_val_classes_must_match_train(tmp_path):
+    train = write_image_folder(tmp_path / "train", per_class=2, size=16)
+    val = write_image_folder(tmp_path / "val", classes=("blue", "green", "violet"), per_class=2, size=16)
+    with pytest.raises(DataError, match=r"missing in val: \['red'\], extra in val: \['violet'\]"):
+        ImageClassificationData.from_folders(str(train), str(val))
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    root = write_image_folder(tmp_path / "train", per_class=2, size=16)
+    broken = root / "red" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    data = ImageClassificationData.from_folders(str(root), val_split=0.5, image_size=16, num_workers=0)
+    dataset = data.train_dataset() if str(broken) in data.train_paths else data.val_dataset()
+    with pytest.raises(DataError, match=f"cannot read image {broken}"):
+        dataset[dataset.paths.index(str(broken))]

@@ -1,0 +1,156 @@
+"""Each strategy changes exactly the parameters it should, when it should, with the right groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_trainer
+
+from dist_finetune import ImageClassifier
+from dist_finetune.finetuning import BaseFinetuning, Freeze, FreezeUnfreeze, NoFreeze, UnfreezeMilestones
+from dist_finetune.schedule import WarmupSchedule
+
+
+def recording(strategy: BaseFinetuning) -> BaseFinetuning:
+    """Wrap a strategy so every epoch start records the parameters, BN buffers and param groups."""
+    original = strategy.finetune_function
+    strategy.params, strategy.buffers, strategy.groups = [], [], []
+
+    def finetune_function(model, epoch, optimizer):
+        strategy.params.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        strategy.buffers.append({n: b.detach().clone() for n, b in model.named_buffers() if "running" in n})
+        original(model, epoch, optimizer)
+        strategy.groups.append([(len(g["params"]), g["lr"], g["initial_lr"]) for g in optimizer.param_groups])
+
+    strategy.finetune_function = finetune_function
+    return strategy
+
+
+def run(strategy, data, epochs=3, **settings):
+    task = ImageClassifier(data.num_classes, backbone="resnet18", pretrained=False)
+    strategy = recording(strategy)
+    tiny_trainer(max_epochs=epochs, **settings).finetune(task, data, strategy=strategy)
+    final = {n: p.detach().clone() for n, p in task.named_parameters()}
+    return task, strategy, strategy.params + [final]
+
+
+def changed(before: dict, after: dict, prefix: str = "") -> dict[str, bool]:
+    return {n: not torch.equal(before[n], after[n]) for n in before if n.startswith(prefix)}
+
+
+def layer_prefixes(task) -> list[list[str]]:
+    return [[f"backbone.{name}" for name in names] for names in task.layer_names]
+
+
+def test_no_freeze_trains_everything_from_epoch_0(tiny_data):
+    task, strategy, snaps = run(NoFreeze(), tiny_data, epochs=1)
+    assert all(changed(snaps[0], snaps[1]).values())
+    assert [len(groups) for groups in strategy.groups] == [1]
+
+
+def test_freeze_keeps_backbone_and_bn_stats_fixed(tiny_data):
+    task, strategy, snaps = run(Freeze(train_bn=False), tiny_data, epochs=2)
+    for before, after in zip(snaps, snaps[1:]):
+        assert not any(changed(before, after, "backbone.").values())
+        assert all(changed(before, after, "head.").values())
+    for before, after in zip(strategy.buffers, strategy.buffers[1:]):
+        assert all(torch.equal(before[n], after[n]) for n in before), "frozen BN running stats moved"
+    assert all(not p.requires_grad for p in task.backbone.parameters())
+    assert [len(groups) for groups in strategy.groups] == [1, 1]
+
+
+def test_freeze_with_train_bn_trains_only_batchnorm_in_backbone(tiny_data):
+    _, strategy, snaps = run(Freeze(train_bn=True), tiny_data, epochs=2)
+    moved = changed(snaps[0], snaps[1], "backbone.")
+    assert moved["backbone.bn1.weight"] and moved["backbone.layer4.1.bn2.bias"]
+    assert not moved["backbone.conv1.weight"] and not moved["backbone.layer4.1.conv2.weight"]
+    assert not torch.equal(strategy.buffers[0]["backbone.bn1.running_mean"],
+                           strategy.buffers[1]["backbone.bn1.running_mean"]), "BN in train mode updates its stats"
+
+
+def test_freeze_unfreeze_adds_backbone_group_at_the_epoch(tiny_data):
+    task, strategy, snaps = run(FreezeUnfreeze(unfreeze_epoch=1, train_bn=False), tiny_data, epochs=3)
+    assert not any(changed(snaps[0], snaps[1], "backbone.").values())
+    conv_and_linear = {n: v for n, v in changed(snaps[1], snaps[2], "backbone.").items() if ".bn" not in n
+                       and "downsample.1" not in n}
+    assert all(conv_and_linear.values())
+    # BatchNorm stays frozen (train_bn=False) even after the unfreeze
+    assert not changed(snaps[1], snaps[3], "backbone.bn1.")["backbone.bn1.weight"]
+    head_group, backbone_group = strategy.groups[1]
+    assert len(strategy.groups[0]) == 1 and len(strategy.groups[1]) == 2
+    assert backbone_group[1] == pytest.approx(head_group[1] / 10) and backbone_group[2] == pytest.approx(1e-3)
+
+
+def test_unfreeze_milestones_unfreezes_last_layers_then_the_rest(tiny_data):
+    task, strategy, snaps = run(UnfreezeMilestones((1, 2), num_layers=1, train_bn=False), tiny_data, epochs=3)
+    layers = layer_prefixes(task)
+    last, rest = layers[-1], [p for layer in layers[:-1] for p in layer]
+
+    def any_changed(before, after, prefixes):
+        return any(v for p in prefixes for v in changed(before, after, p + ".").values())
+
+    assert not any_changed(snaps[0], snaps[1], last + rest)
+    assert any_changed(snaps[1], snaps[2], last) and not any_changed(snaps[1], snaps[2], rest)
+    assert all(changed(snaps[2], snaps[3], prefix + ".") for prefix in rest)
+    assert any_changed(snaps[2], snaps[3], rest)
+    assert [len(groups) for groups in strategy.groups] == [1, 2, 3]
+    assert layers[-1] == ["backbone.layer4"] and layers[0] == ["backbone.conv1", "backbone.bn1"]
+
+
+class FeatureExtractorFreezeUnfreeze(BaseFinetuning):
+    """The Flash guide's custom strategy, with only the names changed (feature_extractor -> backbone)."""
+
+    def __init__(self, unfreeze_epoch: int = 5, train_bn: bool = True):
+        super().__init__("backbone", train_bn)
+        self._unfreeze_epoch = unfreeze_epoch
+
+    def finetune_function(self, pl_module, current_epoch, optimizer, opt_idx):
+        if current_epoch == self._unfreeze_epoch:
+            self.unfreeze_and_add_param_group(pl_module.backbone, optimizer)
+
+
+def test_guide_custom_strategy_and_schedule_after_group_added(tiny_data):
+    task = ImageClassifier(tiny_data.num_classes, backbone="resnet18", pretrained=False)
+    trainer = tiny_trainer(max_epochs=4, warmup_epochs=1)
+    metrics = trainer.finetune(task, tiny_data, strategy=FeatureExtractorFreezeUnfreeze(unfreeze_epoch=2))
+    lrs = [record["lr"] for record in metrics]
+    assert [len(lr) for lr in lrs] == [1, 1, 2, 2]
+    assert lrs[2][1] == pytest.approx(lrs[2][0] / 10) and lrs[3][1] == pytest.approx(lrs[3][0] / 10)
+    assert lrs[3][0] < lrs[2][0] < lrs[1][0]  # the cosine keeps decaying every group after the add
+    assert all(p.requires_grad for p in task.backbone.parameters())
+
+
+def test_schedule_handles_group_added_midway():
+    weights = [torch.nn.Parameter(torch.zeros(2)) for _ in range(2)]
+    optimizer = torch.optim.AdamW([weights[0]], lr=1.0)
+    schedule = WarmupSchedule(optimizer, total_steps=10, warmup_steps=2)
+    for _ in range(4):
+        schedule.step()
+    factor = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["initial_lr"]
+    group = BaseFinetuning.unfreeze_and_add_param_group(torch.nn.Linear(1, 1), optimizer)
+    assert group["lr"] == pytest.approx(0.1 * factor) and group["initial_lr"] == pytest.approx(0.1)
+    history = []
+    for _ in range(6):
+        schedule.step()
+        history.append([g["lr"] for g in optimizer.param_groups])
+    assert all(b == pytest.approx(a / 10) for a, b in history)
+    assert history[-1] == [pytest.approx(0.0), pytest.approx(0.0)]
+    state = schedule.state_dict()
+    restored = WarmupSchedule(optimizer, total_steps=1)
+    restored.load_state_dict(state)
+    assert restored.step_count == 10
+
+
+@pytest.mark.parametrize("strategy, message", [
+    ("freeze_everything", "unknown strategy"),
+    (("freeze_unfreeze", 3), "unfreeze_epoch=3"),
+    (("unfreeze_milestones", ((2, 1), 1)), "increasing"),
+    (("unfreeze_milestones", ((1, 5), 1)), "never be reached"),
+])
+def test_bad_strategies_fail_before_training(tiny_data, strategy, message):
+    task = ImageClassifier(tiny_data.num_classes, backbone="resnet18", pretrained=False)
+    before = {n: p.clone() for n, p in task.named_parameters()}
+    trainer = tiny_trainer(max_epochs=3)
+    with pytest.raises(ValueError, match=message):
+        trainer.finetune(task, tiny_data, strategy=strategy)
+    assert trainer.accelerator is None and all(torch.equal(before[n], p) for n, p in task.named_parameters())

@@ -5,8 +5,9 @@ What is synchronised, and when:
   parameters it reduces when it is built, so after a strategy changes ``requires_grad`` the wrapper
   is rebuilt over the same module (:class:`DDPResync`); the optimizer keeps the same Parameters.
 - BatchNorm running statistics: DDP broadcasts rank 0's buffers at every forward
-  (``broadcast_buffers=True``); between forwards other ranks' buffers drift, so the trainer
-  broadcasts them once more at the end (:func:`broadcast_buffers`). ``sync_batchnorm`` (GPU only)
+  (``broadcast_buffers=True``); after each forward other ranks' buffers drift, so the trainer
+  broadcasts them again before every validation (:func:`broadcast_buffers`): all ranks validate
+  and save the same model. ``sync_batchnorm`` (GPU only)
   instead computes batch statistics across ranks.
 - Consistency: :func:`check_rank_consistency` compares bit-exact checksums of every trainable
   parameter and the optimizer's group layout across ranks after each transition and at the end.
@@ -77,6 +78,10 @@ def refuse_freezing_under_sharding(accelerator: Accelerator, freezes: bool) -> N
         )
 
 
+_DDP_TYPES = (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.MULTI_XPU,
+              DistributedType.MULTI_NPU, DistributedType.MULTI_MLU, DistributedType.MULTI_HPU)
+
+
 def _trainable_signature(module: nn.Module) -> tuple[int, ...]:
     return tuple(i for i, p in enumerate(module.parameters()) if p.requires_grad)
 
@@ -88,16 +93,19 @@ class DDPResync:
         self.accelerator = accelerator
         self.wrapped = wrapped
         self.signature = _trainable_signature(accelerator.unwrap_model(wrapped))
-        self.rebuilds = 0
+
+    def changed(self) -> bool:
+        """Whether ``requires_grad`` changed since the wrapper was (re)built."""
+        return _trainable_signature(self.accelerator.unwrap_model(self.wrapped)) != self.signature
 
     def __call__(self) -> nn.Module:
-        """The wrapper to train with now: the same one, or a new DDP over the same module."""
+        """The wrapper to train with now: the same one, or a new DDP over the same module.
+
+        Building DDP broadcasts rank 0's parameters and buffers, so run rank checks before this.
+        """
         inner = self.accelerator.unwrap_model(self.wrapped)
         signature = _trainable_signature(inner)
-        if signature == self.signature or self.accelerator.distributed_type not in (
-            DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.MULTI_XPU,
-            DistributedType.MULTI_NPU, DistributedType.MULTI_MLU, DistributedType.MULTI_HPU,
-        ):
+        if signature == self.signature or self.accelerator.distributed_type not in _DDP_TYPES:
             self.signature = signature
             return self.wrapped
         old = self.wrapped
@@ -111,7 +119,6 @@ class DDPResync:
             if model is old:
                 models[index] = new
         self.wrapped, self.signature = new, signature
-        self.rebuilds += 1
         return new
 
 

@@ -79,11 +79,11 @@ class Trainer:
             model = self._apply_strategy(strategy, task, epoch, optimizer, resync)
             self.model = model
             train_stats = self._train_epoch(model, optimizer, schedule, train_loader, epoch)
+            broadcast_buffers(task)  # every rank validates (and later saves) rank 0's BN statistics
             val_stats = self._evaluate(task, val_loader)
             self._log({"epoch": epoch, **train_stats, **val_stats,
                        "lr": [group["lr"] for group in optimizer.param_groups]})
 
-        broadcast_buffers(task)
         if config.check_rank_consistency:
             check_rank_consistency(accelerator, model, optimizer, "at the end of training")
         if config.output_dir:
@@ -152,13 +152,13 @@ class Trainer:
 
     def _apply_strategy(self, strategy: BaseFinetuning, task, epoch: int, optimizer, resync: DDPResync):
         """Run the strategy's epoch hook; re-sync DDP and check the ranks if it changed anything."""
-        groups_before, signature_before = len(optimizer.param_groups), resync.signature
+        groups_before = len(optimizer.param_groups)
         strategy.call_finetune_function(task, epoch, optimizer)
-        model = resync()
-        changed = len(optimizer.param_groups) != groups_before or resync.signature != signature_before
+        changed = len(optimizer.param_groups) != groups_before or resync.changed()
         if changed and self.config.check_rank_consistency:
-            check_rank_consistency(self.accelerator, model, optimizer, f"after the strategy transition at epoch {epoch}")
-        return model
+            # before the DDP rebuild, whose broadcast from rank 0 would hide a rank that drifted
+            check_rank_consistency(self.accelerator, task, optimizer, f"after the strategy transition at epoch {epoch}")
+        return resync()
 
     def _train_epoch(self, model, optimizer, schedule: WarmupSchedule, loader, epoch: int) -> dict:
         accelerator, config = self.accelerator, self.config

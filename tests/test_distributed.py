@@ -1,0 +1,138 @@
+"""Two real processes (gloo on CPU): every rank holds the same model after every transition.
+
+Each test launches tests/dist_worker.py with ``accelerate launch`` (or torchrun) and compares the
+files each rank wrote, never what rank 0 reports about the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.distributed
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+ENV = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}  # the runner must pick gloo itself
+ENV.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(scenario: str, data: Path, out: Path, processes: int = 2, batch_size: int = 4, launcher: str = "accelerate",
+           check: bool = True) -> subprocess.CompletedProcess:
+    port = str(free_port())
+    if launcher == "torchrun":
+        prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                  "--master_port", port]
+    elif processes == 1:
+        prefix = [sys.executable]
+    else:
+        prefix = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+                  "--num_processes", str(processes), "--main_process_port", port, "--mixed_precision", "no",
+                  "--dynamo_backend", "no"]
+    command = [*prefix, str(WORKER), scenario, str(data), str(out), str(batch_size)]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def rank_files(folder: Path, name: str) -> list[dict[str, torch.Tensor]]:
+    return [load_file(folder / f"rank{r}_{name}.safetensors") for r in (0, 1)]
+
+
+def assert_identical(first: dict, second: dict, where: str) -> None:
+    assert first.keys() == second.keys()
+    different = [n for n in first if not torch.equal(first[n], second[n])]
+    assert not different, f"{where}: ranks differ in {different[:5]}"
+
+
+@pytest.fixture(scope="module")
+def strategies_run(image_folders, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("strategies")
+    launch("strategies", image_folders, out)
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["freeze_unfreeze", "unfreeze_milestones", "custom"])
+def test_ranks_bit_identical_after_each_transition_and_at_the_end(strategies_run, strategy):
+    folder = strategies_run / strategy
+    for epoch in range(3):
+        assert_identical(*rank_files(folder, f"epoch{epoch}"), f"{strategy} start of epoch {epoch}")
+    assert_identical(*rank_files(folder, "final"), f"{strategy} end (parameters and BN buffers)")
+    start, end = rank_files(folder, "epoch1")[0], rank_files(folder, "final")[0]
+    assert not torch.equal(start["backbone.layer4.1.conv2.weight"], end["backbone.layer4.1.conv2.weight"]), \
+        "the unfrozen backbone must have trained"
+    reports = [json.loads((folder / f"rank{r}_report.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in reports] == [2, 2]
+    assert reports[0]["metrics"] == [{**m, "images_per_s": m["images_per_s"], "epoch_time_s": m["epoch_time_s"]}
+                                     for m in reports[0]["metrics"]]
+    assert [m["val_acc"] for m in reports[0]["metrics"]] == [m["val_acc"] for m in reports[1]["metrics"]]
+    assert all(m["val_images"] == 12 for m in reports[0]["metrics"]), "each val image counted exactly once"
+
+
+def test_checkpoint_and_metrics_written_once_by_the_main_process(strategies_run, image_folders):
+    from dist_finetune import ImageClassificationData, ImageClassifier, Trainer
+
+    folder = strategies_run / "freeze_unfreeze"
+    models = sorted(p.name for p in folder.glob("*.safetensors") if not p.name.startswith("rank"))
+    assert models == ["model.safetensors"] and not list(folder.glob(".*.tmp"))
+    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [0, 1, 2]
+    # the same weights give the same accuracy in one process: no image counted twice or dropped
+    model = ImageClassifier.load_from_checkpoint(folder / "model.safetensors")
+    data = ImageClassificationData.from_folders(str(image_folders / "train"), str(image_folders / "val"),
+                                                image_size=32, batch_size=4, num_workers=0)
+    single = Trainer(progress_bar=False).validate(model, data)
+    assert single["val_acc"] == pytest.approx(metrics[-1]["val_acc"])
+    assert single["val_loss"] == pytest.approx(metrics[-1]["val_loss"], rel=1e-5)
+
+
+def test_two_processes_equal_one_process_with_twice_the_batch(image_folders, tmp_path):
+    """2 x B=4 and 1 x B=8 see the same 8 samples per step in the same order (seeded sampler, no
+    augmentation, BatchNorm frozen so batch statistics do not depend on the per-rank batch). They
+    differ only in float summation order (per-rank means averaged by DDP vs one mean of 8): ~1e-7
+    relative per step, grown by Adam's normalisation over 9 steps; we allow 1e-4 absolute."""
+    launch("equivalence", image_folders, tmp_path / "two", processes=2, batch_size=4)
+    launch("equivalence", image_folders, tmp_path / "one", processes=1, batch_size=8)
+    two, one = load_file(tmp_path / "two" / "rank0_final.safetensors"), load_file(tmp_path / "one" / "rank0_final.safetensors")
+    worst = max((two[n].double() - one[n].double()).abs().max().item() for n in one if one[n].is_floating_point())
+    assert worst < 1e-4, f"max difference {worst}"
+    moved = load_file(tmp_path / "one" / "rank0_epoch0.safetensors")
+    assert (moved["head.layers.0.weight"] - one["head.layers.0.weight"]).abs().max() > 1e-2, "training happened"
+    acc = [json.loads((tmp_path / d / "rank0_report.json").read_text())["metrics"][-1]["val_acc"] for d in ("two", "one")]
+    assert acc[0] == acc[1]
+
+
+def test_consistency_check_catches_a_rank_that_drifts(image_folders, tmp_path):
+    result = launch("perturb", image_folders, tmp_path, check=False)
+    assert result.returncode != 0
+    assert ("rank consistency check failed after the strategy transition at epoch 1: rank 1 differs from rank 0 - "
+            "first differing parameter 'head.layers.0.weight'") in result.stderr
+
+
+def test_without_the_ddp_rebuild_ranks_drift(image_folders, tmp_path):
+    """The trap the runner handles: DDP built while the backbone was frozen never averages its grads."""
+    launch("no_resync", image_folders, tmp_path)
+    first, second = rank_files(tmp_path, "final")
+    assert torch.equal(first["head.layers.0.weight"], second["head.layers.0.weight"])
+    assert not torch.equal(first["backbone.layer4.1.conv2.weight"], second["backbone.layer4.1.conv2.weight"])
+
+
+def test_torchrun_without_cpu_flag_trains_two_synchronised_ranks(image_folders, tmp_path):
+    launch("equivalence", image_folders, tmp_path, launcher="torchrun")
+    reports = [json.loads((tmp_path / f"rank{r}_report.json").read_text()) for r in (0, 1)]
+    assert [(r["rank"], r["world_size"]) for r in reports] == [(0, 2), (1, 2)]
+    assert_identical(*rank_files(tmp_path, "final"), "torchrun end")

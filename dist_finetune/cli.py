@@ -47,6 +47,9 @@ TRAIN_FLAGS: list[tuple[str, str, dict]] = [
     ("--max-grad-norm", "trainer.max_grad_norm", {"type": float, "help": "clip gradients to this norm"}),
     ("--seed", "trainer.seed", {"type": int, "help": "seed for init, sample order and augmentation (42)"}),
     ("--output-dir", "trainer.output_dir", {"help": "where model.safetensors and metrics.jsonl go (outputs)"}),
+    ("--save-every-n-steps", "trainer.save_every_n_steps", {"type": int,
+                                                            "help": "also save training state every N optimizer steps"}),
+    ("--keep-last", "trainer.keep_last", {"type": int, "help": "training-state checkpoints to keep (2)"}),
     ("--no-rank-check", "trainer.check_rank_consistency", {"action": "store_false",
                                                            "help": "skip the cross-rank parameter checksum"}),
     ("--channels-last", "trainer.channels_last", {"action": argparse.BooleanOptionalAction,
@@ -65,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML file with sections data/model/strategy/trainer; flags override it")
     for flag, dest, options in TRAIN_FLAGS:
         train.add_argument(flag, dest=dest, default=argparse.SUPPRESS, **options)
+    train.add_argument("--resume", help="'latest' (newest intact checkpoint in --output-dir; nothing to resume "
+                                        "starts fresh) or a checkpoint folder")
 
     predict = commands.add_parser("predict", help="label images with a saved model",
                                   description="Print (or write as CSV) path, label, probability for each image.")
@@ -90,9 +95,14 @@ def train_config(args: argparse.Namespace) -> RunConfig:
 
 
 def run_train(args: argparse.Namespace) -> None:
+    from .resume import PREEMPTED_EXIT_CODE, TrainingPreempted
     from .trainer import finetune_from_config
 
-    finetune_from_config(train_config(args))
+    try:
+        finetune_from_config(train_config(args), resume=args.resume)
+    except TrainingPreempted as stopped:
+        print(f"dist-finetune train: {stopped}", file=sys.stderr)
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None
 
 
 def run_predict(args: argparse.Namespace) -> None:
@@ -129,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = {"train": run_train, "predict": run_predict, "demo": run_demo_command}
     try:
         commands[args.command](args)
-    except (ValueError, FileNotFoundError, DistributedSetupError, RankMismatchError) as error:
+    except (ValueError, FileNotFoundError, FloatingPointError, DistributedSetupError, RankMismatchError) as error:
         # our errors (ConfigError, DataError, BackboneError, CheckpointError are ValueErrors) name the fix
         print(f"dist-finetune {args.command}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -92,6 +92,8 @@ class TrainerConfig:
     seed: int = 42
     output_dir: str | None = None
     check_rank_consistency: bool = True
+    save_every_n_steps: int | None = None  # training-state checkpoints; one is always written per epoch
+    keep_last: int = 2
     channels_last: bool | None = None  # None: on for conv nets on GPU
     progress_bar: bool = True
 
@@ -109,6 +111,8 @@ class TrainerConfig:
         )
         _require(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
         _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be positive")
+        _require(self.save_every_n_steps is None or self.save_every_n_steps >= 1, "save_every_n_steps must be >= 1")
+        _require(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
 
 
 @dataclass

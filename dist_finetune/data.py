@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -83,21 +83,66 @@ def eval_transform(image_size: int) -> v2.Compose:
     ])
 
 
-class ImageListDataset(Dataset):
-    """(path, label) pairs decoded on access into uint8 CHW tensors."""
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one sample's augmentation in one epoch."""
+    value = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % (1 << 64)
+    value ^= value >> 31
+    return value % (1 << 63)
 
-    def __init__(self, paths: Sequence[str], labels: Sequence[int], transform, min_side: int):
+
+class EpochSampler(Sampler[int]):
+    """A sample order that depends on (seed, epoch) only, never on how many processes or workers run.
+
+    Yields ``epoch * len + index`` so the dataset learns the epoch even inside persistent workers;
+    with it, each sample's augmentation is seeded by (seed, epoch, index), so skipping batches on a
+    mid-epoch resume, or sharding them over N ranks, leaves every other sample's pixels unchanged.
+    """
+
+    def __init__(self, length: int, seed: int, shuffle: bool = True):
+        self.length, self.seed, self.shuffle, self.epoch = length, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            order = order.tolist()
+        else:
+            order = range(self.length)
+        return (self.epoch * self.length + index for index in order)
+
+
+class ImageListDataset(Dataset):
+    """(path, label) pairs decoded on access into uint8 CHW tensors.
+
+    Keys are ``epoch * len + index`` (see :class:`EpochSampler`); random transforms draw from a
+    generator seeded per (seed, epoch, index) instead of the worker's global stream.
+    """
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], transform, min_side: int,
+                 random_transform: bool = False, seed: int = 0):
         self.paths = list(paths)
         self.labels = list(labels)
         self.transform = transform
         self.min_side = min_side
+        self.random_transform = random_transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int) -> tuple[torch.Tensor, int]:
+        epoch, index = divmod(key, len(self.paths))
         image = load_rgb(self.paths[index], self.min_side)
-        return self.transform(image), self.labels[index]
+        if not self.random_transform:
+            return self.transform(image), self.labels[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.transform(image), self.labels[index]
 
 
 def _check_class_folders(folder: str, role: str) -> list[str]:
@@ -211,11 +256,11 @@ class ImageClassificationData:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def train_dataset(self) -> ImageListDataset:
+    def train_dataset(self, seed: int = 0) -> ImageListDataset:
         transform = train_transform(self.image_size) if self.augment else eval_transform(self.image_size)
         # RandomResizedCrop may keep only ~8% of the area; decode large enough that the crop is not upsampled
         min_side = self.image_size * 2 if self.augment else self.image_size
-        return ImageListDataset(self.train_paths, self.train_labels, transform, min_side)
+        return ImageListDataset(self.train_paths, self.train_labels, transform, min_side, self.augment, seed)
 
     def val_dataset(self) -> ImageListDataset:
         return ImageListDataset(self.val_paths, self.val_labels, eval_transform(self.image_size), self.image_size)
@@ -226,11 +271,11 @@ class ImageClassificationData:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochSampler(len(dataset), seed, shuffle),
             num_workers=workers,
             pin_memory=pin_memory,
             drop_last=drop_last,
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
-            generator=torch.Generator().manual_seed(seed) if shuffle else None,
+            generator=torch.Generator().manual_seed(seed),  # worker seeds; keeps the global RNG untouched
         )

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator, DistributedType
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -38,7 +38,7 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1, seed: int = 0) -> Accelerator:
+def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1) -> Accelerator:
     """An Accelerator that never trains as N independent rank-0s.
 
     Launched with WORLD_SIZE > 1 on a machine without a GPU, the CPU (gloo) backend is selected here,
@@ -54,8 +54,6 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True)],
-        # the sample order is a function of (seed, epoch) alone: same on every rank, any process count
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
     )
     if accelerator.num_processes != world_size:
         raise DistributedSetupError(

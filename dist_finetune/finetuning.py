@@ -139,8 +139,16 @@ class BaseFinetuning:
         else:
             self.finetune_function(model, epoch, optimizer)
 
-    def describe(self) -> str:
-        return type(self).__name__
+    def describe(self) -> dict:
+        """Name and plain settings: a resumed run must use the same strategy."""
+        settings = {k: v for k, v in vars(self).items() if not k.startswith("_") and _is_plain(v)}
+        return {"name": type(self).__name__, **settings}
+
+
+def _is_plain(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    return isinstance(value, (bool, int, float, str, type(None)))
 
 
 class NoFreeze(BaseFinetuning):

@@ -11,7 +11,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,7 +30,19 @@ from .distributed import (
     make_accelerator,
     refuse_freezing_under_sharding,
 )
+from .checkpoint import CheckpointError
 from .finetuning import BaseFinetuning, NoFreeze, resolve_strategy, trainable_parameters
+from .resume import (
+    Position,
+    StopSignals,
+    TrainingPreempted,
+    check_signature,
+    find_checkpoint,
+    has_checkpoints,
+    load_training_state,
+    restore_rng,
+    save_training_state,
+)
 from .schedule import WarmupSchedule
 from .task import ImageClassifier
 
@@ -46,23 +60,39 @@ class Trainer:
         self.model = None  # the prepared (possibly DDP-wrapped) model of the last finetune
         self.task: ImageClassifier | None = None
         self.metrics: list[dict] = []
+        self.signature: dict = {}
+        self._last_saved: Path | None = None
 
     # ----------------------------------------------------------------------------- public
 
     def finetune(self, task: ImageClassifier, data: ImageClassificationData, strategy="no_freeze",
-                 train_bn: bool = True) -> list[dict]:
-        """Train ``task`` on ``data`` with a strategy; returns one metrics dict per epoch."""
+                 train_bn: bool = True, resume: str | None = None) -> list[dict]:
+        """Train ``task`` on ``data`` with a strategy; returns one metrics dict per epoch.
+
+        ``resume``: "latest" (newest intact checkpoint in output_dir; a fresh start if there is none)
+        or a checkpoint folder. Raises :class:`TrainingPreempted` after saving on SIGUSR1/SIGTERM.
+        """
         config = self.config
         strategy = resolve_strategy(strategy, train_bn=train_bn)
         strategy.validate(config.max_epochs)
         _check_image_size(task, data)
+        checkpoint = self._checkpoint_to_resume(resume)
         accelerator = self._accelerator()
         refuse_freezing_under_sharding(accelerator, freezes=not isinstance(strategy, NoFreeze))
         set_seed(config.seed)
 
         task.labels, task.image_size = list(data.classes), data.image_size
+        signature = _run_signature(task, data, strategy)
         strategy.freeze_before_training(task)
         optimizer = self._build_optimizer(task)
+        saved, position = None, Position()
+        if checkpoint is not None:
+            saved = load_training_state(checkpoint, accelerator.process_index)
+            check_signature(saved["signature"], signature, checkpoint)
+            position = saved["position"]
+            for epoch in range(position.epoch + (1 if position.batch else 0)):  # rebuild the group layout
+                strategy.call_finetune_function(task, epoch, optimizer)
+            task.load_weights(saved["model"], str(checkpoint))
         train_loader, val_loader = self._loaders(data, accelerator)
         if self._use_channels_last(task, accelerator):
             task.to(memory_format=torch.channels_last)
@@ -70,19 +100,24 @@ class Trainer:
         steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
         schedule = WarmupSchedule(optimizer, steps_per_epoch * config.max_epochs,
                                   round(config.warmup_epochs * steps_per_epoch), config.scheduler)
-        accelerator.register_for_checkpointing(schedule)
+        if saved is not None:
+            position = self._restore(saved, optimizer, schedule, position, data.batch_size, checkpoint)
         resync = DDPResync(accelerator, model)
-        self.task, self.model, self.metrics = task, model, []
-        self._start_metrics_file()
+        self.task, self.model, self.signature = task, model, signature
+        self._start_metrics_file(keep_epochs_before=position.epoch if saved is not None else 0)
 
-        for epoch in range(config.max_epochs):
-            model = self._apply_strategy(strategy, task, epoch, optimizer, resync)
-            self.model = model
-            train_stats = self._train_epoch(model, optimizer, schedule, train_loader, epoch)
-            broadcast_buffers(task)  # every rank validates (and later saves) rank 0's BN statistics
-            val_stats = self._evaluate(task, val_loader)
-            self._log({"epoch": epoch, **train_stats, **val_stats,
-                       "lr": [group["lr"] for group in optimizer.param_groups]})
+        with StopSignals() as stop:
+            for epoch in range(position.epoch, config.max_epochs):
+                if position.batch == 0:
+                    model = self._apply_strategy(strategy, task, epoch, optimizer, resync)
+                self.model = model
+                train_stats = self._train_epoch(model, optimizer, schedule, train_loader, epoch, position, stop)
+                broadcast_buffers(task)  # every rank validates (and later saves) rank 0's BN statistics
+                val_stats = self._evaluate(task, val_loader)
+                self._log({"epoch": epoch, **train_stats, **val_stats,
+                           "lr": [group["lr"] for group in optimizer.param_groups]})
+                position = Position(epoch=epoch + 1, global_step=position.global_step)
+                self._save_state(optimizer, schedule, position)
 
         if config.check_rank_consistency:
             check_rank_consistency(accelerator, model, optimizer, "at the end of training")
@@ -116,7 +151,7 @@ class Trainer:
 
     def _accelerator(self):
         config = self.config
-        self.accelerator = make_accelerator(config.mixed_precision, config.gradient_accumulation_steps, config.seed)
+        self.accelerator = make_accelerator(config.mixed_precision, config.gradient_accumulation_steps)
         return self.accelerator
 
     def _build_optimizer(self, task: ImageClassifier) -> torch.optim.Optimizer:
@@ -138,7 +173,7 @@ class Trainer:
                 f"{processes} process(es) = {global_batch}: lower batch_size or add images"
             )
         pin = accelerator.device.type == "cuda"
-        train = data.dataloader(data.train_dataset(), shuffle=True, local_processes=local, pin_memory=pin,
+        train = data.dataloader(data.train_dataset(self.config.seed), shuffle=True, local_processes=local, pin_memory=pin,
                                 drop_last=True, seed=self.config.seed)
         val = data.dataloader(data.val_dataset(), shuffle=False, local_processes=local, pin_memory=pin)
         return train, val
@@ -147,6 +182,52 @@ class Trainer:
         if self.config.channels_last is not None:
             return self.config.channels_last
         return task.is_convnet and accelerator.device.type == "cuda"
+
+    # ------------------------------------------------------------------------------ resume
+
+    def _checkpoint_to_resume(self, resume: str | None) -> Path | None:
+        output_dir = self.config.output_dir
+        if resume is None:
+            if has_checkpoints(output_dir):
+                raise CheckpointError(
+                    f"output dir {output_dir} already holds checkpoints of a run: continue it with "
+                    "resume='latest' (--resume latest) or choose another output_dir"
+                )
+            return None
+        return find_checkpoint(resume, output_dir)
+
+    def _restore(self, saved: dict, optimizer, schedule: WarmupSchedule, position: Position, batch_size: int,
+                 checkpoint: Path) -> Position:
+        """Load optimizer, schedule, scaler and RNG; map the epoch position onto this process count."""
+        accelerator = self.accelerator
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        if accelerator.scaler is not None and saved["scaler"]:
+            accelerator.scaler.load_state_dict(saved["scaler"])
+        if saved["num_processes"] != accelerator.num_processes:
+            global_batch = batch_size * accelerator.num_processes
+            if position.samples_done % global_batch:
+                raise CheckpointError(
+                    f"{checkpoint} stopped {position.samples_done} samples into epoch {position.epoch}, not a multiple "
+                    f"of this run's global batch {global_batch}: resume with {saved['num_processes']} processes"
+                )
+            position.batch = position.samples_done // global_batch
+            warnings.warn(f"resuming a {saved['num_processes']}-process checkpoint with {accelerator.num_processes} "
+                          "processes: training continues correctly but not bit-identically")
+        elif saved["rng"] is not None:
+            restore_rng(*saved["rng"])
+        self._last_saved = checkpoint
+        if accelerator.is_main_process:
+            tqdm.write(f"resumed from {checkpoint} at epoch {position.epoch}, batch {position.batch}, "
+                       f"step {position.global_step}")
+        return position
+
+    def _save_state(self, optimizer, schedule: WarmupSchedule, position: Position) -> Path | None:
+        if not self.config.output_dir:
+            return None
+        self._last_saved = save_training_state(self.accelerator, Path(self.config.output_dir), self.task.state_dict(),
+                                               optimizer, schedule, position, self.signature, self.config.keep_last)
+        return self._last_saved
 
     # ----------------------------------------------------------------------------- epochs
 
@@ -160,19 +241,26 @@ class Trainer:
             check_rank_consistency(self.accelerator, task, optimizer, f"after the strategy transition at epoch {epoch}")
         return resync()
 
-    def _train_epoch(self, model, optimizer, schedule: WarmupSchedule, loader, epoch: int) -> dict:
+    def _train_epoch(self, model, optimizer, schedule: WarmupSchedule, loader, epoch: int, position: Position,
+                     stop: StopSignals) -> dict:
+        """One epoch from ``position`` (mid-epoch after a resume); saves on cadence and on stop signals."""
         accelerator, config = self.accelerator, self.config
         model.train()
-        if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+        if position.batch:
+            loader = accelerator.skip_first_batches(loader, position.batch)
             loader.set_epoch(epoch)
         params = trainable_parameters(model)
-        loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-        seen = torch.zeros((), device=accelerator.device, dtype=torch.int64)
+        channels_last = self._use_channels_last(self.task, accelerator)
+        loss_sum = torch.tensor(position.loss_sum, device=accelerator.device, dtype=torch.float64)
+        seen = torch.tensor(position.seen, device=accelerator.device, dtype=torch.float64)
+        seen_before = seen.clone()  # a resumed epoch's images/s counts only what this run trained
+        global_batch = 0
         bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                    disable=True if not (config.progress_bar and accelerator.is_main_process) else None)
         start = time.perf_counter()
         for images, labels in bar:
-            if self._use_channels_last(self.task, accelerator):
+            if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with accelerator.accumulate(model):
                 logits = model(images)
@@ -182,14 +270,42 @@ class Trainer:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
-                schedule.step()
             loss_sum += loss.detach().double() * labels.numel()
             seen += labels.numel()
-        totals = accelerator.reduce(torch.stack([loss_sum, seen.double()]), reduction="sum")
+            global_batch = global_batch or labels.numel() * accelerator.num_processes
+            position.batch += 1
+            position.samples_done += global_batch
+            if not accelerator.sync_gradients:
+                continue
+            if not accelerator.optimizer_step_was_skipped:
+                schedule.step()
+            position.global_step += 1
+            position.loss_sum, position.seen = loss_sum.item(), int(seen.item())
+            self._after_step(optimizer, schedule, position, loss, stop)
+        totals = accelerator.reduce(torch.stack([loss_sum, seen, seen - seen_before]), reduction="sum")
         elapsed = time.perf_counter() - start
         return {"train_loss": (totals[0] / totals[1]).item(), "train_images": int(totals[1].item()),
-                "images_per_s": totals[1].item() / elapsed, "epoch_time_s": elapsed}
+                "images_per_s": totals[2].item() / elapsed, "epoch_time_s": elapsed}
+
+    def _after_step(self, optimizer, schedule, position: Position, loss: torch.Tensor, stop: StopSignals) -> None:
+        """Stop on a non-finite loss or a stop signal (agreed by all ranks), save on the cadence."""
+        accelerator, config = self.accelerator, self.config
+        flags = torch.tensor([float(stop.received or 0), float(not torch.isfinite(loss).all())],
+                             device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flags = accelerator.reduce(flags, reduction="sum")
+        signalled, non_finite = flags.tolist()
+        if non_finite and config.mixed_precision != "fp16":  # fp16 overflows are the GradScaler's to skip
+            last = self._last_saved or "none (no checkpoint written yet)"
+            raise FloatingPointError(f"non-finite training loss at epoch {position.epoch} step {position.global_step}"
+                                     f"; last good checkpoint: {last}. Lower the lr or set max_grad_norm.")
+        if signalled:
+            if not config.output_dir:
+                raise TrainingPreempted(Path("(nowhere: no output_dir)"), "a stop signal")
+            saved = self._save_state(optimizer, schedule, position)
+            raise TrainingPreempted(saved, signal.Signals(stop.received).name if stop.received else "a peer rank")
+        if config.save_every_n_steps and position.global_step % config.save_every_n_steps == 0:
+            self._save_state(optimizer, schedule, position)
 
     @torch.no_grad()
     def _evaluate(self, task: ImageClassifier, loader) -> dict:
@@ -216,10 +332,16 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- logging
 
-    def _start_metrics_file(self) -> None:
-        if self.config.output_dir and self.accelerator.is_main_process:
-            Path(self.config.output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(self.config.output_dir) / METRICS_FILENAME).write_text("")
+    def _start_metrics_file(self, keep_epochs_before: int) -> None:
+        """Start metrics.jsonl afresh, keeping (on resume) the lines of epochs finished before it."""
+        self.metrics = []
+        if self.config.output_dir:
+            path = Path(self.config.output_dir) / METRICS_FILENAME
+            lines = path.read_text().splitlines() if keep_epochs_before and path.is_file() else []
+            self.metrics = [r for r in map(json.loads, lines) if r["epoch"] < keep_epochs_before]
+            if self.accelerator.is_main_process:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("".join(json.dumps(r) + "\n" for r in self.metrics))
 
     def _log(self, record: dict) -> None:
         self.metrics.append(record)
@@ -236,6 +358,14 @@ class Trainer:
                 handle.write(json.dumps(record) + "\n")
 
 
+def _run_signature(task: ImageClassifier, data: ImageClassificationData, strategy: BaseFinetuning) -> dict:
+    """What must not change between a checkpoint and the run that resumes it."""
+    return json.loads(json.dumps({
+        "backbone": task.backbone_name, "classes": list(data.classes), "image_size": data.image_size,
+        "head": [task.head_hidden, task.head_dropout], "strategy": strategy.describe(),
+    }))
+
+
 def _check_image_size(task: ImageClassifier, data: ImageClassificationData) -> None:
     if task.fixed_image_size is not None and data.image_size != task.fixed_image_size:
         raise ValueError(
@@ -245,7 +375,7 @@ def _check_image_size(task: ImageClassifier, data: ImageClassificationData) -> N
         )
 
 
-def finetune_from_config(config: RunConfig) -> tuple[Trainer, ImageClassifier, list[dict]]:
+def finetune_from_config(config: RunConfig, resume: str | None = None) -> tuple[Trainer, ImageClassifier, list[dict]]:
     """The three steps (data, task, finetune) driven by a :class:`RunConfig`; the CLI calls this."""
     if not config.data.train_folder:
         raise ConfigError("no training data: set data.train_folder (--train-folder)")
@@ -273,5 +403,5 @@ def finetune_from_config(config: RunConfig) -> tuple[Trainer, ImageClassifier, l
                  "unfreeze_milestones": (strategy_config.milestones, strategy_config.num_layers)}
     strategy = (strategy_config.name, arguments.get(strategy_config.name))
     trainer = Trainer(config.trainer)
-    metrics = trainer.finetune(task, data, strategy=strategy, train_bn=strategy_config.train_bn)
+    metrics = trainer.finetune(task, data, strategy=strategy, train_bn=strategy_config.train_bn, resume=resume)
     return trainer, task, metrics

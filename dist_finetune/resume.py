@@ -1,0 +1,252 @@
+"""Training-state checkpoints: exact resume after a kill, preemption, or a requeue.
+
+A checkpoint is a folder ``output_dir/checkpoints/step-XXXXXXXX`` holding the model, the optimizer
+(tensors as safetensors, structure as JSON), the schedule, the GradScaler, the position in the
+epoch's sample order, each rank's RNG states, and a manifest of every file's size and SHA-256.
+It is written under a temporary name and renamed only when complete, so a crash mid-write never
+leaves a folder that looks finished; a folder whose files do not match its manifest is skipped
+with a warning and the newest intact one is used instead.
+
+The strategy's layout (what is unfrozen, the param groups) is not stored as such: strategies are
+functions of the epoch, so the trainer replays their hooks up to the saved epoch before loading
+the optimizer state, which then finds exactly the groups it was saved with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import CheckpointError
+
+CHECKPOINTS_DIR = "checkpoints"
+MANIFEST = "manifest.json"
+PREEMPTED_EXIT_CODE = 42
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class TrainingPreempted(Exception):
+    """Training stopped on SIGUSR1/SIGTERM after saving a checkpoint; rerun with resume to continue."""
+
+    def __init__(self, checkpoint: Path, signal_name: str):
+        super().__init__(f"stopped by {signal_name}; state saved in {checkpoint}; resume with --resume latest")
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class Position:
+    """Where training stands: ``batch`` batches of ``epoch`` are done (0: the epoch has not begun)."""
+
+    epoch: int = 0
+    batch: int = 0
+    global_step: int = 0
+    samples_done: int = 0  # of this epoch, over all ranks (resume with another process count)
+    loss_sum: float = 0.0  # this epoch's training loss so far, for its metrics line
+    seen: int = 0
+
+
+# ---------------------------------------------------------------------------- RNG states
+
+
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(keys.astype(np.int64))
+    python_version, python_state, gauss = random.getstate()
+    extra = {"numpy": [kind, int(pos), int(has_gauss), float(cached)],
+             "python": [python_version, list(python_state), gauss]}
+    return tensors, extra
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], extra: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, pos, has_gauss, cached = extra["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, state, gauss = extra["python"]
+    random.setstate((version, tuple(state), gauss))
+
+
+# ------------------------------------------------------------------------- optimizer state
+
+
+def split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer ``state_dict`` -> (tensors for safetensors, JSON-able structure)."""
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def join_optimizer_state(tensors: dict[str, torch.Tensor], structure: dict) -> dict:
+    state: dict[int, dict] = {}
+    for flat, value in [*tensors.items(), *structure["scalars"].items()]:
+        index, key = flat.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in structure["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+# ------------------------------------------------------------------------------ writing
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, payload) -> None:
+    path.write_text(json.dumps(payload, sort_keys=True))
+
+
+def save_training_state(accelerator, output_dir: Path, model_state: dict, optimizer, schedule, position: Position,
+                        signature: dict, keep_last: int) -> Path:
+    """Write one checkpoint (every rank takes part: each saves its own RNG) and prune old ones."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    final = root / f"step-{position.global_step:08d}"
+    partial = root / f".{final.name}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    rng_tensors, rng_extra = capture_rng()
+    save_file(rng_tensors, partial / f"rng_rank{accelerator.process_index}.safetensors",
+              metadata={"extra": json.dumps(rng_extra)})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, partial / "model.safetensors")
+        optimizer_tensors, optimizer_structure = split_optimizer_state(optimizer.state_dict())
+        save_file(optimizer_tensors, partial / "optimizer.safetensors")
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        _write_json(partial / "state.json", {
+            "position": asdict(position), "optimizer": optimizer_structure, "schedule": schedule.state_dict(),
+            "scaler": scaler, "signature": signature, "num_processes": accelerator.num_processes,
+        })
+        files = sorted(p for p in partial.iterdir() if p.is_file())
+        _write_json(partial / MANIFEST, {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files})
+        for path in partial.iterdir():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _prune(root, keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    for old in _checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def verify(checkpoint: Path) -> None:
+    """Raise CheckpointError unless every file listed in the manifest is there, whole and unchanged."""
+    manifest_path = checkpoint / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {checkpoint} is incomplete: no readable {MANIFEST} ({error})") from error
+    for name, expected in manifest.items():
+        path = checkpoint / name
+        if not path.is_file() or path.stat().st_size != expected["size"] or _sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"checkpoint {checkpoint} is corrupt: {name} is missing, truncated or altered")
+
+
+def find_checkpoint(resume: str, output_dir: str | None) -> Path | None:
+    """The checkpoint to resume from: a given folder, or the newest intact one for "latest" (None if none)."""
+    if resume != "latest":
+        path = Path(resume)
+        verify(path)
+        return path
+    if not output_dir:
+        raise CheckpointError("resume='latest' needs an output_dir (--output-dir) to look for checkpoints in")
+    for candidate in reversed(_checkpoints(Path(output_dir) / CHECKPOINTS_DIR)):
+        try:
+            verify(candidate)
+            return candidate
+        except CheckpointError as error:
+            warnings.warn(f"{error}; falling back to an older checkpoint")
+    return None
+
+
+def load_training_state(checkpoint: Path, rank: int) -> dict:
+    """Everything a checkpoint holds, this rank's RNG included (None when saved with fewer ranks)."""
+    state = json.loads((checkpoint / "state.json").read_text())
+    state["position"] = Position(**state["position"])
+    state["model"] = load_file(checkpoint / "model.safetensors")
+    state["optimizer"] = join_optimizer_state(load_file(checkpoint / "optimizer.safetensors"), state["optimizer"])
+    rng_path = checkpoint / f"rng_rank{rank}.safetensors"
+    state["rng"] = None
+    if rng_path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(rng_path), framework="pt") as handle:
+            extra = json.loads(handle.metadata()["extra"])
+        state["rng"] = (load_file(rng_path), extra)
+    return state
+
+
+def check_signature(saved: dict, current: dict, checkpoint: Path) -> None:
+    """Refuse to resume into another backbone, class set, image size or strategy."""
+    different = {k: (saved.get(k), current.get(k)) for k in current if saved.get(k) != current.get(k)}
+    if different:
+        details = "; ".join(f"{k}: checkpoint has {a!r}, this run has {b!r}" for k, (a, b) in different.items())
+        raise CheckpointError(f"cannot resume from {checkpoint}: it belongs to a different run ({details}). "
+                              "Use the same settings, or another --output-dir for a new run.")
+
+
+def has_checkpoints(output_dir: str | None) -> bool:
+    return bool(output_dir) and bool(_checkpoints(Path(output_dir) / CHECKPOINTS_DIR))
+
+
+class StopSignals:
+    """Remember SIGUSR1/SIGTERM instead of dying, so the step can finish and a checkpoint be written."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignals":
+        try:
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: leave signals to the caller
+            self._previous.clear()
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

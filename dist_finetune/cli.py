@@ -23,6 +23,8 @@ TRAIN_FLAGS: list[tuple[str, str, dict]] = [
     ("--batch-size", "data.batch_size", {"type": int, "help": "images per process per step (32)"}),
     ("--num-workers", "data.num_workers", {"type": int, "help": "data loader workers per process (default: from CPU count)"}),
     ("--no-augment", "data.augment", {"action": "store_false", "help": "deterministic train transforms (resize + center crop)"}),
+    ("--skip-bad-images", "data.skip_bad_images", {"action": "store_true",
+                                                    "help": "skip unreadable images (listed) instead of stopping"}),
     ("--backbone", "model.backbone", {"help": "torchvision name (resnet18, ...) or timm:NAME (resnet18)"}),
     ("--no-pretrained", "model.pretrained", {"action": "store_false", "help": "random initialisation, no download"}),
     ("--weights", "model.weights", {"help": "local backbone weights (.safetensors or .pth state dict), for offline use"}),

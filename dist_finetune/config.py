@@ -37,6 +37,7 @@ class DataConfig:
     batch_size: int = 32
     num_workers: int | None = None  # None: sized from the CPU count and local processes
     augment: bool = True
+    skip_bad_images: bool = False
 
     def __post_init__(self) -> None:
         _require(0.0 < self.val_split < 1.0, f"val_split must be in (0, 1), got {self.val_split}")

@@ -7,7 +7,10 @@ and the normalisation constants travel with the checkpoint instead of the data p
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -65,6 +68,51 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def image_problem(path: str) -> str | None:
+    """Why ``path`` cannot be trained on (None if it decodes). JPEGs decode at reduced size: fast."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        load_rgb(path, min_side=32)
+    except DataError as error:
+        return str(error.__cause__ or error)
+    except OSError as error:
+        return str(error)
+    return None
+
+
+def scan_images(paths: Sequence[str], cache_file: str | os.PathLike | None = None) -> dict[str, str]:
+    """{path: problem} for every unreadable image, decoding in threads; verdicts cached by size+mtime."""
+    cache: dict[str, list] = {}
+    if cache_file and os.path.isfile(cache_file):
+        try:
+            cache = json.loads(Path(cache_file).read_text())
+        except ValueError:
+            cache = {}
+
+    def stamp(path: str) -> list:
+        info = os.stat(path)
+        return [info.st_size, info.st_mtime_ns]
+
+    todo = [p for p in paths if p not in cache or cache[p][:2] != stamp(p)]
+    workers = min(32, (os.cpu_count() or 1) * 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while decoding
+        for path, problem in zip(todo, pool.map(image_problem, todo)):
+            cache[path] = [*stamp(path), problem]
+    if cache_file and todo:
+        Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
+        temporary = f"{cache_file}.{os.getpid()}.tmp"
+        Path(temporary).write_text(json.dumps(cache))
+        os.replace(temporary, cache_file)
+    return {p: cache[p][2] for p in paths if cache[p][2] is not None}
+
+
+def scan_cache_file(folder: str) -> Path:
+    """Where the scan verdicts of one image folder are cached (outside the data, which may be read-only)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dist_finetune" / "image_scans"
+    return base / (hashlib.sha1(str(Path(folder).resolve()).encode()).hexdigest()[:16] + ".json")
 
 
 def train_transform(image_size: int) -> v2.Compose:
@@ -220,6 +268,7 @@ class ImageClassificationData:
     batch_size: int = 32
     num_workers: int | None = None
     augment: bool = True
+    skip_bad_images: bool = False
     source: dict = field(default_factory=dict)
 
     @classmethod
@@ -233,6 +282,7 @@ class ImageClassificationData:
         num_workers: int | None = None,
         augment: bool = True,
         seed: int = 42,
+        skip_bad_images: bool = False,
     ) -> "ImageClassificationData":
         """Read ``train/<class>/*`` (and ``val/<class>/*``, else a stratified ``val_split`` of train)."""
         train_paths, train_labels, classes = scan_folder(train_folder, "train")
@@ -250,7 +300,32 @@ class ImageClassificationData:
             train_paths, train_labels = [train_paths[i] for i in train_idx], [train_labels[i] for i in train_idx]
         source = {"train_folder": str(train_folder), "valid_folder": valid_folder, "val_split": val_split}
         return cls(train_paths, train_labels, val_paths, val_labels, classes, image_size, batch_size,
-                   num_workers, augment, source)
+                   num_workers, augment, skip_bad_images, source)
+
+    def check_images(self) -> dict[str, str]:
+        """Decode every image once (cached); drop the unreadable ones if ``skip_bad_images``, else raise.
+
+        Returns {path: problem} of what was skipped. Runs before training, so a bad file never stops
+        a run halfway.
+        """
+        folders = [self.source.get("train_folder"), self.source.get("valid_folder")]
+        problems: dict[str, str] = {}
+        for folder, paths in zip(folders, (self.train_paths, self.val_paths)):
+            cache = scan_cache_file(folder) if folder else None
+            problems.update(scan_images(paths, cache))
+        if problems and not self.skip_bad_images:
+            path, problem = next(iter(sorted(problems.items())))
+            others = f" ({len(problems) - 1} more unreadable)" if len(problems) > 1 else ""
+            raise DataError(f"cannot read image {path}: {problem}{others}. Remove or replace it, or pass "
+                            "skip_bad_images=True (--skip-bad-images) to train on the rest.")
+        for paths, labels in ((self.train_paths, self.train_labels), (self.val_paths, self.val_labels)):
+            kept = [(p, y) for p, y in zip(paths, labels) if p not in problems]
+            paths[:], labels[:] = [p for p, _ in kept], [y for _, y in kept]
+        for role, labels in (("train", self.train_labels), ("val", self.val_labels)):
+            empty = sorted(set(self.classes) - {self.classes[y] for y in labels})
+            if empty:
+                raise DataError(f"after skipping unreadable images, {role} has no images of class(es) {empty}")
+        return problems
 
     @property
     def num_classes(self) -> int:

@@ -81,6 +81,7 @@ class Trainer:
         refuse_freezing_under_sharding(accelerator, freezes=not isinstance(strategy, NoFreeze))
         set_seed(config.seed)
 
+        self._check_images(data, accelerator)
         task.labels, task.image_size = list(data.classes), data.image_size
         signature = _run_signature(task, data, strategy)
         strategy.freeze_before_training(task)
@@ -153,6 +154,16 @@ class Trainer:
         config = self.config
         self.accelerator = make_accelerator(config.mixed_precision, config.gradient_accumulation_steps)
         return self.accelerator
+
+    @staticmethod
+    def _check_images(data: ImageClassificationData, accelerator) -> None:
+        """Scan all images before any training (the main process fills the cache, the others read it)."""
+        with accelerator.main_process_first():
+            skipped = data.check_images()
+        if skipped and accelerator.is_main_process:
+            tqdm.write(f"skipping {len(skipped)} unreadable image(s):")
+            for path, problem in sorted(skipped.items()):
+                tqdm.write(f"  {path}: {problem}")
 
     def _build_optimizer(self, task: ImageClassifier) -> torch.optim.Optimizer:
         params = trainable_parameters(task)
@@ -389,6 +400,7 @@ def finetune_from_config(config: RunConfig, resume: str | None = None) -> tuple[
         num_workers=data_config.num_workers,
         augment=data_config.augment,
         seed=config.trainer.seed,
+        skip_bad_images=data_config.skip_bad_images,
     )
     set_seed(config.trainer.seed)  # the new head's initialisation
     task = ImageClassifier(

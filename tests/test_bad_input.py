@@ -1,0 +1,100 @@
+"""Messy image folders: every bad file is found before training, named, and either stops the run
+or (skip_bad_images) is skipped; files that only look odd (lying extensions, GIFs, EXIF) just work."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_trainer, write_image_folder
+from PIL import Image
+
+from dist_finetune import ImageClassificationData, ImageClassifier
+from dist_finetune import data as data_module
+from dist_finetune.data import DataError, scan_images
+from dist_finetune.finetuning import FreezeUnfreeze
+
+
+@pytest.fixture()
+def messy(tmp_path, monkeypatch):
+    """A train folder with one of each kind of bad file, and odd-but-fine files."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = write_image_folder(tmp_path / "train", per_class=6, size=32)
+    photo = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(photo, "JPEG")
+    bad = {
+        "truncated.jpg": photo.getvalue()[: len(photo.getvalue()) // 2],
+        "notes.jpg": b"these are my notes, not a picture",
+        "empty.png": b"",
+    }
+    for name, content in bad.items():
+        (root / "red" / name).write_bytes(content)
+    Image.new("RGB", (20, 20), "green").save(root / "green" / "really_a_png.jpg", format="PNG")
+    frames = [Image.new("P", (20, 20), i) for i in range(3)]
+    frames[0].save(root / "blue" / "animated.gif", save_all=True, append_images=frames[1:])
+    return root, {str(root / "red" / name) for name in bad}
+
+
+def test_scan_finds_exactly_the_bad_files_and_caches(messy, monkeypatch, tmp_path):
+    root, bad = messy
+    paths = sorted(str(p) for p in root.rglob("*") if p.is_file())
+    problems = scan_images(paths, tmp_path / "scan.json")
+    assert set(problems) == bad
+    assert "truncated" in problems[str(root / "red" / "truncated.jpg")]
+    assert "empty file" in problems[str(root / "red" / "empty.png")]
+    calls = []
+    monkeypatch.setattr(data_module, "image_problem", lambda path: calls.append(path))
+    assert scan_images(paths, tmp_path / "scan.json") == problems and calls == []  # all from the cache
+
+
+def test_bad_file_stops_the_run_before_training(messy):
+    root, bad = messy
+    data = ImageClassificationData.from_folders(str(root), val_split=0.25, image_size=32, batch_size=4, num_workers=0)
+    task = ImageClassifier(3, "resnet18", pretrained=False)
+    before = {n: p.clone() for n, p in task.named_parameters()}
+    with pytest.raises(DataError, match=r"cannot read image .*red/(empty|notes|truncated).*\(2 more unreadable\)"):
+        tiny_trainer(max_epochs=1).finetune(task, data, "no_freeze")
+    assert all(torch.equal(before[n], p) for n, p in task.named_parameters())
+
+
+def test_skip_bad_images_trains_on_the_rest(messy, capsys):
+    root, bad = messy
+    data = ImageClassificationData.from_folders(str(root), val_split=0.25, image_size=32, batch_size=4,
+                                                num_workers=0, skip_bad_images=True)
+    metrics = tiny_trainer(max_epochs=1).finetune(ImageClassifier(3, "resnet18", pretrained=False), data, "no_freeze")
+    assert not bad & set(data.train_paths + data.val_paths)
+    assert metrics[0]["train_images"] > 0
+    printed = capsys.readouterr().out
+    assert "skipping 3 unreadable image(s)" in printed and all(path in printed for path in bad)
+
+
+def test_decompression_bomb_is_a_bad_image(tmp_path, monkeypatch):
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (300, 300)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100 // 2)  # 300x300 is now over twice the limit
+    assert "decompression bomb" in scan_images([str(path)])[str(path)]
+
+
+def test_non_finite_loss_stops_with_epoch_step_and_last_checkpoint(image_folders, tmp_path):
+    class Poison(FreezeUnfreeze):
+        def finetune_function(self, model, epoch, optimizer):
+            super().finetune_function(model, epoch, optimizer)
+            if epoch == 1:
+                with torch.no_grad():
+                    model.head.layers[-1].weight.fill_(float("nan"))
+
+    data = ImageClassificationData.from_folders(str(image_folders / "train"), str(image_folders / "val"),
+                                                image_size=32, batch_size=4, num_workers=0)
+    trainer = tiny_trainer(max_epochs=2, output_dir=str(tmp_path))
+    with pytest.raises(FloatingPointError, match=r"epoch 1 step 7; last good checkpoint: .*step-00000006"):
+        trainer.finetune(ImageClassifier(3, "resnet18", pretrained=False), data, Poison(unfreeze_epoch=1))
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_batch_larger_than_the_data_is_refused(tmp_path):
+    root = write_image_folder(tmp_path / "train", per_class=2, size=16)
+    data = ImageClassificationData.from_folders(str(root), val_split=0.5, image_size=16, batch_size=8, num_workers=0)
+    with pytest.raises(ValueError, match="3 training images but one step needs batch_size 8"):
+        tiny_trainer(max_epochs=1).finetune(ImageClassifier(3, "resnet18", pretrained=False), data, "freeze")

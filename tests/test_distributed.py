@@ -136,3 +136,18 @@ def test_torchrun_without_cpu_flag_trains_two_synchronised_ranks(image_folders, 
     reports = [json.loads((tmp_path / f"rank{r}_report.json").read_text()) for r in (0, 1)]
     assert [(r["rank"], r["world_size"]) for r in reports] == [(0, 2), (1, 2)]
     assert_identical(*rank_files(tmp_path, "final"), "torchrun end")
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_freezing_strategies_are_refused_under_sharding(kind):
+    """FSDP needs GPUs (accelerate falls back to DDP on CPU), so the refusal is checked directly."""
+    from types import SimpleNamespace
+
+    from accelerate import DistributedType
+
+    from dist_finetune.distributed import DistributedSetupError, refuse_freezing_under_sharding
+
+    accelerator = SimpleNamespace(distributed_type=DistributedType[kind])
+    with pytest.raises(DistributedSetupError, match="freezing strategies are not supported under"):
+        refuse_freezing_under_sharding(accelerator, freezes=True)
+    refuse_freezing_under_sharding(accelerator, freezes=False)  # no_freeze is fine

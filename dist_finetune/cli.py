@@ -44,11 +44,15 @@ TRAIN_FLAGS: list[tuple[str, str, dict]] = [
     ("--scheduler", "trainer.scheduler", {"choices": SCHEDULERS, "help": "lr schedule after warmup (cosine)"}),
     ("--warmup-epochs", "trainer.warmup_epochs", {"type": float, "help": "linear warmup length in epochs (0)"}),
     ("--label-smoothing", "trainer.label_smoothing", {"type": float, "help": "cross-entropy label smoothing (0)"}),
-    ("--mixed-precision", "trainer.mixed_precision", {"choices": MIXED_PRECISION, "help": "no, fp16 or bf16"}),
+    ("--mixed-precision", "trainer.mixed_precision", {"choices": MIXED_PRECISION,
+                                                      "help": "no, fp16 or bf16 (default: the accelerate config's)"}),
     ("--gradient-accumulation-steps", "trainer.gradient_accumulation_steps", {"type": int, "help": "steps per update (1)"}),
     ("--max-grad-norm", "trainer.max_grad_norm", {"type": float, "help": "clip gradients to this norm"}),
     ("--seed", "trainer.seed", {"type": int, "help": "seed for init, sample order and augmentation (42)"}),
     ("--output-dir", "trainer.output_dir", {"help": "where model.safetensors and metrics.jsonl go (outputs)"}),
+    ("--no-feature-cache", "trainer.cache_frozen_features", {"action": "store_false",
+                                                             "help": "recompute frozen backbone features every epoch "
+                                                                     "(cached by default with --no-augment)"}),
     ("--save-every-n-steps", "trainer.save_every_n_steps", {"type": int,
                                                             "help": "also save training state every N optimizer steps"}),
     ("--keep-last", "trainer.keep_last", {"type": int, "help": "training-state checkpoints to keep (2)"}),
@@ -97,14 +101,19 @@ def train_config(args: argparse.Namespace) -> RunConfig:
 
 
 def run_train(args: argparse.Namespace) -> None:
+    import torch.distributed
+
     from .resume import PREEMPTED_EXIT_CODE, TrainingPreempted
-    from .trainer import finetune_from_config
+    from .recipe import finetune_from_config
 
     try:
         finetune_from_config(train_config(args), resume=args.resume)
     except TrainingPreempted as stopped:
         print(f"dist-finetune train: {stopped}", file=sys.stderr)
         raise SystemExit(PREEMPTED_EXIT_CODE) from None
+    finally:
+        if torch.distributed.is_initialized():  # a clean exit for every rank (gloo can abort otherwise)
+            torch.distributed.destroy_process_group()
 
 
 def run_predict(args: argparse.Namespace) -> None:

@@ -87,12 +87,13 @@ class TrainerConfig:
     scheduler: str = "cosine"
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None  # None: what `accelerate launch`/its config says, else "no"
     gradient_accumulation_steps: int = 1
     max_grad_norm: float | None = None
     seed: int = 42
     output_dir: str | None = None
     check_rank_consistency: bool = True
+    cache_frozen_features: bool = True  # only ever used when augment=False and the backbone is frozen+eval
     save_every_n_steps: int | None = None  # training-state checkpoints; one is always written per epoch
     keep_last: int = 2
     channels_last: bool | None = None  # None: on for conv nets on GPU
@@ -107,7 +108,7 @@ class TrainerConfig:
         _require(0 <= self.warmup_epochs < self.max_epochs, "warmup_epochs must be in [0, max_epochs)")
         _require(0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)")
         _require(
-            self.mixed_precision in MIXED_PRECISION,
+            self.mixed_precision is None or self.mixed_precision in MIXED_PRECISION,
             f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}",
         )
         _require(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")

@@ -341,8 +341,9 @@ class ImageClassificationData:
         return ImageListDataset(self.val_paths, self.val_labels, eval_transform(self.image_size), self.image_size)
 
     def dataloader(self, dataset: Dataset, shuffle: bool, local_processes: int = 1, pin_memory: bool = False,
-                   drop_last: bool = False, seed: int = 0) -> DataLoader:
-        workers = default_num_workers(local_processes) if self.num_workers is None else self.num_workers
+                   drop_last: bool = False, seed: int = 0, num_workers: int | None = None) -> DataLoader:
+        workers = num_workers if num_workers is not None else self.num_workers
+        workers = default_num_workers(local_processes) if workers is None else workers
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

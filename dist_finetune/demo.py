@@ -87,7 +87,8 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", max_epochs: int = 8,
     """Generate the shapes data, finetune with freeze_unfreeze, save, and predict held-out images."""
     from .config import DataConfig, ModelConfig, RunConfig, StrategyConfig, TrainerConfig
     from .task import ImageClassifier
-    from .trainer import MODEL_FILENAME, finetune_from_config
+    from .recipe import finetune_from_config
+    from .trainer import MODEL_FILENAME
 
     output_dir = Path(output_dir)
     data_root = make_patterns_dataset(output_dir / "data")

@@ -38,7 +38,7 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1) -> Accelerator:
+def make_accelerator(mixed_precision: str | None = None, gradient_accumulation_steps: int = 1) -> Accelerator:
     """An Accelerator that never trains as N independent rank-0s.
 
     Launched with WORLD_SIZE > 1 on a machine without a GPU, the CPU (gloo) backend is selected here,

@@ -64,6 +64,7 @@ class ImageClassifier(nn.Module):
         self.fixed_image_size = spec.fixed_image_size
         self.is_convnet = spec.is_convnet
         self.num_classes = num_classes
+        self.num_features = spec.num_features
         self.head_hidden = head_hidden
         self.head_dropout = head_dropout
         self.labels = list(labels) if labels is not None else [str(i) for i in range(num_classes)]

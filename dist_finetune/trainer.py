@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from .config import ConfigError, RunConfig, TrainerConfig
+from .config import TrainerConfig
 from .data import ImageClassificationData
 from .distributed import (
     DDPResync,
@@ -31,6 +31,7 @@ from .distributed import (
     refuse_freezing_under_sharding,
 )
 from .checkpoint import CheckpointError
+from .feature_cache import FeatureDataset, all_reduce_gradients, backbone_is_static, cache_fits, encode_dataset
 from .finetuning import BaseFinetuning, NoFreeze, resolve_strategy, trainable_parameters
 from .resume import (
     Position,
@@ -62,6 +63,7 @@ class Trainer:
         self.metrics: list[dict] = []
         self.signature: dict = {}
         self._last_saved: Path | None = None
+        self._feature_loader = None
 
     # ----------------------------------------------------------------------------- public
 
@@ -112,7 +114,9 @@ class Trainer:
                 if position.batch == 0:
                     model = self._apply_strategy(strategy, task, epoch, optimizer, resync)
                 self.model = model
-                train_stats = self._train_epoch(model, optimizer, schedule, train_loader, epoch, position, stop)
+                model.train()
+                loader, head_only = self._epoch_loader(task, data, train_loader)
+                train_stats = self._train_epoch(model, optimizer, schedule, loader, epoch, position, stop, head_only)
                 broadcast_buffers(task)  # every rank validates (and later saves) rank 0's BN statistics
                 val_stats = self._evaluate(task, val_loader)
                 self._log({"epoch": epoch, **train_stats, **val_stats,
@@ -252,17 +256,41 @@ class Trainer:
             check_rank_consistency(self.accelerator, task, optimizer, f"after the strategy transition at epoch {epoch}")
         return resync()
 
+    def _epoch_loader(self, task: ImageClassifier, data: ImageClassificationData, train_loader):
+        """The images, or (backbone frozen and deterministic) cached backbone features: (loader, head_only)."""
+        accelerator = self.accelerator
+        usable = (self.config.cache_frozen_features and not data.augment and backbone_is_static(task.backbone)
+                  and cache_fits(len(data.train_paths), task.num_features))
+        if not usable:
+            self._feature_loader = None  # unfrozen (or never cacheable): free the cache
+            return train_loader, False
+        if self._feature_loader is None:
+            with accelerator.autocast():
+                features = encode_dataset(task, data.train_dataset(self.config.seed), data.batch_size,
+                                          train_loader.num_workers, accelerator.device,
+                                          accelerator.process_index, accelerator.num_processes)
+            dataset = FeatureDataset(features, data.train_labels)
+            loader = data.dataloader(dataset, shuffle=True, drop_last=True, seed=self.config.seed, num_workers=0)
+            self._feature_loader = accelerator.prepare_data_loader(loader)
+            if accelerator.is_main_process:
+                tqdm.write(f"cached frozen backbone features of {len(dataset)} images; training the head on them")
+        return self._feature_loader, True
+
     def _train_epoch(self, model, optimizer, schedule: WarmupSchedule, loader, epoch: int, position: Position,
-                     stop: StopSignals) -> dict:
-        """One epoch from ``position`` (mid-epoch after a resume); saves on cadence and on stop signals."""
+                     stop: StopSignals, head_only: bool = False) -> dict:
+        """One epoch from ``position`` (mid-epoch after a resume); saves on cadence and on stop signals.
+
+        ``head_only``: the loader yields cached backbone features; only the head runs, and its
+        gradients are averaged over ranks here since it trains outside the DDP wrapper.
+        """
         accelerator, config = self.accelerator, self.config
-        model.train()
         loader.set_epoch(epoch)
         if position.batch:
             loader = accelerator.skip_first_batches(loader, position.batch)
             loader.set_epoch(epoch)
         params = trainable_parameters(model)
-        channels_last = self._use_channels_last(self.task, accelerator)
+        forward = self.task.head if head_only else model
+        channels_last = self._use_channels_last(self.task, accelerator) and not head_only
         loss_sum = torch.tensor(position.loss_sum, device=accelerator.device, dtype=torch.float64)
         seen = torch.tensor(position.seen, device=accelerator.device, dtype=torch.float64)
         seen_before = seen.clone()  # a resumed epoch's images/s counts only what this run trained
@@ -274,9 +302,11 @@ class Trainer:
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with accelerator.accumulate(model):
-                logits = model(images)
+                logits = forward(images)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
                 accelerator.backward(loss)
+                if accelerator.sync_gradients and head_only:
+                    all_reduce_gradients(self.task.head, accelerator.num_processes)
                 if accelerator.sync_gradients and config.max_grad_norm:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
@@ -306,7 +336,7 @@ class Trainer:
         if accelerator.num_processes > 1:
             flags = accelerator.reduce(flags, reduction="sum")
         signalled, non_finite = flags.tolist()
-        if non_finite and config.mixed_precision != "fp16":  # fp16 overflows are the GradScaler's to skip
+        if non_finite and accelerator.mixed_precision != "fp16":  # fp16 overflows are the GradScaler's to skip
             last = self._last_saved or "none (no checkpoint written yet)"
             raise FloatingPointError(f"non-finite training loss at epoch {position.epoch} step {position.global_step}"
                                      f"; last good checkpoint: {last}. Lower the lr or set max_grad_norm.")
@@ -384,36 +414,3 @@ def _check_image_size(task: ImageClassifier, data: ImageClassificationData) -> N
             f"embeddings) but the data is set to image_size={data.image_size}; use image_size="
             f"{task.fixed_image_size}"
         )
-
-
-def finetune_from_config(config: RunConfig, resume: str | None = None) -> tuple[Trainer, ImageClassifier, list[dict]]:
-    """The three steps (data, task, finetune) driven by a :class:`RunConfig`; the CLI calls this."""
-    if not config.data.train_folder:
-        raise ConfigError("no training data: set data.train_folder (--train-folder)")
-    data_config, model_config, strategy_config = config.data, config.model, config.strategy
-    data = ImageClassificationData.from_folders(
-        train_folder=data_config.train_folder,
-        valid_folder=data_config.val_folder,
-        val_split=data_config.val_split,
-        image_size=data_config.image_size,
-        batch_size=data_config.batch_size,
-        num_workers=data_config.num_workers,
-        augment=data_config.augment,
-        seed=config.trainer.seed,
-        skip_bad_images=data_config.skip_bad_images,
-    )
-    set_seed(config.trainer.seed)  # the new head's initialisation
-    task = ImageClassifier(
-        num_classes=data.num_classes,
-        backbone=model_config.backbone,
-        pretrained=model_config.pretrained,
-        weights=model_config.weights,
-        head_hidden=model_config.head_hidden,
-        head_dropout=model_config.head_dropout,
-    )
-    arguments = {"freeze_unfreeze": strategy_config.unfreeze_epoch,
-                 "unfreeze_milestones": (strategy_config.milestones, strategy_config.num_layers)}
-    strategy = (strategy_config.name, arguments.get(strategy_config.name))
-    trainer = Trainer(config.trainer)
-    metrics = trainer.finetune(task, data, strategy=strategy, train_bn=strategy_config.train_bn, resume=resume)
-    return trainer, task, metrics

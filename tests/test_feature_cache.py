@@ -1,0 +1,47 @@
+"""Frozen-feature caching: the head trains on cached features exactly as on recomputed ones."""
+
+from __future__ import annotations
+
+import torch
+from conftest import tiny_trainer
+
+from dist_finetune import ImageClassificationData, ImageClassifier, seed_everything
+from dist_finetune.feature_cache import backbone_is_static
+
+
+def train(image_folders, cache: bool, strategy, epochs=3):
+    data = ImageClassificationData.from_folders(str(image_folders / "train"), str(image_folders / "val"),
+                                                image_size=32, batch_size=4, num_workers=0, augment=False)
+    seed_everything(0)
+    task = ImageClassifier(3, "resnet18", pretrained=False, head_dropout=0.1)
+    trainer = tiny_trainer(max_epochs=epochs, cache_frozen_features=cache)
+    metrics = trainer.finetune(task, data, strategy, train_bn=False)
+    return task, metrics, trainer
+
+
+def assert_close(a: ImageClassifier, b: ImageClassifier) -> None:
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(x, y, atol=1e-5, rtol=1e-4), name
+
+
+def test_cached_features_train_the_head_like_recomputed_ones(image_folders, capsys):
+    cached, cached_metrics, _ = train(image_folders, True, "freeze")
+    assert "cached frozen backbone features of 24 images" in capsys.readouterr().out
+    recomputed, metrics, _ = train(image_folders, False, "freeze")
+    assert_close(cached, recomputed)
+    for a, b in zip(cached_metrics, metrics):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-5 and a["val_acc"] == b["val_acc"]
+
+
+def test_cache_is_dropped_at_the_unfreeze(image_folders):
+    cached, _, trainer = train(image_folders, True, ("freeze_unfreeze", 1))
+    recomputed, _, _ = train(image_folders, False, ("freeze_unfreeze", 1))
+    assert trainer._feature_loader is None
+    assert_close(cached, recomputed)
+
+
+def test_not_cacheable_while_batchnorm_or_dropout_trains():
+    task = ImageClassifier(3, "resnet18", pretrained=False)
+    task.backbone.requires_grad_(False)
+    assert not backbone_is_static(task.backbone.train())
+    assert backbone_is_static(task.backbone.eval())

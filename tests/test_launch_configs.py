@@ -1,0 +1,239 @@
+"""The accelerate config files in launch_configs/: they load with accelerate's own loader, carry the
+fields their names promise, and the CPU ones really give distinct gloo ranks under
+``accelerate launch``."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+from accelerate.utils import ComputeEnvironment, DistributedType
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "launch_configs"
+EXPECTED = {"single_gpu.yaml", "multi_gpu_bf16.yaml", "multi_node.yaml", "cpu_2proc.yaml",
+            "fsdp_no_freeze.yaml"}
+
+# prints one JSON line per process; the all_gather proves that the ranks really talk to each other
+RANK_SCRIPT = r"""
+import json, os, torch
+from accelerate import Accelerator
+import torch.distributed as dist
+a = Accelerator()
+ranks = a.gather(torch.tensor([a.process_index])).tolist()
+info = {"process_index": a.process_index, "num_processes": a.num_processes,
+        "distributed_type": str(a.distributed_type),
+        "backend": dist.get_backend() if dist.is_initialized() else None,
+        "gathered": ranks, "device": str(a.device)}
+os.write(1, ("RANKINFO " + json.dumps(info) + "\n").encode())  # one write: lines do not interleave
+a.end_training()  # destroys the process group; otherwise gloo may abort at exit (SIGABRT)
+"""
+
+# builds the FSDP plugin from the environment accelerate's launcher prepared; needs no GPU
+FSDP_PROBE = """
+import json
+from accelerate.utils import FullyShardedDataParallelPlugin
+p = FullyShardedDataParallelPlugin()
+print("FSDPINFO " + json.dumps({
+    "version": p.fsdp_version, "reshard_after_forward": p.reshard_after_forward,
+    "state_dict_type": str(p.state_dict_type), "min_num_params": p.min_num_params,
+    "auto_wrap_policy": getattr(p.auto_wrap_policy, "__name__", str(p.auto_wrap_policy))}))
+"""
+
+
+def load(name: str) -> ClusterConfig:
+    cfg = load_config_from_file(str(CONFIGS / name))
+    assert isinstance(cfg, ClusterConfig)
+    assert cfg.compute_environment == ComputeEnvironment.LOCAL_MACHINE
+    return cfg
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env(**extra: str) -> dict:
+    """This environment without distributed/accelerate settings leaking in, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+           and not k.startswith(("ACCELERATE_", "FSDP_", "TORCHELASTIC_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def accelerate_launch(args: list[str], env: dict, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", *args],
+        env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 180) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out
+    return out
+
+
+def rank_lines(out: str, tag: str = "RANKINFO") -> list[dict]:
+    return [json.loads(line.split(tag + " ", 1)[1]) for line in out.splitlines() if tag + " " in line]
+
+
+# ---------------------------------------------------------------- the files as data
+def test_all_configs_present():
+    assert {p.name for p in CONFIGS.glob("*.yaml")} >= EXPECTED
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_loads_with_accelerate_and_round_trips(name, tmp_path):
+    cfg = load(name)
+    # what `accelerate config` would write back loads again to the same values
+    copy = tmp_path / name
+    cfg.to_yaml_file(str(copy))
+    assert load_config_from_file(str(copy)).to_dict() == load(name).to_dict()
+
+
+def test_single_gpu():
+    cfg = load("single_gpu.yaml")
+    assert cfg.distributed_type == DistributedType.NO
+    assert cfg.num_processes == 1 and cfg.num_machines == 1
+    assert cfg.gpu_ids == "all"  # never pin a GPU id the scheduler did not give us
+    assert not cfg.use_cpu
+
+
+def test_multi_gpu_bf16():
+    cfg = load("multi_gpu_bf16.yaml")
+    assert cfg.distributed_type == DistributedType.MULTI_GPU
+    assert cfg.mixed_precision == "bf16"
+    assert cfg.num_machines == 1 and cfg.num_processes >= 2
+    assert cfg.gpu_ids == "all"
+    assert cfg.main_process_port == 0  # free port: parallel runs on one machine do not collide
+    assert not cfg.use_cpu
+
+
+def test_multi_node_has_every_field_a_slurm_script_fills_in():
+    cfg = load("multi_node.yaml")
+    assert cfg.distributed_type == DistributedType.MULTI_GPU
+    assert cfg.num_machines >= 2
+    assert cfg.num_processes % cfg.num_machines == 0 and cfg.num_processes > cfg.num_machines
+    assert cfg.machine_rank == 0
+    assert cfg.main_process_ip and isinstance(cfg.main_process_port, int) and cfg.main_process_port > 0
+    assert cfg.rdzv_backend == "static"
+    text = (CONFIGS / "multi_node.yaml").read_text()
+    for field in ("num_machines", "num_processes", "machine_rank", "main_process_ip",
+                  "main_process_port"):
+        line = next(ln for ln in text.splitlines() if ln.startswith(field + ":"))
+        assert "PLACEHOLDER" in line, f"{field} should be marked as a placeholder"
+
+
+def test_cpu_2proc():
+    cfg = load("cpu_2proc.yaml")
+    assert cfg.distributed_type == DistributedType.MULTI_GPU  # the multi-process launcher
+    assert cfg.use_cpu
+    assert cfg.num_processes == 2 and cfg.num_machines == 1
+    assert cfg.main_process_port == 0
+    assert cfg.mixed_precision == "no"
+    assert "ACCELERATE_USE_CPU=1" in (CONFIGS / "cpu_2proc.yaml").read_text()
+
+
+def test_fsdp_no_freeze():
+    cfg = load("fsdp_no_freeze.yaml")
+    assert cfg.distributed_type == DistributedType.FSDP
+    fsdp = cfg.fsdp_config
+    assert fsdp["fsdp_version"] == 2
+    assert fsdp["fsdp_auto_wrap_policy"] == "SIZE_BASED_WRAP"
+    assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    assert fsdp["fsdp_reshard_after_forward"] is True
+    assert not fsdp["fsdp_offload_params"]
+    text = (CONFIGS / "fsdp_no_freeze.yaml").read_text()
+    assert "no_freeze" in text and "refuses" in text  # documents the strategy restriction
+
+
+# ---------------------------------------------------------------- the files under accelerate launch
+@pytest.mark.distributed
+def test_cpu_2proc_gives_two_gloo_ranks(tmp_path):
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    t0 = time.monotonic()
+    out = finish(accelerate_launch(
+        ["--config_file", str(CONFIGS / "cpu_2proc.yaml"), str(script)],
+        launch_env(ACCELERATE_USE_CPU="1"), tmp_path,
+    ))
+    ranks = rank_lines(out)
+    assert sorted(r["process_index"] for r in ranks) == [0, 1], out
+    for r in ranks:
+        assert r["num_processes"] == 2
+        assert r["backend"] == "gloo"
+        assert r["distributed_type"] == "DistributedType.MULTI_CPU"
+        assert r["device"].startswith("cpu")
+        assert r["gathered"] == [0, 1]
+    assert time.monotonic() - t0 < 120
+
+
+@pytest.mark.distributed
+def test_multi_node_yaml_with_slurm_style_overrides(tmp_path):
+    """What scripts/slurm_multi_node.sbatch does, without SLURM: two launchers (two "machines") on
+    this host, every placeholder of multi_node.yaml overridden on the command line."""
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    port = free_port()
+    env = launch_env(ACCELERATE_USE_CPU="1")
+    procs = [
+        accelerate_launch(
+            ["--config_file", str(CONFIGS / "multi_node.yaml"), "--machine_rank", str(rank),
+             "--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+             "--main_process_port", str(port), str(script)],
+            env, tmp_path,
+        )
+        for rank in (0, 1)
+    ]
+    outs = [finish(p) for p in procs]
+    ranks = [rank_lines(out) for out in outs]
+    # machine_rank 0 runs global rank 0, machine_rank 1 runs global rank 1
+    assert [[r["process_index"] for r in rs] for rs in ranks] == [[0], [1]], outs
+    for (r,) in ranks:
+        assert r["num_processes"] == 2 and r["backend"] == "gloo" and r["gathered"] == [0, 1]
+
+
+@pytest.mark.distributed
+def test_without_use_cpu_env_each_process_is_alone(tmp_path):
+    """Documents trap 6: the multi-process launcher ignores the file's use_cpu, so a plain
+    Accelerator() without ACCELERATE_USE_CPU is rank 0 of 1 in every process."""
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    env = launch_env()
+    env["CUDA_VISIBLE_DEVICES"] = ""  # a GPU would make this a real 2-rank run
+    out = finish(accelerate_launch(
+        ["--config_file", str(CONFIGS / "cpu_2proc.yaml"), str(script)], env, tmp_path))
+    ranks = rank_lines(out)
+    assert [(r["process_index"], r["num_processes"]) for r in ranks] == [(0, 1), (0, 1)], out
+
+
+@pytest.mark.distributed
+def test_fsdp_no_freeze_gives_a_valid_fsdp2_plugin(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(FSDP_PROBE)
+    out = finish(accelerate_launch(
+        ["--config_file", str(CONFIGS / "fsdp_no_freeze.yaml"), "--num_processes", "1",
+         "--mixed_precision", "no", str(script)],
+        launch_env(), tmp_path,
+    ))
+    (info,) = rank_lines(out, "FSDPINFO")
+    assert info == {
+        "version": 2, "reshard_after_forward": True,
+        "state_dict_type": "StateDictType.FULL_STATE_DICT", "min_num_params": 1000000,
+        "auto_wrap_policy": "size_based_auto_wrap_policy",
+    }, out

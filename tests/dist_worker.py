@@ -20,22 +20,11 @@ from safetensors.torch import save_file
 from dist_finetune import ImageClassificationData, ImageClassifier, Trainer, seed_everything
 from dist_finetune.distributed import DDPResync
 from dist_finetune.finetuning import BaseFinetuning, FreezeUnfreeze, UnfreezeMilestones
+from test_strategies import FeatureExtractorFreezeUnfreeze as GuideStrategy  # the Flash guide's example
 
 
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-class GuideStrategy(BaseFinetuning):
-    """The Flash guide's custom strategy with only the names changed."""
-
-    def __init__(self, unfreeze_epoch: int = 5, train_bn: bool = True):
-        super().__init__("backbone", train_bn)
-        self._unfreeze_epoch = unfreeze_epoch
-
-    def finetune_function(self, pl_module, current_epoch, optimizer, opt_idx):
-        if current_epoch == self._unfreeze_epoch:
-            self.unfreeze_and_add_param_group(pl_module.backbone, optimizer)
 
 
 class PerturbRankOne(FreezeUnfreeze):

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
 
@@ -140,11 +141,20 @@ def _submit_training(cluster, tmp_path: Path, epochs: int) -> tuple[str, Path, P
     return job, out, log
 
 
-def test_multi_node_training_on_cpu(slurm_cluster, tmp_path):
-    """slurm_multi_node.sbatch, unchanged, trains on 2 nodes x 1 CPU process (world size 2)."""
-    job, out, log = _submit_training(slurm_cluster, tmp_path, epochs=2)
+EPOCHS = 4
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_cluster, tmp_path_factory) -> tuple[dict, Path, str]:
+    """One uninterrupted multi-node run: (job info, output dir, log text)."""
+    job, out, log = _submit_training(slurm_cluster, tmp_path_factory.mktemp("uninterrupted"), epochs=EPOCHS)
     info = slurm_cluster.wait(job, timeout=150)
-    text = log.read_text()
+    return info, out, log.read_text()
+
+
+def test_multi_node_training_on_cpu(uninterrupted):
+    """slurm_multi_node.sbatch, unchanged, trains on 2 nodes x 1 CPU process (world size 2)."""
+    info, out, text = uninterrupted
     assert info["JobState"] == "COMPLETED", f"{info.get('JobState')} {info.get('ExitCode')}\n{text}"
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"], text
     assert "world size 2 on CPU" in text
@@ -156,12 +166,14 @@ def test_multi_node_training_on_cpu(slurm_cluster, tmp_path):
     assert text.rstrip().endswith("training finished")
 
 
-def test_multi_node_training_preempted_and_resumed(slurm_cluster, tmp_path):
+@pytest.mark.parametrize("signal_name", ["USR1", "TERM"])
+def test_multi_node_training_preempted_and_resumed(slurm_cluster, tmp_path, uninterrupted, signal_name):
     """The whole preemption path with the real runner: SIGUSR1 to the batch shell (what
     --signal=B:USR1@120 does) mid-training reaches both ranks through srun while `accelerate
     launch` survives it; both ranks checkpoint and exit 42; the script requeues; the restarted job
-    (SLURM_RESTART_COUNT=1) resumes with `--resume latest` and finishes, every epoch logged once."""
-    epochs = 4
+    (SLURM_RESTART_COUNT=1) resumes with `--resume latest` and finishes, every epoch logged once,
+    with final weights bit-identical to the uninterrupted run. TERM (scancel, preemption) likewise."""
+    epochs = EPOCHS
     job, out, log = _submit_training(slurm_cluster, tmp_path, epochs=epochs)
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 90
@@ -170,7 +182,7 @@ def test_multi_node_training_preempted_and_resumed(slurm_cluster, tmp_path):
         assert state in ("PENDING", "CONFIGURING", "RUNNING"), (state, log.read_text())
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.05)
-    slurm_cluster.run(["scancel", "--batch", "--signal=USR1", job])
+    slurm_cluster.run(["scancel", "--batch", f"--signal={signal_name}", job])
     # the first run ends in a requeue (PENDING again), not COMPLETED; wait for the second
     deadline = time.monotonic() + 120
     info = slurm_cluster.wait(job, timeout=120)
@@ -179,7 +191,7 @@ def test_multi_node_training_preempted_and_resumed(slurm_cluster, tmp_path):
         info = slurm_cluster.wait(job, timeout=max(1.0, deadline - time.monotonic()))
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, text)
-    assert "got SIGUSR1" in text and f"requeueing job {job}" in text
+    assert f"got SIG{signal_name}" in text and f"requeueing job {job}" in text
     # each launcher stayed alive and saw its worker exit 42 (it reports that as its own exit 1)
     assert len(re.findall(r"exitcode\s*:\s*42", text)) >= 2, text
     assert "start #0" in text and "start #1 (SLURM_RESTART_COUNT=1)" in text
@@ -189,3 +201,8 @@ def test_multi_node_training_preempted_and_resumed(slurm_cluster, tmp_path):
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
     logged = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
     assert logged == list(range(epochs)), text
+    from safetensors.torch import load_file
+
+    resumed, reference = load_file(out / "model.safetensors"), load_file(uninterrupted[1] / "model.safetensors")
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference), "resumed weights differ"

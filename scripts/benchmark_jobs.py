@@ -1,0 +1,529 @@
+"""Measurement jobs of ``scripts/benchmark.py``, each run in a fresh process.
+
+    python scripts/benchmark_jobs.py SPEC.json RESULT.json
+
+SPEC is ``{"jobs": [job, ...], "common": {...}}``; every job is one measurement (its "kind" picks
+the function below) and its result dict goes to RESULT under the job's name. Running each
+configuration in its own process makes peak RSS (ru_maxrss) and peak GPU memory per configuration,
+and keeps one job's allocator/worker state out of the next job's timings.
+
+Jobs:
+- ``trainer``: dist_finetune's Trainer.finetune with one strategy; per-epoch metrics plus peak RSS
+  (and peak GPU memory) per strategy phase, read at the strategy's epoch hook.
+- ``bare``: a bare PyTorch loop over pre-decoded, pre-transformed uint8 tensors (the upper bound).
+- ``plain``: a plain Accelerate loop in the style of accelerate's examples/cv_example.py.
+- ``decode``: the data pipeline alone: draft-mode vs full JPEG decode on the large images, and the
+  per-sample cost of both training datasets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+MIB = 1024 * 1024
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / MIB
+
+
+def current_rss_mib() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / MIB
+    except ImportError:  # pragma: no cover - psutil is optional
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
+
+
+def workers_uss_mib() -> float | None:
+    """Unique memory (USS) of this process's children, the loader workers; None without psutil.
+
+    Workers are forked: their RSS counts pages shared copy-on-write with this process, so what they
+    cost is their USS. Reading it walks their page tables (~5 ms per worker with 2 GiB mapped), so
+    it is read only at epoch boundaries, never sampled while an epoch is timed.
+    """
+    try:
+        import psutil
+    except ImportError:
+        return None
+    total = 0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            total += child.memory_full_info().uss
+        except psutil.Error:
+            pass
+    return round(total / MIB, 1)
+
+
+def pick_device(name: str):
+    import torch
+
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda but torch sees no CUDA device")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gpu_peak_mib(device, reset: bool = False) -> float | None:
+    import torch
+
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / MIB
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device)
+    return round(peak, 1)
+
+
+def uses_channels_last(task, device) -> bool:
+    """The Trainer's default (TrainerConfig.channels_last=None): on for conv nets on GPU."""
+    return bool(task.is_convnet and device.type == "cuda")
+
+
+def autocast_dtype(mixed_precision: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+
+
+# ------------------------------------------------------------------------- (a) the Trainer
+
+
+def instrument(strategy, on_epoch):
+    """The same strategy object, with ``on_epoch(epoch)`` called at the start of every epoch.
+
+    The Trainer calls ``strategy.call_finetune_function`` once per epoch before training it; the
+    hook reads the clock and the memory peaks there, before the strategy changes anything.
+    """
+    base = type(strategy)
+
+    class Instrumented(base):  # type: ignore[misc, valid-type]
+        def finetune_function(self, model, epoch, optimizer):
+            on_epoch(epoch)
+            return base.finetune_function(self, model, epoch, optimizer)
+
+    Instrumented.__name__ = Instrumented.__qualname__ = base.__name__
+    probe = Instrumented.__new__(Instrumented)
+    probe.__dict__.update(strategy.__dict__)
+    return probe
+
+
+def job_trainer(job: dict, common: dict) -> dict:
+    import torch
+
+    from dist_finetune import ImageClassificationData, ImageClassifier, Trainer, seed_everything
+    from dist_finetune.finetuning import resolve_strategy
+
+    device = pick_device(common["device"])
+    rss_at_start = current_rss_mib()
+    seed_everything(common["seed"])
+    data = ImageClassificationData.from_folders(
+        common["train_dir"], common["val_dir"], image_size=common["image_size"], batch_size=common["batch_size"],
+        seed=common["seed"],
+    )
+    task = ImageClassifier(num_classes=data.num_classes, backbone=common["backbone"], pretrained=False)
+    strategy_spec = job["strategy"] if isinstance(job["strategy"], str) else tuple(job["strategy"])
+    marks: list[dict] = []
+
+    def on_epoch(epoch: int) -> None:
+        now = time.perf_counter()
+        marks.append({"epoch": epoch, "t": now, "peak_rss_mib": round(peak_rss_mib(), 1),
+                      "rss_mib": round(current_rss_mib(), 1), "peak_gpu_mib": gpu_peak_mib(device, reset=True),
+                      "workers_uss_mib": workers_uss_mib()})
+
+    strategy = instrument(resolve_strategy(strategy_spec, train_bn=job["train_bn"]), on_epoch)
+    trainer = Trainer(max_epochs=job["epochs"], lr=common["lr"], progress_bar=False,
+                      mixed_precision=common["mixed_precision"], seed=common["seed"])
+    rss_before_finetune = current_rss_mib()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    metrics = trainer.finetune(task, data, strategy=strategy, train_bn=job["train_bn"])
+    end = time.perf_counter()
+    final_gpu = gpu_peak_mib(device)
+    final_workers = workers_uss_mib()  # the prepared loaders (and their persistent workers) are still alive
+
+    epochs = []
+    for index, record in enumerate(metrics):
+        mark = marks[index]
+        wall = (marks[index + 1]["t"] if index + 1 < len(marks) else end) - mark["t"]
+        # peak memory of this epoch: read at the next epoch's hook (ru_maxrss is monotonic, so an epoch's
+        # value is the peak of everything up to its end); the GPU peak is reset at every hook
+        next_mark = marks[index + 1] if index + 1 < len(marks) else None
+        epochs.append({
+            "epoch": record["epoch"],
+            "images_per_s": record["images_per_s"],
+            "epoch_time_s": record["epoch_time_s"],
+            "train_images": record["train_images"],
+            "wall_with_val_s": round(wall, 3),
+            "train_loss": record["train_loss"],
+            "val_acc": record["val_acc"],
+            "peak_rss_mib_to_end": next_mark["peak_rss_mib"] if next_mark else round(peak_rss_mib(), 1),
+            "peak_gpu_mib": next_mark["peak_gpu_mib"] if next_mark else final_gpu,
+            "workers_uss_mib_at_end": next_mark["workers_uss_mib"] if next_mark else final_workers,
+        })
+    return {
+        "strategy": job["strategy"], "train_bn": job["train_bn"], "epochs": epochs,
+        "device": str(device), "torch_threads": torch.get_num_threads(),
+        "num_workers": _resolved_workers(data),
+        "channels_last": uses_channels_last(task, device),
+        "setup_s": round(marks[0]["t"] - start, 3) if marks else None,
+        "finetune_wall_s": round(end - start, 3),
+        "rss_at_start_mib": round(rss_at_start, 1),
+        "rss_before_finetune_mib": round(rss_before_finetune, 1),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "peak_gpu_mib": max([m["peak_gpu_mib"] for m in marks] + [final_gpu]) if final_gpu is not None else None,
+        "workers_uss_mib_at_end": final_workers,
+    }
+
+
+def _resolved_workers(data) -> int:
+    from dist_finetune.data import default_num_workers
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return data.num_workers if data.num_workers is not None else default_num_workers(local)
+
+
+# ------------------------------------------------------------------- (b) bare PyTorch loop
+
+
+def job_bare(job: dict, common: dict) -> dict:
+    """Upper bound: pre-decoded, pre-transformed uint8 images already on the device; nothing else."""
+    import torch
+    import torch.nn.functional as F
+
+    from dist_finetune import ImageClassifier, seed_everything
+    from dist_finetune.data import eval_transform, load_rgb
+
+    device = pick_device(common["device"])
+    seed_everything(common["seed"])
+    size, batch = common["image_size"], common["batch_size"]
+    paths, labels = common["train_paths"], common["train_labels"]
+    start = time.perf_counter()
+    transform = eval_transform(size)
+    images = torch.stack([transform(load_rgb(path, size)) for path in paths])  # uint8 [N, 3, S, S]
+    predecode_s = time.perf_counter() - start
+    targets = torch.tensor(labels, dtype=torch.long)
+    task = ImageClassifier(num_classes=common["num_classes"], backbone=common["backbone"], pretrained=False)
+    channels_last = uses_channels_last(task, device)
+    if channels_last:
+        task = task.to(memory_format=torch.channels_last)
+    task = task.to(device).train()
+    images, targets = images.to(device), targets.to(device)
+    optimizer = torch.optim.AdamW(task.parameters(), lr=common["lr"], weight_decay=common["weight_decay"])
+    dtype = autocast_dtype(common["mixed_precision"])
+    scaler = torch.amp.GradScaler(device.type) if common["mixed_precision"] == "fp16" else None
+    steps = len(paths) // batch  # drop_last, like the Trainer's train loader
+    generator = torch.Generator().manual_seed(common["seed"])
+
+    def step(index: torch.Tensor) -> torch.Tensor:
+        x = images[index]
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = task(x)
+        loss = F.cross_entropy(logits.float(), targets[index])
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    warmup_steps = min(steps, job.get("warmup_steps", 2))
+    order = torch.randperm(len(paths), generator=generator).to(device)
+    for s in range(warmup_steps):  # allocator, AdamW state, kernels/autotuning
+        step(order[s * batch:(s + 1) * batch])
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    epochs = []
+    for epoch in range(job["epochs"]):
+        order = torch.randperm(len(paths), generator=generator).to(device)
+        synchronize(device)
+        start = time.perf_counter()
+        for s in range(steps):
+            loss = step(order[s * batch:(s + 1) * batch])
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+        epochs.append({"epoch": epoch, "images_per_s": steps * batch / elapsed, "epoch_time_s": elapsed,
+                       "train_images": steps * batch, "train_loss_last": float(loss)})
+    return {
+        "epochs": epochs, "warmup_steps": warmup_steps, "predecode_s": round(predecode_s, 3),
+        "device": str(device), "torch_threads": torch.get_num_threads(), "channels_last": channels_last,
+        "peak_rss_mib": round(peak_rss_mib(), 1), "peak_gpu_mib": gpu_peak_mib(device),
+    }
+
+
+# ------------------------------------------------------ (c) plain Accelerate (cv_example style)
+
+
+def plain_dataset_class():
+    from PIL import Image
+    from torch.utils.data import Dataset
+
+    class FolderImages(Dataset):
+        """A torchvision-style dataset, as accelerate's cv_example writes one: open, RGB, transform."""
+
+        def __init__(self, files, labels, image_transform=None):
+            self.files, self.labels, self.image_transform = list(files), list(labels), image_transform
+
+        def __len__(self):
+            return len(self.files)
+
+        def __getitem__(self, index):
+            image = Image.open(self.files[index]).convert("RGB")
+            if self.image_transform is not None:
+                image = self.image_transform(image)
+            return {"image": image, "label": self.labels[index]}
+
+    return FolderImages
+
+
+def plain_train_transform(image_size: int):
+    """The same operations as dist_finetune.data.train_transform, spelled out here (uint8 output;
+    the ImageClassifier normalises on its device, identically for every row)."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
+
+
+def job_plain(job: dict, common: dict) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from dist_finetune import ImageClassifier, seed_everything
+
+    device = pick_device(common["device"])
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=common["mixed_precision"])
+    seed_everything(common["seed"])
+    size, batch = common["image_size"], common["batch_size"]
+    dataset = plain_dataset_class()(common["train_paths"], common["train_labels"], plain_train_transform(size))
+    workers = job.get("num_workers")
+    if workers is None:  # the Trainer's own default for one process, so both loops get the same workers
+        from dist_finetune.data import default_num_workers
+
+        workers = default_num_workers(1)
+    loader = DataLoader(dataset, shuffle=True, batch_size=batch, num_workers=workers,
+                        pin_memory=accelerator.device.type == "cuda", drop_last=True)
+    model = ImageClassifier(num_classes=common["num_classes"], backbone=common["backbone"], pretrained=False)
+    channels_last = uses_channels_last(model, accelerator.device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = model.to(accelerator.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=common["lr"], weight_decay=common["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=job["epochs"] * len(loader))
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    epochs = []
+    for epoch in range(job["epochs"]):
+        model.train()
+        seen = 0
+        start = time.perf_counter()
+        for batch_dict in loader:
+            batch_dict = {k: v.to(accelerator.device) for k, v in batch_dict.items()}
+            images = batch_dict["image"]
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            outputs = model(images)
+            loss = F.cross_entropy(outputs.float(), batch_dict["label"])
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            seen += batch_dict["label"].numel()
+        synchronize(accelerator.device)
+        elapsed = time.perf_counter() - start
+        epochs.append({"epoch": epoch, "images_per_s": seen / elapsed, "epoch_time_s": elapsed,
+                       "train_images": seen, "train_loss_last": float(loss)})
+    return {
+        "epochs": epochs, "num_workers": workers, "device": str(accelerator.device),
+        "torch_threads": torch.get_num_threads(), "channels_last": channels_last,
+        "peak_rss_mib": round(peak_rss_mib(), 1), "peak_gpu_mib": gpu_peak_mib(accelerator.device),
+    }
+
+
+# -------------------------------------------------------------------------- decode pipeline
+
+
+def _interleaved_passes(functions: dict, items: list, reps: int) -> dict[str, list[float]]:
+    """Seconds per pass over ``items`` for every function, the functions interleaved per item in a
+    rotating order, so that all of them run under the same cache and allocator state. One untimed
+    pass first (file cache, lazy imports)."""
+    names = list(functions)
+    for item in items:
+        for name in names:
+            functions[name](item)
+    times = {name: [] for name in names}
+    for rep in range(reps):
+        spent = dict.fromkeys(names, 0.0)
+        for position, item in enumerate(items):
+            shift = (position + rep) % len(names)
+            for name in names[shift:] + names[:shift]:
+                start = time.perf_counter()
+                functions[name](item)
+                spent[name] += time.perf_counter() - start
+        for name in names:
+            times[name].append(spent[name])
+    return times
+
+
+def pin_glibc_malloc() -> bool:
+    """Keep freed large buffers in glibc's heap (mmap only above 32 MiB, never trim the heap top).
+
+    With glibc's adaptive defaults, whether a 12 MiB decode buffer is served from the heap or from
+    fresh, page-faulted memory depends on what the process did before (the mmap threshold moves up
+    after large frees, the heap top is trimmed): the same full 2000x1500 decode measured 25 to 57
+    images/s in different processes on the same files. With the thresholds pinned high, as a
+    long-running loader worker's converge to, repeated processes agree within a few percent and
+    the figures compare decoding work, not page faults. Returns False off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 * MIB)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
+def job_decode(job: dict, common: dict) -> dict:
+    """One thread, like one DataLoader worker (which runs torch with 1 thread)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _decode(job, common)
+    finally:
+        torch.set_num_threads(threads)  # a later job in the same process trains with the default threads
+
+
+def _decode(job: dict, common: dict) -> dict:
+    import torch
+    from PIL import Image
+
+    from dist_finetune.data import ImageClassificationData, eval_transform, load_rgb
+
+    size, reps = common["image_size"], job["reps"]
+    large = common["large_paths"]
+    transform = eval_transform(size)  # resize to size/0.875 + center crop: the "final resize+crop"
+
+    def full(path):
+        with Image.open(path) as image:
+            return transform(image.convert("RGB"))
+
+    def draft(path, min_side=size):
+        return transform(load_rgb(path, min_side=min_side))
+
+    def full_decode_only(path):
+        with Image.open(path) as image:
+            return image.convert("RGB")
+
+    variants = {
+        "full_decode_resize": full,
+        "draft_decode_resize": draft,
+        "draft2x_decode_resize": lambda p: draft(p, 2 * size),
+        "full_decode_only": full_decode_only,
+        "draft_decode_only": lambda p: load_rgb(p, min_side=size),
+        "draft2x_decode_only": lambda p: load_rgb(p, min_side=2 * size),
+    }
+    default_malloc = _interleaved_passes(variants, large, reps)  # as a loader worker meets it: history-dependent
+    pinned = pin_glibc_malloc()
+    passes = _interleaved_passes(variants, large, reps) if pinned else default_malloc
+    throughput = {name: len(large) / statistics.median(times) for name, times in passes.items()}
+    throughput_default = {name: len(large) / statistics.median(times) for name, times in default_malloc.items()}
+
+    differences, differences_2x, max_differences = [], [], []
+    for path in large:
+        reference = full(path).int()
+        drafted = draft(path).int()
+        differences.append((reference - drafted).abs().float().mean().item())
+        max_differences.append((reference - drafted).abs().max().item())
+        differences_2x.append((reference - draft(path, 2 * size).int()).abs().float().mean().item())
+    with Image.open(large[0]) as image:
+        full_size = image.size
+    draft_size = load_rgb(large[0], min_side=size).size
+    draft2x_size = load_rgb(large[0], min_side=2 * size).size
+
+    # per-sample cost of the two training datasets (decode + train transforms), one thread
+    data = ImageClassificationData(common["train_paths"], common["train_labels"], [], [],
+                                   [str(i) for i in range(common["num_classes"])], image_size=size,
+                                   batch_size=common["batch_size"])
+    library = data.train_dataset(common["seed"])
+    plain = plain_dataset_class()(common["train_paths"], common["train_labels"], plain_train_transform(size))
+    keys = list(range(len(library)))
+    pipeline_reps = max(1, min(3, reps))
+    pipeline = _interleaved_passes({"library": lambda k: library[k], "plain": lambda k: plain[k]}, keys,
+                                   pipeline_reps)
+    library_times, plain_times = pipeline["library"], pipeline["plain"]
+    return {
+        "num_large": len(large), "full_size": list(full_size), "draft_size": list(draft_size),
+        "draft2x_size": list(draft2x_size), "reps": reps, "malloc_pinned": pinned,
+        "seconds_per_pass": passes, "seconds_per_pass_default_malloc": default_malloc,
+        "images_per_s": throughput, "images_per_s_default_malloc": throughput_default,
+        "speedup_decode_resize_default_malloc":
+            throughput_default["draft_decode_resize"] / throughput_default["full_decode_resize"],
+        "speedup_decode_resize": throughput["draft_decode_resize"] / throughput["full_decode_resize"],
+        "speedup_decode_only": throughput["draft_decode_only"] / throughput["full_decode_only"],
+        "speedup_draft2x_decode_resize": throughput["draft2x_decode_resize"] / throughput["full_decode_resize"],
+        "mean_abs_diff": statistics.mean(differences), "max_abs_diff": max(max_differences),
+        "mean_abs_diff_draft2x": statistics.mean(differences_2x),
+        "train_pipeline_images_per_s": {
+            "library_dataset": len(keys) / statistics.median(library_times),
+            "plain_dataset": len(keys) / statistics.median(plain_times),
+        },
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+JOBS = {"trainer": job_trainer, "bare": job_bare, "plain": job_plain, "decode": job_decode}
+
+
+def main(argv: list[str]) -> int:
+    spec_path, result_path = argv
+    spec = json.loads(Path(spec_path).read_text())
+    results = {}
+    for job in spec["jobs"]:
+        start = time.perf_counter()
+        result = JOBS[job["kind"]](job, spec["common"])
+        result["job_wall_s"] = round(time.perf_counter() - start, 3)
+        results[job["name"]] = result
+        Path(result_path).write_text(json.dumps(results, indent=1))  # partial results survive a later crash
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -157,6 +157,8 @@ class Trainer:
     def _accelerator(self):
         config = self.config
         self.accelerator = make_accelerator(config.mixed_precision, config.gradient_accumulation_steps)
+        if self.accelerator.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
         return self.accelerator
 
     @staticmethod

@@ -9,16 +9,19 @@ On a generated image folder of photo-sized JPEGs (mostly 500x375, some 2000x1500
 structured content so decoding costs what it costs on photos; cached between runs), with the same
 model, batch size, image size and precision for every row, it measures:
 
-  (a) dist_finetune's Trainer, no_freeze: images/s of one epoch (the metrics' ``images_per_s``),
-      timed after ``--warmup-epochs`` untimed epochs (the first one also pays for starting the
-      loader workers, first-touch allocations and AdamW's state; it is reported, not used);
+  (a) dist_finetune's Trainer, no_freeze: images/s from the metrics' ``images_per_s`` and
+      ``epoch_time_s``, over ``--timed-epochs`` epochs after ``--warmup-epochs`` untimed ones (the
+      first epoch also pays for starting loader workers, first-touch allocations and AdamW's state:
+      it is reported, not used);
   (b) a bare PyTorch loop over pre-decoded, pre-transformed uint8 tensors on the device: the upper
       bound for that model on that machine (same ImageClassifier(pretrained=False), AdamW, loss);
   (c) a plain Accelerate loop written like accelerate's examples/cv_example.py (PIL open + RGB +
       the same transforms in a Dataset, DataLoader, accelerator.prepare/backward);
   the ratios a/b and a/c; epoch time and peak RSS (peak GPU memory on GPU) of no_freeze, freeze and
   both phases of freeze_unfreeze, each configuration in a fresh process; and the decode throughput
-  of draft-mode ``load_rgb`` vs a full decode + resize on the large JPEGs, with the pixel difference.
+  of draft-mode ``load_rgb`` vs a full decode + resize on the large JPEGs, with the pixel difference
+  (one thread, like one loader worker; the target uses glibc's malloc thresholds pinned, because
+  with its adaptive defaults the full decode's cost depends on the process's allocation history).
 
 Prints a table with targets (PASS/MISS) and writes every figure to ``--output`` (JSON). Timings on
 a shared machine are only as good as its idle time: the CPU used by other processes during every
@@ -227,7 +230,7 @@ def run_jobs(name: str, jobs: list[dict], common: dict, workdir: Path, device: s
         print(output, end="")
     if process.returncode != 0:
         print(output[-6000:], file=sys.stderr)
-        raise SystemExit(f"benchmark job process {name!r} failed (exit {process.returncode}); log: {log_path}")
+        raise SystemExit(f"benchmark job process {name!r} failed (exit {process.returncode}); its output is above")
     record = {"process": name, "wall_s": round(wall, 2), "load_before": round(load_before, 2),
               "own_cores": round(own / wall, 2)}
     if ticks_before and ticks_after:
@@ -377,7 +380,7 @@ def format_report(report: dict) -> str:
     add(f"  pixel difference, draft vs full after resize+crop: mean |d| {d['mean_abs_diff']:.2f}/255 "
         f"(max {d['max_abs_diff']}); with min_side={2 * size}: mean |d| {d['mean_abs_diff_draft2x']:.2f}/255")
     pipe = d["train_pipeline_images_per_s"]
-    add(f"  training datasets alone (decode + train transforms per sample, all train images, 1 thread): "
+    add(f"  training datasets alone (decode + train transforms per sample, {d['pipeline_images']} train images, 1 thread): "
         f"dist_finetune {pipe['library_dataset']:.1f} img/s, plain (c) {pipe['plain_dataset']:.1f} img/s")
     add("")
     add(f"{'target':<56}{'measured':>10}   {'goal':<48}result")

@@ -219,7 +219,11 @@ def scan_folder(folder: str, role: str) -> tuple[list[str], list[int], list[str]
         raise DataError(f"{role} folder {folder} has one class ({expected[0]}): classification needs at least 2 "
                         "class subfolders")
     datasets.disable_progress_bars()
-    table = datasets.load_dataset("imagefolder", data_dir=folder, split="train")
+    # list the files explicitly: given only data_dir, the builder guesses splits from file names
+    # ("train_0.jpg", "test_1.jpg") and silently drops or rejects files
+    files = sorted(str(p) for name in expected for p in (Path(folder) / name).rglob("*")
+                   if p.is_file() and is_image_file(p))
+    table = datasets.load_dataset("imagefolder", data_files={"train": files}, split="train")
     table = table.cast_column("image", datasets.Image(decode=False))
     label_feature = table.features.get("label")
     if label_feature is None:

@@ -89,7 +89,8 @@ def synth_photo(width: int, height: int, seed: int, class_index: int) -> Image.I
         elif shape == 1:
             draw.rectangle([x, y, x + w, y + h], fill=colour)
         elif shape == 2:
-            points = [(x + float(rng.uniform(-w, w)), y + float(rng.uniform(-h, h))) for _ in range(int(rng.integers(3, 7)))]
+            corners = int(rng.integers(3, 7))
+            points = [(x + float(rng.uniform(-w, w)), y + float(rng.uniform(-h, h))) for _ in range(corners)]
             draw.polygon(points, fill=colour)
         else:
             draw.line([x, y, x + w, y + h], fill=colour, width=max(1, int(rng.integers(1, 6) * scale)))
@@ -306,7 +307,8 @@ def summarize(results: dict, args) -> dict:
          "pass": freeze_speedup >= TARGETS["freeze_speedup"] and rss_saving > 0,
          "by": freeze_speedup - TARGETS["freeze_speedup"]},
         {"name": "draft decode speedup (decode+resize+crop, large JPEGs)", "value": decode["speedup_decode_resize"],
-         "target": f">= {TARGETS['draft_speedup']:.1f}x", "pass": decode["speedup_decode_resize"] >= TARGETS["draft_speedup"],
+         "target": f">= {TARGETS['draft_speedup']:.1f}x",
+         "pass": decode["speedup_decode_resize"] >= TARGETS["draft_speedup"],
          "by": decode["speedup_decode_resize"] - TARGETS["draft_speedup"]},
     ]
     return {"throughput": throughput, "a_over_b": a_over_b, "a_over_c": a_over_c, "strategies": strategies,
@@ -353,20 +355,23 @@ def format_report(report: dict) -> str:
         add(f"{label:<50}{r['epoch_time_s']:>9.2f}{r['images_per_s']:>9.2f}{r['images_per_s'] / base:>13.2f}x"
             f"{r['peak_rss_mib']:>14.0f}{(f'{workers:.0f}' if workers is not None else 'n/a'):>13}"
             + (f"{r['peak_gpu_mib'] or 0:>14.0f}" if gpu else ""))
-    add(f"  peak RSS: the training process (ru_maxrss); {summary['strategies']['no_freeze']['rss_before_finetune_mib']:.0f}"
+    before = summary["strategies"]["no_freeze"]["rss_before_finetune_mib"]
+    add(f"  peak RSS: the training process (ru_maxrss); {before:.0f}"
         " MiB of it is interpreter + libraries + model before finetune(). workers: unique memory (USS) of")
     add("  the loader worker processes (train + val, persistent) at the end of the phase's last epoch.")
     add("")
     d = summary["decode"]
     ips, size = d["images_per_s"], s["image_size"]
     width = 80
-    add(f"{'decode: ' + str(d['num_large']) + ' large JPEGs, 1 thread, then resize ' + str(round(size / 0.875)) + ' + center-crop ' + str(size):<{width}}"
+    title = f"decode: {d['num_large']} large JPEGs, 1 thread, then resize {round(size / 0.875)} + center-crop {size}"
+    add(f"{title:<{width}}"
         f"{'img/s':>9}{'speedup':>9}")
     rows = [
         ('  full: Image.open(p).convert("RGB") + resize', ips["full_decode_resize"], 1.0),
         (f"  draft: load_rgb(p, min_side={size}) -> {'x'.join(map(str, d['draft_size']))} + resize",
          ips["draft_decode_resize"], d["speedup_decode_resize"]),
-        (f"  draft as in training: load_rgb(p, min_side={2 * size}) -> {'x'.join(map(str, d['draft2x_size']))} + resize",
+        (f"  draft as in training: load_rgb(p, min_side={2 * size}) -> {'x'.join(map(str, d['draft2x_size']))}"
+         " + resize",
          ips["draft2x_decode_resize"], d["speedup_draft2x_decode_resize"]),
     ]
     for label, value, speedup in rows:
@@ -380,7 +385,8 @@ def format_report(report: dict) -> str:
     add(f"  pixel difference, draft vs full after resize+crop: mean |d| {d['mean_abs_diff']:.2f}/255 "
         f"(max {d['max_abs_diff']}); with min_side={2 * size}: mean |d| {d['mean_abs_diff_draft2x']:.2f}/255")
     pipe = d["train_pipeline_images_per_s"]
-    add(f"  training datasets alone (decode + train transforms per sample, {d['pipeline_images']} train images, 1 thread): "
+    add(f"  training datasets alone (decode + train transforms per sample, {d['pipeline_images']} train images, "
+        "1 thread): "
         f"dist_finetune {pipe['library_dataset']:.1f} img/s, plain (c) {pipe['plain_dataset']:.1f} img/s")
     add("")
     add(f"{'target':<56}{'measured':>10}   {'goal':<48}result")

@@ -121,3 +121,16 @@ def test_unreadable_image_names_the_file(tmp_path):
     dataset = data.train_dataset() if str(broken) in data.train_paths else data.val_dataset()
     with pytest.raises(DataError, match=f"cannot read image {broken}"):
         dataset[dataset.paths.index(str(broken))]
+
+
+def test_file_names_that_look_like_split_names_are_all_kept(tmp_path):
+    """imagefolder guesses splits from names like train_0.jpg / test_1.jpg; every file must still count."""
+    for name in ("cat", "dog"):
+        folder = tmp_path / "train" / name
+        folder.mkdir(parents=True)
+        for stem in ("train_0", "img_1", "test_2", "val_3"):
+            Image.new("RGB", (8, 8), name == "cat" and "red" or "blue").save(folder / f"{stem}.jpg")
+    data = ImageClassificationData.from_folders(str(tmp_path / "train"), val_split=0.25)
+    assert len(data.train_paths) + len(data.val_paths) == 8 and data.classes == ["cat", "dog"]
+    for path, label in zip(data.train_paths + data.val_paths, data.train_labels + data.val_labels):
+        assert f"/{data.classes[label]}/" in path

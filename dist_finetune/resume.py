@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import CheckpointError
@@ -208,8 +209,6 @@ def load_training_state(checkpoint: Path, rank: int) -> dict:
     rng_path = checkpoint / f"rng_rank{rank}.safetensors"
     state["rng"] = None
     if rng_path.is_file():
-        from safetensors import safe_open
-
         with safe_open(str(rng_path), framework="pt") as handle:
             extra = json.loads(handle.metadata()["extra"])
         state["rng"] = (load_file(rng_path), extra)

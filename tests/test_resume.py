@@ -4,9 +4,6 @@ uninterrupted one, also around the unfreeze transition, with 1 and 2 processes."
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path

@@ -11,7 +11,7 @@ import csv
 import sys
 from pathlib import Path
 
-from .config import MIXED_PRECISION, OPTIMIZERS, SCHEDULERS, STRATEGIES, RunConfig, apply_overrides, load_yaml
+from .config import COMPILE_MODES, MIXED_PRECISION, OPTIMIZERS, SCHEDULERS, STRATEGIES, RunConfig, apply_overrides, load_yaml
 from .distributed import DistributedSetupError, RankMismatchError
 
 # (flag, config field, argparse options); defaults stay in the dataclasses
@@ -59,7 +59,13 @@ TRAIN_FLAGS: list[tuple[str, str, dict]] = [
     ("--no-rank-check", "trainer.check_rank_consistency", {"action": "store_false",
                                                            "help": "skip the cross-rank parameter checksum"}),
     ("--channels-last", "trainer.channels_last", {"action": argparse.BooleanOptionalAction,
-                                                  "help": "channels_last memory format (default: on for conv nets on GPU)"}),
+                                                  "help": "channels_last memory format (default: on for conv nets)"}),
+    ("--compile", "trainer.compile", {"action": "store_true",
+                                      "help": "torch.compile the training forward (recompiles at each unfreeze)"}),
+    ("--compile-backend", "trainer.compile_backend", {"help": "torch.compile backend (inductor)"}),
+    ("--compile-mode", "trainer.compile_mode", {"choices": COMPILE_MODES, "help": "torch.compile mode"}),
+    ("--check-every-n-steps", "trainer.check_every_n_steps",
+     {"type": int, "help": "how often stop signals and a NaN loss are checked (10; each check syncs the GPU)"}),
     ("--no-progress-bar", "trainer.progress_bar", {"action": "store_false", "help": "no tqdm bar"}),
 ]
 DEFAULT_OUTPUT_DIR = "outputs"

@@ -17,6 +17,7 @@ STRATEGIES = ("no_freeze", "freeze", "freeze_unfreeze", "unfreeze_milestones")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "linear", "constant")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class ConfigError(ValueError):
@@ -96,7 +97,11 @@ class TrainerConfig:
     cache_frozen_features: bool = True  # only ever used when augment=False and the backbone is frozen+eval
     save_every_n_steps: int | None = None  # training-state checkpoints; one is always written per epoch
     keep_last: int = 2
-    channels_last: bool | None = None  # None: on for conv nets on GPU
+    channels_last: bool | None = None  # None: on for conv nets (GPU and CPU)
+    compile: bool = False  # torch.compile the training forward; each strategy transition recompiles it
+    compile_backend: str = "inductor"
+    compile_mode: str | None = None  # torch.compile's mode: None (default), reduce-overhead, max-autotune, ...
+    check_every_n_steps: int = 10  # stop signals and a non-finite loss are checked this often (a host sync)
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
@@ -115,6 +120,9 @@ class TrainerConfig:
         _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be positive")
         _require(self.save_every_n_steps is None or self.save_every_n_steps >= 1, "save_every_n_steps must be >= 1")
         _require(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
+        _require(self.compile_mode is None or self.compile_mode in COMPILE_MODES,
+                 f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+        _require(self.check_every_n_steps >= 1, "check_every_n_steps must be >= 1")
 
 
 @dataclass

@@ -123,10 +123,15 @@ def train_transform(image_size: int) -> v2.Compose:
     ])
 
 
+def eval_resize_size(image_size: int) -> int:
+    """The short side eval_transform resizes to before its center crop (256 for 224)."""
+    return int(round(image_size / EVAL_RESIZE_RATIO))
+
+
 def eval_transform(image_size: int) -> v2.Compose:
     return v2.Compose([
         v2.PILToTensor(),
-        v2.Resize(int(round(image_size / EVAL_RESIZE_RATIO)), antialias=True),
+        v2.Resize(eval_resize_size(image_size), antialias=True),
         v2.CenterCrop(image_size),
     ])
 
@@ -171,7 +176,7 @@ class ImageListDataset(Dataset):
     generator seeded per (seed, epoch, index) instead of the worker's global stream.
     """
 
-    def __init__(self, paths: Sequence[str], labels: Sequence[int], transform, min_side: int,
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], transform, min_side: int | None,
                  random_transform: bool = False, seed: int = 0):
         self.paths = list(paths)
         self.labels = list(labels)
@@ -338,11 +343,13 @@ class ImageClassificationData:
     def train_dataset(self, seed: int = 0) -> ImageListDataset:
         transform = train_transform(self.image_size) if self.augment else eval_transform(self.image_size)
         # RandomResizedCrop may keep only ~8% of the area; decode large enough that the crop is not upsampled
-        min_side = self.image_size * 2 if self.augment else self.image_size
+        min_side = self.image_size * 2 if self.augment else eval_resize_size(self.image_size)
         return ImageListDataset(self.train_paths, self.train_labels, transform, min_side, self.augment, seed)
 
     def val_dataset(self) -> ImageListDataset:
-        return ImageListDataset(self.val_paths, self.val_labels, eval_transform(self.image_size), self.image_size)
+        # draft-decode no smaller than eval_transform's resize target, which is then downsampled, never up
+        return ImageListDataset(self.val_paths, self.val_labels, eval_transform(self.image_size),
+                                eval_resize_size(self.image_size))
 
     def dataloader(self, dataset: Dataset, shuffle: bool, local_processes: int = 1, pin_memory: bool = False,
                    drop_last: bool = False, seed: int = 0, num_workers: int | None = None) -> DataLoader:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator, DistributedType
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, DynamoBackend, TorchDynamoPlugin
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -54,6 +54,8 @@ def make_accelerator(mixed_precision: str | None = None, gradient_accumulation_s
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True)],
+        dynamo_backend="no",  # the trainer compiles itself (see launcher_compile_settings)
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),  # async copies from pinned batches
     )
     if accelerator.num_processes != world_size:
         raise DistributedSetupError(
@@ -63,6 +65,18 @@ def make_accelerator(mixed_precision: str | None = None, gradient_accumulation_s
             "on GPU check that every process sees a GPU (CUDA_VISIBLE_DEVICES)."
         )
     return accelerator
+
+
+def launcher_compile_settings() -> tuple[str, str | None] | None:
+    """(backend, mode) when the accelerate launch config asks for torch.compile (``dynamo_backend``).
+
+    Accelerate would compile the DDP wrapper inside ``prepare``, out of reach of the DDP rebuild
+    that unfreezing needs; the trainer takes the request over and compiles the wrapper itself.
+    """
+    plugin = TorchDynamoPlugin()  # reads ACCELERATE_DYNAMO_* as set by `accelerate launch`
+    if plugin.backend == DynamoBackend.NO:
+        return None
+    return plugin.backend.value.lower(), None if plugin.mode == "default" else plugin.mode
 
 
 def refuse_freezing_under_sharding(accelerator: Accelerator, freezes: bool) -> None:

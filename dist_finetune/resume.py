@@ -224,8 +224,39 @@ def check_signature(saved: dict, current: dict, checkpoint: Path) -> None:
                               "Use the same settings, or another --output-dir for a new run.")
 
 
-def has_checkpoints(output_dir: str | None) -> bool:
-    return bool(output_dir) and bool(_checkpoints(Path(output_dir) / CHECKPOINTS_DIR))
+def checkpoint_to_resume(resume: str | None, output_dir: str | None) -> Path | None:
+    """The checkpoint a run starts from; refuses to start afresh over another run's checkpoints."""
+    if resume is None:
+        if output_dir and _checkpoints(Path(output_dir) / CHECKPOINTS_DIR):
+            raise CheckpointError(
+                f"output dir {output_dir} already holds checkpoints of a run: continue it with "
+                "resume='latest' (--resume latest) or choose another output_dir"
+            )
+        return None
+    return find_checkpoint(resume, output_dir)
+
+
+def restore_training_state(accelerator, saved: dict, optimizer, schedule, batch_size: int,
+                           checkpoint: Path) -> Position:
+    """Load optimizer, schedule, scaler and RNG; map the epoch position onto this process count."""
+    position = saved["position"]
+    optimizer.load_state_dict(saved["optimizer"])
+    schedule.load_state_dict(saved["schedule"])
+    if accelerator.scaler is not None and saved["scaler"]:
+        accelerator.scaler.load_state_dict(saved["scaler"])
+    if saved["num_processes"] != accelerator.num_processes:
+        global_batch = batch_size * accelerator.num_processes
+        if position.samples_done % global_batch:
+            raise CheckpointError(
+                f"{checkpoint} stopped {position.samples_done} samples into epoch {position.epoch}, not a multiple "
+                f"of this run's global batch {global_batch}: resume with {saved['num_processes']} processes"
+            )
+        position.batch = position.samples_done // global_batch
+        warnings.warn(f"resuming a {saved['num_processes']}-process checkpoint with {accelerator.num_processes} "
+                      "processes: training continues correctly but not bit-identically")
+    elif saved["rng"] is not None:
+        restore_rng(*saved["rng"])
+    return position
 
 
 class StopSignals:

@@ -16,7 +16,7 @@ from torch import nn
 from . import __version__
 from .backbones import Backbone, build_backbone, layer_groups
 from .checkpoint import check_state_dict_matches, load_model, save_model
-from .data import eval_transform, is_image_file, load_rgb
+from .data import eval_resize_size, eval_transform, is_image_file, load_rgb
 from .finetuning import keep_frozen_norms_in_eval
 
 
@@ -143,11 +143,11 @@ class ImageClassifier(nn.Module):
         """(label, probability) for each image path, in order."""
         was_training = self.training
         self.eval()
-        transform = eval_transform(self.image_size)
+        transform, min_side = eval_transform(self.image_size), eval_resize_size(self.image_size)
         device = self.mean.device
         results: list[tuple[str, float]] = []
         for start in range(0, len(paths), batch_size):
-            batch = torch.stack([transform(load_rgb(p, self.image_size)) for p in paths[start:start + batch_size]])
+            batch = torch.stack([transform(load_rgb(p, min_side)) for p in paths[start:start + batch_size]])
             probabilities = self(batch.to(device)).float().softmax(dim=1)
             scores, indices = probabilities.max(dim=1)
             results += [(self.labels[i], s) for i, s in zip(indices.tolist(), scores.tolist())]

@@ -13,7 +13,6 @@ import math
 import os
 import signal
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -27,28 +26,27 @@ from .distributed import (
     DDPResync,
     broadcast_buffers,
     check_rank_consistency,
+    launcher_compile_settings,
     make_accelerator,
     refuse_freezing_under_sharding,
 )
-from .checkpoint import CheckpointError
 from .feature_cache import FeatureDataset, all_reduce_gradients, backbone_is_static, cache_fits, encode_dataset
 from .finetuning import BaseFinetuning, NoFreeze, resolve_strategy, trainable_parameters
+from .metrics import MetricsLog
 from .resume import (
     Position,
     StopSignals,
     TrainingPreempted,
     check_signature,
-    find_checkpoint,
-    has_checkpoints,
+    checkpoint_to_resume,
     load_training_state,
-    restore_rng,
+    restore_training_state,
     save_training_state,
 )
 from .schedule import WarmupSchedule
 from .task import ImageClassifier
 
 MODEL_FILENAME = "model.safetensors"
-METRICS_FILENAME = "metrics.jsonl"
 
 
 class Trainer:
@@ -60,10 +58,12 @@ class Trainer:
         self.accelerator = None
         self.model = None  # the prepared (possibly DDP-wrapped) model of the last finetune
         self.task: ImageClassifier | None = None
-        self.metrics: list[dict] = []
+        self._metrics = MetricsLog(None, is_main_process=False)
         self.signature: dict = {}
         self._last_saved: Path | None = None
         self._feature_loader = None
+        self._compile_settings: tuple[str, str | None] | None = None
+        self._compiled: tuple | None = None  # (model, its compiled wrapper)
 
     # ----------------------------------------------------------------------------- public
 
@@ -78,9 +78,12 @@ class Trainer:
         strategy = resolve_strategy(strategy, train_bn=train_bn)
         strategy.validate(config.max_epochs)
         _check_image_size(task, data)
-        checkpoint = self._checkpoint_to_resume(resume)
+        checkpoint = checkpoint_to_resume(resume, config.output_dir)
         accelerator = self._accelerator()
         refuse_freezing_under_sharding(accelerator, freezes=not isinstance(strategy, NoFreeze))
+        self._compile_settings = ((config.compile_backend, config.compile_mode) if config.compile
+                                  else launcher_compile_settings())
+        self._compiled = None
         set_seed(config.seed)
 
         self._check_images(data, accelerator)
@@ -97,17 +100,22 @@ class Trainer:
                 strategy.call_finetune_function(task, epoch, optimizer)
             task.load_weights(saved["model"], str(checkpoint))
         train_loader, val_loader = self._loaders(data, accelerator)
-        if self._use_channels_last(task, accelerator):
+        if self._use_channels_last(task):
             task.to(memory_format=torch.channels_last)
         model, optimizer, train_loader, val_loader = accelerator.prepare(task, optimizer, train_loader, val_loader)
         steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
         schedule = WarmupSchedule(optimizer, steps_per_epoch * config.max_epochs,
                                   round(config.warmup_epochs * steps_per_epoch), config.scheduler)
         if saved is not None:
-            position = self._restore(saved, optimizer, schedule, position, data.batch_size, checkpoint)
+            position = restore_training_state(accelerator, saved, optimizer, schedule, data.batch_size, checkpoint)
+            self._last_saved = checkpoint
+            if accelerator.is_main_process:
+                tqdm.write(f"resumed from {checkpoint} at epoch {position.epoch}, batch {position.batch}, "
+                           f"step {position.global_step}")
         resync = DDPResync(accelerator, model)
         self.task, self.model, self.signature = task, model, signature
-        self._start_metrics_file(keep_epochs_before=position.epoch if saved is not None else 0)
+        self._metrics = MetricsLog(config.output_dir, accelerator.is_main_process,
+                                   keep_epochs_before=position.epoch if saved is not None else 0)
 
         with StopSignals() as stop:
             for epoch in range(position.epoch, config.max_epochs):
@@ -119,8 +127,8 @@ class Trainer:
                 train_stats = self._train_epoch(model, optimizer, schedule, loader, epoch, position, stop, head_only)
                 broadcast_buffers(task)  # every rank validates (and later saves) rank 0's BN statistics
                 val_stats = self._evaluate(task, val_loader)
-                self._log({"epoch": epoch, **train_stats, **val_stats,
-                           "lr": [group["lr"] for group in optimizer.param_groups]})
+                self._metrics.log({"epoch": epoch, **train_stats, **val_stats,
+                                   "lr": [group["lr"] for group in optimizer.param_groups]})
                 position = Position(epoch=epoch + 1, global_step=position.global_step)
                 self._save_state(optimizer, schedule, position)
 
@@ -129,6 +137,11 @@ class Trainer:
         if config.output_dir:
             self.save_checkpoint(Path(config.output_dir) / MODEL_FILENAME)
         return self.metrics
+
+    @property
+    def metrics(self) -> list[dict]:
+        """One dict per finished epoch of the last finetune (also in output_dir/metrics.jsonl)."""
+        return self._metrics.records
 
     def validate(self, task: ImageClassifier, data: ImageClassificationData) -> dict:
         """Validation loss and accuracy of ``task`` on ``data``'s val images (each counted once)."""
@@ -195,49 +208,26 @@ class Trainer:
         val = data.dataloader(data.val_dataset(), shuffle=False, local_processes=local, pin_memory=pin)
         return train, val
 
-    def _use_channels_last(self, task: ImageClassifier, accelerator) -> bool:
+    def _training_forward(self, model):
+        """``model``, or its torch.compile'd wrapper, compiled anew for each DDP wrapper.
+
+        Compiled outside ``accelerator.prepare`` so the DDP rebuild after an unfreeze stays possible;
+        the changed ``requires_grad`` (and a new wrapper) costs one recompilation per transition.
+        """
+        if self._compile_settings is None:
+            return model
+        if self._compiled is None or self._compiled[0] is not model:
+            backend, mode = self._compile_settings
+            self._compiled = (model, torch.compile(model, backend=backend, mode=mode))
+        return self._compiled[1]
+
+    def _use_channels_last(self, task: ImageClassifier) -> bool:
+        """channels_last for conv nets unless configured: faster on GPUs (tensor cores) and on CPUs (oneDNN)."""
         if self.config.channels_last is not None:
             return self.config.channels_last
-        return task.is_convnet and accelerator.device.type == "cuda"
+        return task.is_convnet
 
-    # ------------------------------------------------------------------------------ resume
-
-    def _checkpoint_to_resume(self, resume: str | None) -> Path | None:
-        output_dir = self.config.output_dir
-        if resume is None:
-            if has_checkpoints(output_dir):
-                raise CheckpointError(
-                    f"output dir {output_dir} already holds checkpoints of a run: continue it with "
-                    "resume='latest' (--resume latest) or choose another output_dir"
-                )
-            return None
-        return find_checkpoint(resume, output_dir)
-
-    def _restore(self, saved: dict, optimizer, schedule: WarmupSchedule, position: Position, batch_size: int,
-                 checkpoint: Path) -> Position:
-        """Load optimizer, schedule, scaler and RNG; map the epoch position onto this process count."""
-        accelerator = self.accelerator
-        optimizer.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["schedule"])
-        if accelerator.scaler is not None and saved["scaler"]:
-            accelerator.scaler.load_state_dict(saved["scaler"])
-        if saved["num_processes"] != accelerator.num_processes:
-            global_batch = batch_size * accelerator.num_processes
-            if position.samples_done % global_batch:
-                raise CheckpointError(
-                    f"{checkpoint} stopped {position.samples_done} samples into epoch {position.epoch}, not a multiple "
-                    f"of this run's global batch {global_batch}: resume with {saved['num_processes']} processes"
-                )
-            position.batch = position.samples_done // global_batch
-            warnings.warn(f"resuming a {saved['num_processes']}-process checkpoint with {accelerator.num_processes} "
-                          "processes: training continues correctly but not bit-identically")
-        elif saved["rng"] is not None:
-            restore_rng(*saved["rng"])
-        self._last_saved = checkpoint
-        if accelerator.is_main_process:
-            tqdm.write(f"resumed from {checkpoint} at epoch {position.epoch}, batch {position.batch}, "
-                       f"step {position.global_step}")
-        return position
+    # ------------------------------------------------------------------------------ state
 
     def _save_state(self, optimizer, schedule: WarmupSchedule, position: Position) -> Path | None:
         if not self.config.output_dir:
@@ -283,7 +273,8 @@ class Trainer:
         """One epoch from ``position`` (mid-epoch after a resume); saves on cadence and on stop signals.
 
         ``head_only``: the loader yields cached backbone features; only the head runs, and its
-        gradients are averaged over ranks here since it trains outside the DDP wrapper.
+        gradients are averaged over ranks here since it trains outside the DDP wrapper. The loss
+        totals stay on the device and reach the host only at checks, so a GPU step never waits.
         """
         accelerator, config = self.accelerator, self.config
         loader.set_epoch(epoch)
@@ -291,11 +282,12 @@ class Trainer:
             loader = accelerator.skip_first_batches(loader, position.batch)
             loader.set_epoch(epoch)
         params = trainable_parameters(model)
-        forward = self.task.head if head_only else model
-        channels_last = self._use_channels_last(self.task, accelerator) and not head_only
-        loss_sum = torch.tensor(position.loss_sum, device=accelerator.device, dtype=torch.float64)
-        seen = torch.tensor(position.seen, device=accelerator.device, dtype=torch.float64)
-        seen_before = seen.clone()  # a resumed epoch's images/s counts only what this run trained
+        forward = self.task.head if head_only else self._training_forward(model)
+        channels_last = self._use_channels_last(self.task) and not head_only
+        # [loss sum, images, non-finite losses]; totals carried over a resume count once, on rank 0
+        carried = [position.loss_sum, position.seen] if accelerator.is_main_process else [0.0, 0.0]
+        running = torch.tensor([*carried, 0.0], device=accelerator.device, dtype=torch.float64)
+        seen_before = position.seen  # a resumed epoch's images/s counts only what this run trained
         global_batch = 0
         bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                    disable=True if not (config.progress_bar and accelerator.is_main_process) else None)
@@ -313,8 +305,11 @@ class Trainer:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach().double() * labels.numel()
-            seen += labels.numel()
+            value = loss.detach().double()
+            finite = torch.isfinite(value)
+            running[0] += torch.where(finite, value * labels.numel(), 0.0)  # fp16 overflows are skipped steps
+            running[1] += labels.numel()
+            running[2] += (~finite).double()
             global_batch = global_batch or labels.numel() * accelerator.num_processes
             position.batch += 1
             position.samples_done += global_batch
@@ -323,32 +318,41 @@ class Trainer:
             if not accelerator.optimizer_step_was_skipped:
                 schedule.step()
             position.global_step += 1
-            position.loss_sum, position.seen = loss_sum.item(), int(seen.item())
-            self._after_step(optimizer, schedule, position, loss, stop)
-        totals = accelerator.reduce(torch.stack([loss_sum, seen, seen - seen_before]), reduction="sum")
+            self._after_step(optimizer, schedule, position, running, stop)
+        self._check(optimizer, schedule, position, running, stop)  # no NaN ever reaches the epoch's checkpoint
         elapsed = time.perf_counter() - start
-        return {"train_loss": (totals[0] / totals[1]).item(), "train_images": int(totals[1].item()),
-                "images_per_s": totals[2].item() / elapsed, "epoch_time_s": elapsed}
+        return {"train_loss": position.loss_sum / max(1, position.seen), "train_images": position.seen,
+                "images_per_s": (position.seen - seen_before) / elapsed, "epoch_time_s": elapsed}
 
-    def _after_step(self, optimizer, schedule, position: Position, loss: torch.Tensor, stop: StopSignals) -> None:
-        """Stop on a non-finite loss or a stop signal (agreed by all ranks), save on the cadence."""
-        accelerator, config = self.accelerator, self.config
-        flags = torch.tensor([float(stop.received or 0), float(not torch.isfinite(loss).all())],
-                             device=accelerator.device)
+    def _after_step(self, optimizer, schedule, position: Position, running: torch.Tensor, stop: StopSignals) -> None:
+        """Check every ``check_every_n_steps`` steps and before each cadence save; save on the cadence."""
+        config = self.config
+        saving = bool(config.save_every_n_steps) and position.global_step % config.save_every_n_steps == 0
+        if saving or position.global_step % config.check_every_n_steps == 0:
+            self._check(optimizer, schedule, position, running, stop)
+        if saving:
+            self._save_state(optimizer, schedule, position)
+
+    def _check(self, optimizer, schedule, position: Position, running: torch.Tensor, stop: StopSignals) -> None:
+        """Read the totals (one host sync, summed over ranks so all agree); stop on a NaN loss or a signal."""
+        accelerator = self.accelerator
+        signalled = torch.tensor([float(stop.received or 0)], device=running.device, dtype=running.dtype)
+        totals = torch.cat([running, signalled])
         if accelerator.num_processes > 1:
-            flags = accelerator.reduce(flags, reduction="sum")
-        signalled, non_finite = flags.tolist()
+            totals = accelerator.reduce(totals, reduction="sum")
+        loss_sum, seen, non_finite, signalled = totals.tolist()
+        position.loss_sum, position.seen = loss_sum, int(seen)
         if non_finite and accelerator.mixed_precision != "fp16":  # fp16 overflows are the GradScaler's to skip
             last = self._last_saved or "none (no checkpoint written yet)"
-            raise FloatingPointError(f"non-finite training loss at epoch {position.epoch} step {position.global_step}"
-                                     f"; last good checkpoint: {last}. Lower the lr or set max_grad_norm.")
+            raise FloatingPointError(
+                f"non-finite training loss in epoch {position.epoch} by step {position.global_step} (checked every "
+                f"{self.config.check_every_n_steps} steps); last good checkpoint: {last}. Lower the lr or set "
+                "max_grad_norm.")
         if signalled:
-            if not config.output_dir:
+            if not self.config.output_dir:
                 raise TrainingPreempted(Path("(nowhere: no output_dir)"), "a stop signal")
             saved = self._save_state(optimizer, schedule, position)
             raise TrainingPreempted(saved, signal.Signals(stop.received).name if stop.received else "a peer rank")
-        if config.save_every_n_steps and position.global_step % config.save_every_n_steps == 0:
-            self._save_state(optimizer, schedule, position)
 
     @torch.no_grad()
     def _evaluate(self, task: ImageClassifier, loader) -> dict:
@@ -372,33 +376,6 @@ class Trainer:
         if top_k == 5:
             stats["val_top5"] = totals[2].item() / max(1, count)
         return stats
-
-    # ---------------------------------------------------------------------------- logging
-
-    def _start_metrics_file(self, keep_epochs_before: int) -> None:
-        """Start metrics.jsonl afresh, keeping (on resume) the lines of epochs finished before it."""
-        self.metrics = []
-        if self.config.output_dir:
-            path = Path(self.config.output_dir) / METRICS_FILENAME
-            lines = path.read_text().splitlines() if keep_epochs_before and path.is_file() else []
-            self.metrics = [r for r in map(json.loads, lines) if r["epoch"] < keep_epochs_before]
-            if self.accelerator.is_main_process:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text("".join(json.dumps(r) + "\n" for r in self.metrics))
-
-    def _log(self, record: dict) -> None:
-        self.metrics.append(record)
-        if not self.accelerator.is_main_process:
-            return
-        lrs = ", ".join(f"{lr:.2e}" for lr in record["lr"])
-        top5 = f" top5 {record['val_top5']:.3f}" if "val_top5" in record else ""
-        tqdm.write(
-            f"epoch {record['epoch']}: train_loss {record['train_loss']:.4f}  val_loss {record['val_loss']:.4f}  "
-            f"val_acc {record['val_acc']:.3f}{top5}  {record['images_per_s']:.1f} img/s  lr [{lrs}]"
-        )
-        if self.config.output_dir:
-            with open(Path(self.config.output_dir) / METRICS_FILENAME, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
 
 
 def _run_signature(task: ImageClassifier, data: ImageClassificationData, strategy: BaseFinetuning) -> dict:

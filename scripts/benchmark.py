@@ -2,7 +2,7 @@
 """Throughput and memory benchmark of dist_finetune against a bare loop and a plain Accelerate loop.
 
     python scripts/benchmark.py                       # reference setting: resnet18, 224 px, batch 32, fp32
-    python scripts/benchmark.py --quick               # tiny sizes, a smoke test (well under a minute)
+    python scripts/benchmark.py --quick               # tiny sizes, a smoke test (about a minute)
     python scripts/benchmark.py --device cuda --mixed-precision bf16      # on a GPU machine
 
 On a generated image folder of photo-sized JPEGs (mostly 500x375, some 2000x1500; random but
@@ -18,10 +18,10 @@ model, batch size, image size and precision for every row, it measures:
   (c) a plain Accelerate loop written like accelerate's examples/cv_example.py (PIL open + RGB +
       the same transforms in a Dataset, DataLoader, accelerator.prepare/backward);
   the ratios a/b and a/c; epoch time and peak RSS (peak GPU memory on GPU) of no_freeze, freeze and
-  both phases of freeze_unfreeze, each configuration in a fresh process; and the decode throughput
-  of draft-mode ``load_rgb`` vs a full decode + resize on the large JPEGs, with the pixel difference
-  (one thread, like one loader worker; the target uses glibc's malloc thresholds pinned, because
-  with its adaptive defaults the full decode's cost depends on the process's allocation history).
+  both phases of freeze_unfreeze, each configuration in a fresh process; the per-epoch speedup of
+  the frozen-feature cache (augment=False); and draft-mode ``load_rgb`` vs a full decode of the large
+  JPEGs + the eval transform in a persistent DataLoader worker, as training decodes, at two sizes,
+  with the pixel difference and the decode time per DCT scale, whose floor is entropy decoding.
 
 Prints a table with targets (PASS/MISS) and writes every figure to ``--output`` (JSON). Timings on
 a shared machine are only as good as its idle time: the CPU used by other processes during every
@@ -60,6 +60,7 @@ JPEG_QUALITY = 90
 TARGETS = {"a_over_b": 0.90, "a_over_c": 1.0, "freeze_speedup": 2.5, "draft_speedup": 3.0}
 LOAD_LIMIT = 1.5            # 1-minute load average above which timings are called contaminated
 FOREIGN_CPU_LIMIT = 0.25    # cores used by other processes during a job, on average
+UNCACHED, CACHED = "freeze (train_bn=False, augment=False), no cache", "freeze (train_bn=False, augment=False), cached"
 
 
 # ---------------------------------------------------------------------------------- dataset
@@ -279,7 +280,8 @@ def summarize(results: dict, args) -> dict:
 
     strategies = {}
     for key, label in (("a_trainer_no_freeze", "no_freeze"), ("s_freeze", "freeze (train_bn=False)"),
-                       ("s_freeze_train_bn", "freeze (train_bn=True, the default)")):
+                       ("s_freeze_train_bn", "freeze (train_bn=True, the default)"),
+                       ("f_no_cache", UNCACHED), ("f_cache", CACHED)):
         run = results[key]
         strategies[label] = row(run, run["epochs"][w:w + t], run["peak_rss_mib"], run["peak_gpu_mib"])
     fu = results["s_freeze_unfreeze"]
@@ -297,6 +299,13 @@ def summarize(results: dict, args) -> dict:
                      / strategies["freeze_unfreeze phase 2 (unfrozen)"]["images_per_s"])
     rss_saving = no_freeze["peak_rss_mib"] - freeze["peak_rss_mib"]
     decode = results["decode"]
+
+    cached, uncached = strategies[CACHED], strategies[UNCACHED]
+    feature_cache = {"used": results["f_cache"]["feature_cache_used"],  # epoch 0, which encodes, is untimed
+                     "train_speedup": uncached["epoch_time_s"] / cached["epoch_time_s"],
+                     "epoch_speedup": uncached["wall_with_val_s"] / cached["wall_with_val_s"],
+                     "first_epoch_s": {label: results[key]["epochs"][0]["wall_with_val_s"]
+                                       for key, label in (("f_cache", "cached"), ("f_no_cache", "uncached"))}}
     targets = [
         {"name": "a/b (Trainer / bare loop)", "value": a_over_b, "target": f">= {TARGETS['a_over_b']:.2f}",
          "pass": a_over_b >= TARGETS["a_over_b"], "by": a_over_b - TARGETS["a_over_b"]},
@@ -306,15 +315,14 @@ def summarize(results: dict, args) -> dict:
          "target": f">= {TARGETS['freeze_speedup']:.1f}x and lower peak RSS (saves {rss_saving:.0f} MiB)",
          "pass": freeze_speedup >= TARGETS["freeze_speedup"] and rss_saving > 0,
          "by": freeze_speedup - TARGETS["freeze_speedup"]},
-        {"name": "draft decode speedup (decode+resize+crop, large JPEGs)", "value": decode["speedup_decode_resize"],
-         "target": f">= {TARGETS['draft_speedup']:.1f}x",
-         "pass": decode["speedup_decode_resize"] >= TARGETS["draft_speedup"],
-         "by": decode["speedup_decode_resize"] - TARGETS["draft_speedup"]},
+        {"name": f"draft decode speedup ({args.image_size} px eval path, loader worker)", "value": decode["speedup"],
+         "target": f">= {TARGETS['draft_speedup']:.1f}x", "pass": decode["speedup"] >= TARGETS["draft_speedup"],
+         "by": decode["speedup"] - TARGETS["draft_speedup"]},
     ]
     return {"throughput": throughput, "a_over_b": a_over_b, "a_over_c": a_over_c, "strategies": strategies,
             "freeze_speedup": freeze_speedup, "freeze_train_bn_speedup": freeze_bn_speedup,
             "freeze_unfreeze_phase_speedup": phase_speedup, "freeze_rss_saving_mib": rss_saving,
-            "decode": decode, "targets": targets}
+            "feature_cache": feature_cache, "decode": decode, "targets": targets}
 
 
 def format_report(report: dict) -> str:
@@ -323,7 +331,7 @@ def format_report(report: dict) -> str:
     add = lines.append
     w, t = s["warmup_epochs"], s["timed_epochs"]
     add(f"dist_finetune benchmark: {s['backbone']}, {s['image_size']} px, batch {s['batch_size']}, "
-        f"precision {s['mixed_precision']}, device {report['environment']['device_name']}"
+        f"precision {s['mixed_precision']}{', torch.compile' if s['compile'] else ''}, device {report['environment']['device_name']}"
         + ("  [QUICK: smoke-test sizes, figures not meaningful]" if s["quick"] else ""))
     add(f"data: {ds['train']['images']} train JPEGs ({s['num_large']} of {LARGE_SIZE[0]}x{LARGE_SIZE[1]}, mean "
         f"{ds['large_jpeg']['mean_kib']:.0f} KiB; the rest {SMALL_SIZE[0]}x{SMALL_SIZE[1]} or portrait, mean "
@@ -359,40 +367,39 @@ def format_report(report: dict) -> str:
     add(f"  peak RSS: the training process (ru_maxrss); {before:.0f}"
         " MiB of it is interpreter + libraries + model before finetune(). workers: unique memory (USS) of")
     add("  the loader worker processes (train + val, persistent) at the end of the phase's last epoch.")
+    fc, first = summary["feature_cache"], summary["feature_cache"]["first_epoch_s"]
+    add(f"  frozen-feature cache{'' if fc['used'] else ' (NOT USED)'}: {fc['train_speedup']:.1f}x per epoch's training "
+        f"loop, {fc['epoch_speedup']:.2f}x with validation (which runs the backbone); its epoch 0 encodes the train")
+    add(f"  images: {first['cached']:.2f} s with validation (no cache: {first['uncached']:.2f} s)")
     add("")
-    d = summary["decode"]
-    ips, size = d["images_per_s"], s["image_size"]
-    width = 80
-    title = f"decode: {d['num_large']} large JPEGs, 1 thread, then resize {round(size / 0.875)} + center-crop {size}"
-    add(f"{title:<{width}}"
-        f"{'img/s':>9}{'speedup':>9}")
-    rows = [
-        ('  full: Image.open(p).convert("RGB") + resize', ips["full_decode_resize"], 1.0),
-        (f"  draft: load_rgb(p, min_side={size}) -> {'x'.join(map(str, d['draft_size']))} + resize",
-         ips["draft_decode_resize"], d["speedup_decode_resize"]),
-        (f"  draft as in training: load_rgb(p, min_side={2 * size}) -> {'x'.join(map(str, d['draft2x_size']))}"
-         " + resize",
-         ips["draft2x_decode_resize"], d["speedup_draft2x_decode_resize"]),
-    ]
-    for label, value, speedup in rows:
-        add(f"{label:<{width}}{value:>9.1f}{speedup:>8.2f}x")
-    add(f"  decode only: full {ips['full_decode_only']:.1f}, draft {ips['draft_decode_only']:.1f} img/s "
-        f"({d['speedup_decode_only']:.2f}x), draft min_side={2 * size} {ips['draft2x_decode_only']:.1f} img/s")
-    defaults = d["images_per_s_default_malloc"]
-    add(f"  (glibc malloc thresholds pinned: {d['malloc_pinned']}; with glibc's adaptive defaults, as in a loader "
-        f"worker: full {defaults['full_decode_resize']:.1f}, draft {defaults['draft_decode_resize']:.1f} img/s, "
-        f"{d['speedup_decode_resize_default_malloc']:.2f}x)")
-    add(f"  pixel difference, draft vs full after resize+crop: mean |d| {d['mean_abs_diff']:.2f}/255 "
-        f"(max {d['max_abs_diff']}); with min_side={2 * size}: mean |d| {d['mean_abs_diff_draft2x']:.2f}/255")
+    d, cpu = summary["decode"], "{user:.1f}+{system:.1f}".format_map
+    add(f"{'JPEG decode + eval transform, 1 persistent DataLoader worker':<62}{'full':>8}{'draft':>8}{'speedup':>9}"
+        f"   img/s; worker CPU ms/image, user+system; {d['num_large']} JPEGs of {'x'.join(map(str, d['full_size']))}")
+    for size, r in d["eval_sizes"].items():
+        label = f"  {size} px (resize {r['resize']}, crop): draft min_side={r['resize']} -> " + "x".join(
+            map(str, r["draft_size"]))
+        add(f"{label:<62}{r['full_images_per_s']:>8.1f}{r['draft_images_per_s']:>8.1f}{r['speedup']:>8.2f}x   "
+            f"full {cpu(r['full_ms'])}, draft {cpu(r['draft_ms'])}: {r['user_cpu_speedup']:.2f}x in user CPU")
+    add("  decode alone, 1 thread, ms/image (user+system CPU): " + ", ".join(
+        f"{'full' if r['scale'] == 1 else '1/' + str(r['scale'])} {'x'.join(map(str, r['decoded_size']))} "
+        f"{r['wall']:.1f} ({cpu(r)})" for r in d["decode_only"]))
+    add("  system CPU: page faults on fresh decode buffers; how often glibc malloc re-faults them varies between "
+        "processes, and with it the full decode's time")
+    add("  pixel difference, draft vs full after the transform: " + "; ".join(
+        f"{size} px mean |d| {r['mean_abs_diff']:.2f}/255 (max {r['max_abs_diff']})"
+        for size, r in d["eval_sizes"].items()))
     pipe = d["train_pipeline_images_per_s"]
     add(f"  training datasets alone (decode + train transforms per sample, {d['pipeline_images']} train images, "
-        "1 thread): "
-        f"dist_finetune {pipe['library_dataset']:.1f} img/s, plain (c) {pipe['plain_dataset']:.1f} img/s")
+        f"1 thread): dist_finetune {pipe['library_dataset']:.1f} img/s, plain (c) {pipe['plain_dataset']:.1f} img/s")
     add("")
     add(f"{'target':<56}{'measured':>10}   {'goal':<48}result")
     for target in summary["targets"]:
         add(f"{target['name']:<56}{target['value']:>10.2f}   {target['target']:<48}{verdict(target['pass'])} "
             f"({target['by']:+.2f})")
+    small = d["eval_sizes"][str(d["small_eval_size"])]
+    add(f"  draft decode: entropy decoding of the whole file is a floor no DCT scale removes: decoding alone at 1/8 "
+        f"scale saves only {d['draft_ceiling']:.2f}x user CPU; at {d['small_eval_size']} px (1/8 scale) the loader "
+        f"speedup is {small['speedup']:.2f}x ({small['user_cpu_speedup']:.2f}x in user CPU)")
     add(f"  also: freeze with train_bn=True (finetune()'s default) is {summary['freeze_train_bn_speedup']:.2f}x "
         f"no_freeze; freeze_unfreeze phase 1 is {summary['freeze_unfreeze_phase_speedup']:.2f}x its phase 2")
     add("")
@@ -420,8 +427,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
                         help="the same for every row; 'no' is fp32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile (inductor) in every training row")
     parser.add_argument("--warmup-epochs", type=int, default=1, help="untimed epochs before the timed ones")
-    parser.add_argument("--timed-epochs", type=int, default=None, help="epochs timed per row (default 2; quick: 1)")
+    parser.add_argument("--timed-epochs", type=int, default=None, help="epochs timed per row (default 3; quick: 1)")
     parser.add_argument("--plain-workers", type=int, default=None,
                         help="loader workers of (c); default: the Trainer's own default, for the same work")
     parser.add_argument("--decode-reps", type=int, default=None, help="timed passes over the large JPEGs (default 5)")
@@ -445,7 +453,7 @@ def resolve_defaults(args, device: str) -> None:
     gpu = device == "cuda"
     quick = {"image_size": 64, "batch_size": 8, "num_images": 32, "num_val": 8, "decode_reps": 2, "timed_epochs": 1}
     full = {"image_size": 224, "batch_size": 32, "num_images": 2048 if gpu else 192,
-            "num_val": 256 if gpu else 32, "decode_reps": 5, "timed_epochs": 2}
+            "num_val": 256 if gpu else 32, "decode_reps": 5, "timed_epochs": 3}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -492,7 +500,7 @@ def main(argv=None) -> int:
 
     train = manifest["train"]
     common = {
-        "device": device, "mixed_precision": args.mixed_precision, "backbone": args.backbone,
+        "device": device, "mixed_precision": args.mixed_precision, "compile": args.compile, "backbone": args.backbone,
         "image_size": args.image_size, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": 1e-4,
         "seed": args.seed, "num_classes": len(CLASSES),
         "train_dir": str(root / "train"), "val_dir": str(root / "val"),
@@ -509,13 +517,16 @@ def main(argv=None) -> int:
         "s_freeze_train_bn": {"kind": "trainer", "strategy": "freeze", "train_bn": True, "epochs": w + t},
         "s_freeze_unfreeze": {"kind": "trainer", "strategy": ["freeze_unfreeze", w + t], "train_bn": False,
                               "epochs": w + 2 * t},
+        "f_cache": {"kind": "trainer", "strategy": "freeze", "train_bn": False, "augment": False, "epochs": w + t},
     }
+    jobs["f_no_cache"] = {**jobs["f_cache"], "cache_frozen_features": False}
     for name, job in jobs.items():
         job["name"] = name
     # one process per configuration (peak RSS per configuration); --quick groups the non-Trainer rows
+    # and the two feature-cache rows
     if args.quick:
         groups = [["b_bare", "c_plain_accelerate", "decode"], ["a_trainer_no_freeze"], ["s_freeze"],
-                  ["s_freeze_train_bn"], ["s_freeze_unfreeze"]]
+                  ["s_freeze_train_bn"], ["s_freeze_unfreeze"], ["f_cache", "f_no_cache"]]
     else:
         groups = [[name] for name in jobs]
 

@@ -29,13 +29,13 @@ def main() -> None:
 
     original = Trainer._after_step
 
-    def after_step(self, optimizer, schedule, position, loss, stop):
+    def after_step(self, optimizer, schedule, position, *rest):
         rank = dist.get_rank() if dist.is_initialized() else 0
         if position.global_step == args.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         if position.global_step == args.signal_at and rank == 0:
             os.kill(os.getpid(), signal.SIGUSR1)
-        return original(self, optimizer, schedule, position, loss, stop)
+        return original(self, optimizer, schedule, position, *rest)
 
     Trainer._after_step = after_step
     data = ImageClassificationData.from_folders(f"{args.data}/train", f"{args.data}/val", image_size=32,

@@ -77,7 +77,8 @@ def test_decompression_bomb_is_a_bad_image(tmp_path, monkeypatch):
     assert "decompression bomb" in scan_images([str(path)])[str(path)]
 
 
-def test_non_finite_loss_stops_with_epoch_step_and_last_checkpoint(image_folders, tmp_path):
+@pytest.mark.parametrize("check_every, step", [(1, 7), (10, 10)])
+def test_non_finite_loss_stops_with_epoch_step_and_last_checkpoint(image_folders, tmp_path, check_every, step):
     class Poison(FreezeUnfreeze):
         def finetune_function(self, model, epoch, optimizer):
             super().finetune_function(model, epoch, optimizer)
@@ -87,8 +88,9 @@ def test_non_finite_loss_stops_with_epoch_step_and_last_checkpoint(image_folders
 
     data = ImageClassificationData.from_folders(str(image_folders / "train"), str(image_folders / "val"),
                                                 image_size=32, batch_size=4, num_workers=0)
-    trainer = tiny_trainer(max_epochs=2, output_dir=str(tmp_path))
-    with pytest.raises(FloatingPointError, match=r"epoch 1 step 7; last good checkpoint: .*step-00000006"):
+    trainer = tiny_trainer(max_epochs=2, output_dir=str(tmp_path), check_every_n_steps=check_every)
+    expected = rf"in epoch 1 by step {step} \(checked every {check_every} steps\); last good checkpoint: .*step-00000006"
+    with pytest.raises(FloatingPointError, match=expected):
         trainer.finetune(ImageClassifier(3, "resnet18", pretrained=False), data, Poison(unfreeze_epoch=1))
     assert not (tmp_path / "model.safetensors").exists()
 

@@ -9,7 +9,7 @@ from conftest import write_image_folder
 from PIL import Image
 
 from dist_finetune import ImageClassificationData
-from dist_finetune.data import DataError, load_rgb, stratified_split
+from dist_finetune.data import DataError, eval_resize_size, load_rgb, stratified_split
 
 
 def test_from_folders_reads_classes_in_the_same_order(image_folders, tiny_data):
@@ -79,6 +79,17 @@ def test_large_jpeg_decodes_at_reduced_size_but_never_below_the_target(tmp_path)
     reduced = load_rgb(path, min_side=64)
     assert min(reduced.size) >= 64 and reduced.size[0] <= 500
     assert load_rgb(path).size == (2000, 1500)
+
+
+def test_eval_datasets_draft_decode_no_smaller_than_the_eval_resize(tmp_path):
+    """eval_transform resizes to image_size/0.875 first; a draft below that would be upsampled."""
+    path = tmp_path / "big.jpg"  # 1/8 scale: 45x34, between image_size 32 and the resize target 37
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (272, 360, 3), dtype=np.uint8)).save(path)
+    assert eval_resize_size(32) == 37 and min(load_rgb(path, min_side=32).size) == 34
+    data = ImageClassificationData([str(path)], [0], [str(path)], [0], ["a"], image_size=32, augment=False)
+    for dataset in (data.val_dataset(), data.train_dataset()):
+        assert min(load_rgb(path, dataset.min_side).size) >= 37
+        assert dataset[0][0].shape == (3, 32, 32)
 
 
 def test_missing_folder_names_the_path(tmp_path):

@@ -352,7 +352,9 @@ class ImageClassificationData:
                                 eval_resize_size(self.image_size))
 
     def dataloader(self, dataset: Dataset, shuffle: bool, local_processes: int = 1, pin_memory: bool = False,
-                   drop_last: bool = False, seed: int = 0, num_workers: int | None = None) -> DataLoader:
+                   drop_last: bool = False, seed: int = 0, num_workers: int | None = None,
+                   persistent_workers: bool = True) -> DataLoader:
+        """A loader over ``dataset`` in :class:`EpochSampler` order, workers sized for the CPU cores."""
         workers = num_workers if num_workers is not None else self.num_workers
         workers = default_num_workers(local_processes) if workers is None else workers
         return DataLoader(
@@ -362,7 +364,7 @@ class ImageClassificationData:
             num_workers=workers,
             pin_memory=pin_memory,
             drop_last=drop_last,
-            persistent_workers=workers > 0,
+            persistent_workers=persistent_workers and workers > 0,
             prefetch_factor=4 if workers > 0 else None,
             generator=torch.Generator().manual_seed(seed),  # worker seeds; keeps the global RNG untouched
         )

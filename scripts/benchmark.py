@@ -366,7 +366,8 @@ def format_report(report: dict) -> str:
     before = summary["strategies"]["no_freeze"]["rss_before_finetune_mib"]
     add(f"  peak RSS: the training process (ru_maxrss); {before:.0f}"
         " MiB of it is interpreter + libraries + model before finetune(). workers: unique memory (USS) of")
-    add("  the loader worker processes (train + val, persistent) at the end of the phase's last epoch.")
+    add("  the live loader workers (the persistent train ones; val workers exit after each validation) at the end of"
+        " the phase's last epoch.")
     fc, first = summary["feature_cache"], summary["feature_cache"]["first_epoch_s"]
     add(f"  frozen-feature cache{'' if fc['used'] else ' (NOT USED)'}: {fc['train_speedup']:.1f}x per epoch's training "
         f"loop, {fc['epoch_speedup']:.2f}x with validation (which runs the backbone); its epoch 0 encodes the train")

@@ -340,8 +340,8 @@ class Trainer:
     def _check(self, optimizer, schedule, position: Position, running: torch.Tensor, stop: StopSignals) -> None:
         """Read the totals (one host sync, summed over ranks so all agree); stop on a NaN loss or a signal."""
         accelerator = self.accelerator
-        signalled = torch.tensor([float(stop.received or 0)], device=running.device, dtype=running.dtype)
-        totals = torch.cat([running, signalled])
+        stop_flag = torch.tensor([float(stop.received or 0)], device=running.device, dtype=running.dtype)
+        totals = torch.cat([running, stop_flag])
         if accelerator.num_processes > 1:
             totals = accelerator.reduce(totals, reduction="sum")
         loss_sum, seen, non_finite, signalled = totals.tolist()

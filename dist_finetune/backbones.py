@@ -18,12 +18,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .errors import BackboneError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class BackboneError(ValueError):
-    """An unknown backbone, an unreadable or mismatched weights file, or an impossible download."""
 
 
 @dataclass
@@ -247,7 +245,7 @@ def _build_timm(name: str, pretrained: bool, weights: str | None) -> Backbone:
         import timm
     except ImportError as error:
         raise BackboneError(f"backbone 'timm:{name}' needs timm: pip install 'dist_finetune[timm]'") from error
-    if name not in timm.list_models():
+    if not timm.is_model(name):  # accepts pretrained tags too ("resnet18.a1_in1k"), which list_models omits
         raise BackboneError(f"timm has no model named {name!r} (see timm.list_models())")
     try:
         model = timm.create_model(name, pretrained=pretrained and weights is None, num_classes=0)

@@ -17,12 +17,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .errors import CheckpointError
+
 METADATA_KEY = "dist_finetune"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt, or made for another model; the message says which."""
 
 
 @contextmanager

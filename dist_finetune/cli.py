@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from .config import COMPILE_MODES, MIXED_PRECISION, OPTIMIZERS, SCHEDULERS, STRATEGIES, RunConfig, apply_overrides, load_yaml
-from .distributed import DistributedSetupError, RankMismatchError
+from .errors import UserError
+from .model_selection import METRICS_FOR_BEST
 
 # (flag, config field, argparse options); defaults stay in the dataclasses
 TRAIN_FLAGS: list[tuple[str, str, dict]] = [
@@ -31,14 +32,15 @@ TRAIN_FLAGS: list[tuple[str, str, dict]] = [
     ("--head-hidden", "model.head_hidden", {"type": int, "help": "hidden units of an optional head layer"}),
     ("--head-dropout", "model.head_dropout", {"type": float, "help": "dropout before the head's linear layers (0)"}),
     ("--strategy", "strategy.name", {"choices": STRATEGIES, "help": "finetuning strategy (freeze_unfreeze)"}),
-    ("--unfreeze-epoch", "strategy.unfreeze_epoch", {"type": int, "help": "freeze_unfreeze: epoch the backbone joins (1)"}),
+    ("--unfreeze-epoch", "strategy.unfreeze_epoch", {"type": int, "help": "freeze_unfreeze: epoch the backbone joins"}),
     ("--milestones", "strategy.milestones", {"type": int, "nargs": 2, "metavar": ("A", "B"),
                                              "help": "unfreeze_milestones: last K layers join at A, the rest at B"}),
-    ("--num-layers", "strategy.num_layers", {"type": int, "help": "unfreeze_milestones: K, layers unfrozen at A (1)"}),
+    ("--num-layers", "strategy.num_layers", {"type": int, "help": "unfreeze_milestones: K, layers unfrozen at A"}),
     ("--train-bn", "strategy.train_bn", {"action": argparse.BooleanOptionalAction,
-                                         "help": "train BatchNorm layers of frozen parts (default: yes)"}),
+                                         "help": "train BatchNorm layers of frozen parts (default: no, they stay "
+                                                 "in eval mode with their pretrained statistics)"}),
     ("--max-epochs", "trainer.max_epochs", {"type": int, "help": "epochs (10)"}),
-    ("--lr", "trainer.lr", {"type": float, "help": "head learning rate (1e-3); unfrozen groups get lr/10"}),
+    ("--lr", "trainer.lr", {"type": float, "help": "head learning rate; unfrozen groups get lr/10"}),
     ("--optimizer", "trainer.optimizer", {"choices": OPTIMIZERS, "help": "adamw (default) or sgd"}),
     ("--weight-decay", "trainer.weight_decay", {"type": float, "help": "weight decay (1e-4)"}),
     ("--scheduler", "trainer.scheduler", {"choices": SCHEDULERS, "help": "lr schedule after warmup (cosine)"}),
@@ -67,6 +69,21 @@ TRAIN_FLAGS: list[tuple[str, str, dict]] = [
     ("--check-every-n-steps", "trainer.check_every_n_steps",
      {"type": int, "help": "how often stop signals and a NaN loss are checked (10; each check syncs the GPU)"}),
     ("--no-progress-bar", "trainer.progress_bar", {"action": "store_false", "help": "no tqdm bar"}),
+    ("--unfreeze-warmup-epochs", "trainer.unfreeze_warmup_epochs",
+     {"type": float, "help": "a newly unfrozen param group ramps its lr up from ~0 over this many epochs"}),
+    ("--layer-decay", "trainer.layer_decay", {"type": float, "help": "layer-wise lr decay D: a backbone layer's lr "
+                                                                    "is its group's lr x D^(distance from the head)"}),
+    ("--metric-for-best", "trainer.metric_for_best", {"choices": METRICS_FOR_BEST,
+                                                      "help": "model.safetensors keeps the best epoch by this "
+                                                              "(val_acc; ties go to the lower val_loss)"}),
+    ("--keep-last-model", "trainer.load_best_model_at_end",
+     {"action": "store_false", "help": "end with the last epoch's weights in memory (files: best and last either way)"}),
+    ("--early-stopping-patience", "trainer.early_stopping_patience",
+     {"type": int, "help": "stop after N epochs without improvement of --metric-for-best (off)"}),
+    ("--early-stopping-min-delta", "trainer.early_stopping_min_delta",
+     {"type": float, "help": "smallest change that counts as an improvement (0)"}),
+    ("--log-every-n-steps", "trainer.log_every_n_steps",
+     {"type": int, "help": "train loss and lrs to OUTPUT_DIR/steps.jsonl every N optimizer steps (10)"}),
 ]
 DEFAULT_OUTPUT_DIR = "outputs"
 
@@ -107,9 +124,8 @@ def train_config(args: argparse.Namespace) -> RunConfig:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    import torch.distributed
-
-    from .resume import PREEMPTED_EXIT_CODE, TrainingPreempted
+    from .distributed import shutdown
+    from .preemption import PREEMPTED_EXIT_CODE, TrainingPreempted
     from .recipe import finetune_from_config
 
     try:
@@ -118,19 +134,18 @@ def run_train(args: argparse.Namespace) -> None:
         print(f"dist-finetune train: {stopped}", file=sys.stderr)
         raise SystemExit(PREEMPTED_EXIT_CODE) from None
     finally:
-        if torch.distributed.is_initialized():  # a clean exit for every rank (gloo can abort otherwise)
-            torch.distributed.destroy_process_group()
+        shutdown()
 
 
 def run_predict(args: argparse.Namespace) -> None:
     from .task import ImageClassifier
-    from .data import is_image_file
+    from .images import list_image_files
 
     model = ImageClassifier.load_from_checkpoint(args.checkpoint)
     paths: list[str] = []
     for item in args.paths:
         if Path(item).is_dir():
-            paths += sorted(str(p) for p in Path(item).rglob("*") if p.is_file() and is_image_file(p))
+            paths += list_image_files(item)
         else:
             paths.append(item)
     rows = [(path, label, f"{score:.4f}") for path, (label, score) in
@@ -156,7 +171,6 @@ def main(argv: list[str] | None = None) -> None:
     commands = {"train": run_train, "predict": run_predict, "demo": run_demo_command}
     try:
         commands[args.command](args)
-    except (ValueError, FileNotFoundError, FloatingPointError, DistributedSetupError, RankMismatchError) as error:
-        # our errors (ConfigError, DataError, BackboneError, CheckpointError are ValueErrors) name the fix
+    except UserError as error:  # names the file or setting and the fix; anything else is a bug: traceback
         print(f"dist-finetune {args.command}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

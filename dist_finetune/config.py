@@ -1,7 +1,8 @@
 """Typed run configuration: dataclasses that load from YAML and take dotted overrides.
 
 A run is four sections (data, model, strategy, trainer). The CLI, YAML files and the Python API all
-build the same objects, so a value is validated in exactly one place (``__post_init__``).
+build the same objects, so a value is validated in exactly one place (``__post_init__``); the
+strategies' defaults and checks are the strategies' own (``finetuning``).
 """
 
 from __future__ import annotations
@@ -13,15 +14,23 @@ from typing import Any, get_type_hints
 
 import yaml
 
-STRATEGIES = ("no_freeze", "freeze", "freeze_unfreeze", "unfreeze_milestones")
+from .errors import ConfigError
+from .finetuning import (
+    BUILTIN_TRAIN_BN,
+    DEFAULT_MILESTONES,
+    DEFAULT_NUM_LAYERS,
+    DEFAULT_UNFREEZE_EPOCH,
+    STRATEGY_NAMES,
+    check_milestones,
+    check_unfreeze_epoch,
+)
+from .model_selection import METRICS_FOR_BEST
+
+STRATEGIES = STRATEGY_NAMES
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "linear", "constant")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; raised before any data is read or model built."""
 
 
 def _require(condition: bool, message: str) -> None:
@@ -63,19 +72,21 @@ class ModelConfig:
 @dataclass
 class StrategyConfig:
     name: str = "freeze_unfreeze"
-    unfreeze_epoch: int = 1
-    milestones: tuple[int, int] = (1, 2)
-    num_layers: int = 1
-    train_bn: bool = True
+    unfreeze_epoch: int = DEFAULT_UNFREEZE_EPOCH
+    milestones: tuple[int, int] = DEFAULT_MILESTONES
+    num_layers: int = DEFAULT_NUM_LAYERS
+    train_bn: bool = BUILTIN_TRAIN_BN
 
     def __post_init__(self) -> None:
         self.milestones = tuple(self.milestones)
         _require(self.name in STRATEGIES, f"unknown strategy {self.name!r}; choose one of {', '.join(STRATEGIES)}")
-        _require(self.unfreeze_epoch >= 0, f"unfreeze_epoch must be >= 0, got {self.unfreeze_epoch}")
-        _require(len(self.milestones) == 2, f"milestones takes two epochs, got {self.milestones}")
-        a, b = self.milestones
-        _require(0 <= a < b, f"milestones must be increasing epochs (a < b), got {self.milestones}")
-        _require(self.num_layers >= 1, f"num_layers must be >= 1, got {self.num_layers}")
+        check_unfreeze_epoch(self.unfreeze_epoch)
+        check_milestones(self.milestones, self.num_layers)
+
+    def strategy(self):
+        """The strategy this section describes, as ``Trainer.finetune`` takes it."""
+        arguments = {"freeze_unfreeze": self.unfreeze_epoch, "unfreeze_milestones": (self.milestones, self.num_layers)}
+        return self.name, arguments.get(self.name)
 
 
 @dataclass
@@ -103,6 +114,13 @@ class TrainerConfig:
     compile_mode: str | None = None  # torch.compile's mode: None (default), reduce-overhead, max-autotune, ...
     check_every_n_steps: int = 10  # stop signals and a non-finite loss are checked this often (a host sync)
     progress_bar: bool = True
+    unfreeze_warmup_epochs: float = 1.0  # a param group added mid-run ramps its lr up from ~0 over this span
+    layer_decay: float | None = None  # lr x layer_decay ** (distance from the head) per backbone layer
+    metric_for_best: str = "val_acc"  # model.safetensors = the best epoch by this (val_acc ties: lower val_loss)
+    load_best_model_at_end: bool = True  # after finetune the task holds the best epoch's weights
+    early_stopping_patience: int | None = None  # stop after this many epochs without improvement
+    early_stopping_min_delta: float = 0.0
+    log_every_n_steps: int = 10  # train loss and lrs to steps.jsonl (and trackers)
 
     def __post_init__(self) -> None:
         _require(self.max_epochs >= 1, f"max_epochs must be >= 1, got {self.max_epochs}")
@@ -123,6 +141,15 @@ class TrainerConfig:
         _require(self.compile_mode is None or self.compile_mode in COMPILE_MODES,
                  f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         _require(self.check_every_n_steps >= 1, "check_every_n_steps must be >= 1")
+        _require(self.unfreeze_warmup_epochs >= 0, "unfreeze_warmup_epochs must be >= 0")
+        _require(self.layer_decay is None or 0 < self.layer_decay <= 1,
+                 f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        _require(self.metric_for_best in METRICS_FOR_BEST,
+                 f"metric_for_best must be one of {METRICS_FOR_BEST}, got {self.metric_for_best!r}")
+        _require(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+                 "early_stopping_patience must be >= 1")
+        _require(self.early_stopping_min_delta >= 0, "early_stopping_min_delta must be >= 0")
+        _require(self.log_every_n_steps >= 1, "log_every_n_steps must be >= 1")
 
 
 @dataclass
@@ -131,20 +158,6 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-
-    def __post_init__(self) -> None:
-        epochs = self.trainer.max_epochs
-        if self.strategy.name == "freeze_unfreeze":
-            _require(
-                self.strategy.unfreeze_epoch < epochs,
-                f"unfreeze_epoch {self.strategy.unfreeze_epoch} is past the last epoch "
-                f"(max_epochs={epochs}, epochs count from 0): the backbone would never train",
-            )
-        if self.strategy.name == "unfreeze_milestones":
-            _require(
-                self.strategy.milestones[1] < epochs,
-                f"milestones {self.strategy.milestones} reach past the last epoch (max_epochs={epochs})",
-            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -7,112 +7,19 @@ and the normalisation constants travel with the checkpoint instead of the data p
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+from .errors import DataError
+from .images import IMAGE_EXTENSIONS, list_image_files, load_rgb, scan_cache_file, scan_images
+
 EVAL_RESIZE_RATIO = 0.875  # resize to size/0.875, then center-crop size (the torchvision convention)
-
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently grey pixels
-
-
-class DataError(ValueError):
-    """A problem with the user's image folders; the message names the path and the fix."""
-
-
-def is_image_file(path: str | os.PathLike) -> bool:
-    return str(path).lower().endswith(IMAGE_EXTENSIONS)
-
-
-def load_rgb(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
-    """Open any image as RGB, applying EXIF orientation; first frame of animations.
-
-    ``min_side``: the smallest shorter side the caller needs. JPEGs much larger than that are decoded
-    at 1/2, 1/4 or 1/8 scale (PIL draft mode, DCT-domain downscaling, still >= min_side), which is
-    several times faster than a full decode followed by a resize. Deterministic for a given file.
-    """
-    try:
-        with Image.open(path) as image:
-            if min_side is not None and image.format == "JPEG":
-                width, height = image.size
-                scale = min_side / min(width, height)
-                image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
-            image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
-        raise DataError(
-            f"cannot read image {path}: {error}. Remove or replace the file "
-            "(or pass --skip-bad-images to train on the rest)."
-        ) from error
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB from any mode: alpha composited on white, palette expanded, 16-bit scaled to 8-bit."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        scale = 1 / 257 if image.mode.startswith("I;16") or image.getextrema()[1] > 255 else 1
-        image = image.point(lambda value: value * scale).convert("L")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def image_problem(path: str) -> str | None:
-    """Why ``path`` cannot be trained on (None if it decodes). JPEGs decode at reduced size: fast."""
-    try:
-        if os.path.getsize(path) == 0:
-            return "empty file (0 bytes)"
-        load_rgb(path, min_side=32)
-    except DataError as error:
-        return str(error.__cause__ or error)
-    except OSError as error:
-        return str(error)
-    return None
-
-
-def scan_images(paths: Sequence[str], cache_file: str | os.PathLike | None = None) -> dict[str, str]:
-    """{path: problem} for every unreadable image, decoding in threads; verdicts cached by size+mtime."""
-    cache: dict[str, list] = {}
-    if cache_file and os.path.isfile(cache_file):
-        try:
-            cache = json.loads(Path(cache_file).read_text())
-        except ValueError:
-            cache = {}
-
-    def stamp(path: str) -> list:
-        info = os.stat(path)
-        return [info.st_size, info.st_mtime_ns]
-
-    todo = [p for p in paths if p not in cache or cache[p][:2] != stamp(p)]
-    workers = min(32, (os.cpu_count() or 1) * 2)
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while decoding
-        for path, problem in zip(todo, pool.map(image_problem, todo)):
-            cache[path] = [*stamp(path), problem]
-    if cache_file and todo:
-        Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
-        temporary = f"{cache_file}.{os.getpid()}.tmp"
-        Path(temporary).write_text(json.dumps(cache))
-        os.replace(temporary, cache_file)
-    return {p: cache[p][2] for p in paths if cache[p][2] is not None}
-
-
-def scan_cache_file(folder: str) -> Path:
-    """Where the scan verdicts of one image folder are cached (outside the data, which may be read-only)."""
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dist_finetune" / "image_scans"
-    return base / (hashlib.sha1(str(Path(folder).resolve()).encode()).hexdigest()[:16] + ".json")
 
 
 def train_transform(image_size: int) -> v2.Compose:
@@ -198,36 +105,37 @@ class ImageListDataset(Dataset):
             return self.transform(image), self.labels[index]
 
 
-def _check_class_folders(folder: str, role: str) -> list[str]:
-    """Fail early, naming the path, on the folder shapes that imagefolder would mis-read silently."""
+def _class_files(folder: str, role: str) -> dict[str, list[str]]:
+    """{class: its image files}; fails early, naming the path, on shapes imagefolder would mis-read."""
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"{role} folder {folder} does not exist (expected {role}/<class>/<image files>)")
     classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
     if not classes:
         raise DataError(f"{role} folder {folder} has no class subfolders: put images in {folder}/<class_name>/")
-    for name in classes:
-        if not any(is_image_file(p) for p in (root / name).rglob("*") if p.is_file()):
+    files = {name: list_image_files(root / name) for name in classes}
+    for name, found in files.items():
+        if not found:
             raise DataError(
                 f"class folder {root / name} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
                 "add images or remove the folder"
             )
-    return classes
+    return files
 
 
 def scan_folder(folder: str, role: str) -> tuple[list[str], list[int], list[str]]:
     """Paths, integer labels and class names of an imagefolder tree, via `datasets`' builder."""
     import datasets
 
-    expected = _check_class_folders(folder, role)
+    class_files = _class_files(folder, role)
+    expected = list(class_files)
     if len(expected) < 2:
         raise DataError(f"{role} folder {folder} has one class ({expected[0]}): classification needs at least 2 "
                         "class subfolders")
     datasets.disable_progress_bars()
     # list the files explicitly: given only data_dir, the builder guesses splits from file names
     # ("train_0.jpg", "test_1.jpg") and silently drops or rejects files
-    files = sorted(str(p) for name in expected for p in (Path(folder) / name).rglob("*")
-                   if p.is_file() and is_image_file(p))
+    files = sorted(path for found in class_files.values() for path in found)
     table = datasets.load_dataset("imagefolder", data_files={"train": files}, split="train")
     table = table.cast_column("image", datasets.Image(decode=False))
     label_feature = table.features.get("label")

@@ -1,4 +1,5 @@
-"""Distributed helpers: a correctly configured Accelerator, DDP that follows unfreezing, rank checks.
+"""Distributed helpers: a correctly configured Accelerator, DDP that follows unfreezing, rank checks,
+and every collective the package uses (on accelerate's public operations).
 
 What is synchronised, and when:
 - Trainable parameters: gradients are all-reduced by DDP every optimizer step. DDP fixes the set of
@@ -18,31 +19,43 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator, DistributedType
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, DynamoBackend, TorchDynamoPlugin
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    DynamoBackend,
+    ProjectConfiguration,
+    TorchDynamoPlugin,
+    broadcast,
+    broadcast_object_list,
+    gather,
+    gather_object,
+    pad_across_processes,
+)
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-
-class DistributedSetupError(RuntimeError):
-    """The processes do not form the job they were launched as."""
+from .errors import DistributedSetupError, RankMismatchError
 
 
-class RankMismatchError(RuntimeError):
-    """Ranks hold different trainable parameters or optimizer layouts."""
+def shutdown() -> None:
+    """Leave the process group, if one was joined: a clean exit for every rank (gloo can abort otherwise)."""
+    if torch.distributed.is_initialized():
+        AcceleratorState().destroy_process_group()
 
 
 def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def make_accelerator(mixed_precision: str | None = None, gradient_accumulation_steps: int = 1) -> Accelerator:
+def make_accelerator(mixed_precision: str | None = None, gradient_accumulation_steps: int = 1,
+                     log_with: list[str] | None = None, project_dir: str | None = None) -> Accelerator:
     """An Accelerator that never trains as N independent rank-0s.
 
     Launched with WORLD_SIZE > 1 on a machine without a GPU, the CPU (gloo) backend is selected here,
     so ``torchrun`` or ``accelerate launch --multi_gpu`` work on CPU nodes without extra flags.
+    ``log_with``: experiment trackers (accelerate's names), writing under ``project_dir``.
     """
     world_size = launched_world_size()
     use_cpu = world_size > 1 and not torch.cuda.is_available()
@@ -56,6 +69,8 @@ def make_accelerator(mixed_precision: str | None = None, gradient_accumulation_s
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True)],
         dynamo_backend="no",  # the trainer compiles itself (see launcher_compile_settings)
         dataloader_config=DataLoaderConfiguration(non_blocking=True),  # async copies from pinned batches
+        log_with=log_with or None,
+        project_config=ProjectConfiguration(project_dir=project_dir) if project_dir else None,
     )
     if accelerator.num_processes != world_size:
         raise DistributedSetupError(
@@ -79,12 +94,19 @@ def launcher_compile_settings() -> tuple[str, str | None] | None:
     return plugin.backend.value.lower(), None if plugin.mode == "default" else plugin.mode
 
 
-def refuse_freezing_under_sharding(accelerator: Accelerator, freezes: bool) -> None:
-    """FSDP/DeepSpeed shard parameters at prepare time; a later requires_grad change breaks them."""
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if sharded and freezes:
+def refuse_freezing_under_sharding(freezes: bool, accelerator: Accelerator | None = None) -> None:
+    """FSDP/DeepSpeed shard parameters at prepare time; a later requires_grad change breaks them.
+
+    Checked against what the launcher asks for (``ACCELERATE_USE_FSDP``/``_DEEPSPEED``, before any
+    Accelerator exists; on CPU accelerate would quietly use DDP instead) and the Accelerator's type.
+    """
+    requested = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED"))
+                 if os.environ.get(variable, "false").lower() == "true"]
+    if accelerator is not None and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        requested.append(accelerator.distributed_type.value)
+    if requested and freezes:
         raise DistributedSetupError(
-            f"freezing strategies are not supported under {accelerator.distributed_type.value}: their "
+            f"freezing strategies are not supported under {requested[0]}: their "
             "sharded parameters cannot change requires_grad after prepare. Use strategy 'no_freeze' with "
             "FSDP/DeepSpeed, or DDP (launch_configs/multi_gpu_bf16.yaml) to freeze and unfreeze."
         )
@@ -169,11 +191,9 @@ def _describe_difference(reference: dict, other: dict) -> str:
 
 def check_rank_consistency(accelerator: Accelerator, model: nn.Module, optimizer, when: str) -> None:
     """Raise on every rank if any rank's trainable parameters or param groups differ from rank 0's."""
-    if accelerator.num_processes == 1 or not dist.is_initialized():
+    if accelerator.num_processes == 1:
         return
-    fingerprint = rank_fingerprint(accelerator.unwrap_model(model), optimizer)
-    gathered: list[dict] = [None] * accelerator.num_processes  # type: ignore[list-item]
-    dist.all_gather_object(gathered, fingerprint)
+    gathered = gather_object([rank_fingerprint(accelerator.unwrap_model(model), optimizer)])
     for rank, other in enumerate(gathered[1:], start=1):
         if other != gathered[0]:
             raise RankMismatchError(
@@ -184,9 +204,43 @@ def check_rank_consistency(accelerator: Accelerator, model: nn.Module, optimizer
             )
 
 
-def broadcast_buffers(model: nn.Module) -> None:
+def broadcast_buffers(accelerator: Accelerator, model: nn.Module) -> None:
     """Give every rank rank 0's buffers (BatchNorm running statistics)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if accelerator.num_processes == 1:
         return
     for buffer in model.buffers():
-        dist.broadcast(buffer.data, src=0)
+        broadcast(buffer.data, from_process=0)
+
+
+def any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (one all-reduce): decisions all ranks share."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum").item())
+
+
+def from_main_process(accelerator: Accelerator, value):
+    """Rank 0's ``value`` on every rank (a picklable object): one process reads a file, all agree."""
+    if accelerator.num_processes == 1:
+        return value
+    return broadcast_object_list([value], from_process=0)[0]
+
+
+def gather_rows(accelerator: Accelerator, rows: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``rows`` (first dimension may differ by rank), in rank order, on every rank."""
+    if accelerator.num_processes == 1:
+        return [rows]
+    rows = rows.to(accelerator.device)
+    counts = gather(torch.tensor([rows.shape[0]], device=accelerator.device)).tolist()
+    padded = gather(pad_across_processes(rows, dim=0)).cpu()
+    width = max(counts)
+    return [padded[rank * width: rank * width + count] for rank, count in enumerate(counts)]
+
+
+def average_gradients(accelerator: Accelerator, module: nn.Module) -> None:
+    """Average ``module``'s gradients over ranks by hand (for parameters trained outside the DDP wrapper)."""
+    if accelerator.num_processes == 1:
+        return
+    for param in module.parameters():
+        if param.grad is not None:
+            param.grad.copy_(accelerator.reduce(param.grad, reduction="mean"))

@@ -1,31 +1,48 @@
 """Frozen-feature caching: while the backbone is frozen and deterministic, run it once, not per epoch.
 
 Valid only when the backbone computes the same features for a sample every epoch: no backbone
-parameter trains, every BatchNorm in it is in eval mode (``train_bn=False``), no dropout in it is
-active, and the train transforms are deterministic (``augment=False``). Then the pooled features of
-every training image are computed once (each rank encodes its share, then all ranks gather all of
-them, since the shuffled sample order sends each image to a different rank every epoch) and the
-frozen epochs train the head on them. The head sees the same features in the same order as without
-the cache, equal up to float rounding of batched convolutions. Memory: images x features x 4 bytes
-on every rank. The cache is dropped at the first unfreeze.
+parameter trains, no module in it behaves differently in train mode (BatchNorm in eval, i.e.
+``train_bn=False``; no active dropout, stochastic depth or drop-path with a non-zero rate), and the
+train transforms are deterministic (``augment=False``). Then the pooled features of every training
+image are computed once (each rank encodes its share, then all ranks gather all of them, since the
+shuffled sample order sends each image to a different rank every epoch) and the frozen epochs
+train the head on them. The head sees the same features in the same order as without the cache,
+equal up to float rounding of batched convolutions. Memory: images x features x 4 bytes on every
+rank. The cache belongs to one run and is dropped at the first unfreeze.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
 from torch.utils.data import DataLoader, Dataset
 
+from .distributed import gather_rows
+
 MAX_CACHE_BYTES = 4 << 30
+CACHE_KEY = "feature_loader"  # in RunState.extras
+
+
+def _random_in_training(module: nn.Module) -> bool:
+    """Whether ``module`` (in train mode) computes something else than in eval mode."""
+    if isinstance(module, _BatchNorm):
+        return True
+    if isinstance(module, _DropoutNd):
+        return module.p > 0
+    # stochastic depth / drop-path / drop-block (torchvision StochasticDepth.p, timm DropPath.drop_prob)
+    if "drop" in type(module).__name__.lower() or "stochasticdepth" in type(module).__name__.lower():
+        rate = getattr(module, "drop_prob", getattr(module, "p", None))
+        return rate is None or rate > 0
+    return False
 
 
 def backbone_is_static(backbone: nn.Module) -> bool:
     """True when the backbone's output for an input cannot change between epochs."""
     if any(p.requires_grad for p in backbone.parameters()):
         return False
-    return not any(m.training for m in backbone.modules() if isinstance(m, (_BatchNorm, nn.Dropout)))
+    return not any(m.training and _random_in_training(m) for m in backbone.modules())
 
 
 class FeatureDataset(Dataset):
@@ -43,24 +60,21 @@ class FeatureDataset(Dataset):
 
 
 @torch.no_grad()
-def encode_dataset(task: nn.Module, dataset: Dataset, batch_size: int, num_workers: int, device,
-                   rank: int, world_size: int) -> torch.Tensor:
+def encode_dataset(task: nn.Module, dataset: Dataset, batch_size: int, num_workers: int, accelerator) -> torch.Tensor:
     """Pooled backbone features of every sample, [N, F] on CPU, identical on every rank."""
+    rank, world_size = accelerator.process_index, accelerator.num_processes
     share = list(range(rank, len(dataset), world_size))
     loader = DataLoader(torch.utils.data.Subset(dataset, share), batch_size=batch_size, num_workers=num_workers,
                         generator=torch.Generator())  # its own seed source: the global RNG (dropout) stays put
     was_training = task.training
     task.eval()
-    chunks = [task.features(images.to(device)).float().cpu() for images, _ in loader]
+    chunks = [task.features(images.to(accelerator.device)).float().cpu() for images, _ in loader]
     task.train(was_training)
-    mine = torch.cat(chunks) if chunks else torch.zeros(0)
-    if world_size == 1:
-        return mine
-    gathered: list[torch.Tensor] = [None] * world_size  # type: ignore[list-item]
-    dist.all_gather_object(gathered, mine)
-    features = torch.empty(len(dataset), gathered[0].shape[1])
-    for owner, block in enumerate(gathered):
-        features[owner::world_size] = block
+    mine = torch.cat(chunks) if chunks else torch.zeros(0, task.num_features)
+    blocks = gather_rows(accelerator, mine)
+    features = torch.empty(len(dataset), mine.shape[1])
+    for owner, block in enumerate(blocks):
+        features[owner::world_size] = block.cpu()
     return features
 
 
@@ -68,11 +82,23 @@ def cache_fits(num_samples: int, num_features: int) -> bool:
     return num_samples * num_features * 4 <= MAX_CACHE_BYTES
 
 
-def all_reduce_gradients(module: nn.Module, world_size: int) -> None:
-    """Average gradients over ranks by hand (the head trains outside the DDP wrapper here)."""
-    if world_size == 1:
-        return
-    for param in module.parameters():
-        if param.grad is not None:
-            dist.all_reduce(param.grad)
-            param.grad.div_(world_size)
+def epoch_loader(run, announce) -> tuple[object, bool]:
+    """This epoch's training loader: the images, or cached backbone features when valid: (loader, head_only).
+
+    ``announce(message)`` is called once when the cache is built (the main process prints it).
+    """
+    task, data, accelerator = run.task, run.data, run.accelerator
+    usable = (run.config.cache_frozen_features and not data.augment and backbone_is_static(task.backbone)
+              and cache_fits(len(data.train_paths), task.num_features))
+    if not usable:
+        run.extras.pop(CACHE_KEY, None)  # unfrozen (or never cacheable): free the cache
+        return run.train_loader, False
+    if CACHE_KEY not in run.extras:
+        with accelerator.autocast():
+            features = encode_dataset(task, data.train_dataset(run.config.seed), data.batch_size,
+                                      run.train_loader.num_workers, accelerator)
+        dataset = FeatureDataset(features, data.train_labels)
+        loader = data.dataloader(dataset, shuffle=True, drop_last=True, seed=run.config.seed, num_workers=0)
+        run.extras[CACHE_KEY] = accelerator.prepare_data_loader(loader)
+        announce(f"cached frozen backbone features of {len(dataset)} images; training the head on them")
+    return run.extras[CACHE_KEY], True

@@ -5,10 +5,11 @@ the optimizer is built, ``finetune_function(model, epoch, optimizer)`` at the st
 Strategies only flip ``requires_grad`` and add param groups; the trainer notices the change and
 re-synchronises the distributed wrapper, so a custom strategy never touches DDP itself.
 
-Frozen BatchNorm (``train_bn=False``) is held in eval mode, so its running statistics stay exactly
-as loaded, instead of Lightning's ``track_running_stats=False`` (which normalises with batch
-statistics). Strategies are deterministic functions of the epoch, so replaying them rebuilds the
-optimizer's group layout on resume.
+Frozen BatchNorm (``train_bn=False``, the built-in strategies' default) is held in eval mode, so
+its running statistics stay exactly as loaded, instead of Lightning's ``track_running_stats=False``
+(which normalises with batch statistics). Strategies are deterministic functions of the epoch, so
+replaying them rebuilds the optimizer's group layout on resume. The defaults and the checks of the
+built-in strategies' settings live here only; ``config.StrategyConfig`` uses them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,39 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .callbacks import Callback
+from .errors import ConfigError
+from .schedule import split_by_layer
+
 _FROZEN_NORM = "_dist_finetune_frozen_norm"
+
+STRATEGY_NAMES = ("no_freeze", "freeze", "freeze_unfreeze", "unfreeze_milestones")
+DEFAULT_UNFREEZE_EPOCH = 3
+DEFAULT_MILESTONES = (2, 5)
+DEFAULT_NUM_LAYERS = 1
+# BatchNorm of frozen blocks in eval mode: running statistics stay as pretrained, and backward never
+# runs through a frozen backbone (Flash's train_bn=True keeps it running through every BatchNorm)
+BUILTIN_TRAIN_BN = False
+
+
+def check_unfreeze_epoch(unfreeze_epoch: int) -> None:
+    if unfreeze_epoch < 0:
+        raise ConfigError(f"unfreeze_epoch must be >= 0, got {unfreeze_epoch}")
+
+
+def check_milestones(milestones, num_layers: int) -> None:
+    if len(tuple(milestones)) != 2:
+        raise ConfigError(f"unfreeze_milestones takes two epochs (a, b), got {milestones}")
+    first, second = milestones
+    if not 0 <= first < second:
+        raise ConfigError(f"unfreeze_milestones must be increasing epochs (0 <= a < b), got {tuple(milestones)}")
+    if num_layers < 1:
+        raise ConfigError(f"num_layers must be >= 1, got {num_layers}")
+
+
+def _warn_never(what: str, epoch: int, max_epochs: int) -> None:
+    warnings.warn(f"{what} at epoch {epoch} but max_epochs={max_epochs} (epochs count from 0): it never happens in "
+                  "this run, which trains the frozen model only", UserWarning, stacklevel=3)
 
 def _as_module_list(modules) -> list[nn.Module]:
     if isinstance(modules, nn.Module):
@@ -62,7 +95,7 @@ class BaseFinetuning:
         """Called at the start of every epoch: unfreeze and add param groups here."""
 
     def validate(self, max_epochs: int) -> None:
-        """Raise ValueError before training when the schedule cannot run within ``max_epochs``."""
+        """Called before training: raise ConfigError for a schedule that cannot work, warn for one that never fires."""
 
     # ---------------------------------------------------------------------------- helpers
 
@@ -154,6 +187,9 @@ def _is_plain(value) -> bool:
 class NoFreeze(BaseFinetuning):
     """Backbone and head train from the first epoch."""
 
+    def __init__(self, train_bn: bool = BUILTIN_TRAIN_BN, attr_names="backbone"):
+        super().__init__(attr_names, train_bn)
+
     def freeze_before_training(self, model: nn.Module) -> None:
         return None
 
@@ -161,22 +197,22 @@ class NoFreeze(BaseFinetuning):
 class Freeze(BaseFinetuning):
     """The backbone stays frozen for the whole run; only the head trains."""
 
+    def __init__(self, train_bn: bool = BUILTIN_TRAIN_BN, attr_names="backbone"):
+        super().__init__(attr_names, train_bn)
+
 
 class FreezeUnfreeze(BaseFinetuning):
     """Frozen for epochs 0..unfreeze_epoch-1; the whole backbone joins at ``unfreeze_epoch``."""
 
-    def __init__(self, unfreeze_epoch: int = 10, train_bn: bool = True, attr_names="backbone"):
+    def __init__(self, unfreeze_epoch: int = DEFAULT_UNFREEZE_EPOCH, train_bn: bool = BUILTIN_TRAIN_BN,
+                 attr_names="backbone"):
         super().__init__(attr_names, train_bn)
-        if unfreeze_epoch < 0:
-            raise ValueError(f"unfreeze_epoch must be >= 0, got {unfreeze_epoch}")
+        check_unfreeze_epoch(unfreeze_epoch)
         self.unfreeze_epoch = unfreeze_epoch
 
     def validate(self, max_epochs: int) -> None:
         if self.unfreeze_epoch >= max_epochs:
-            raise ValueError(
-                f"unfreeze_epoch={self.unfreeze_epoch} but max_epochs={max_epochs} (epochs count from 0): "
-                "the backbone would never train; lower unfreeze_epoch or raise max_epochs"
-            )
+            _warn_never("freeze_unfreeze unfreezes the backbone", self.unfreeze_epoch, max_epochs)
 
     def finetune_function(self, model: nn.Module, epoch: int, optimizer) -> None:
         if epoch == self.unfreeze_epoch:
@@ -190,52 +226,132 @@ class UnfreezeMilestones(BaseFinetuning):
     Layers are the backbone's coarse blocks (``model.backbone_layers()``), see ``backbones``.
     """
 
-    def __init__(self, unfreeze_milestones: tuple[int, int] = (5, 10), num_layers: int = 1, train_bn: bool = True):
+    def __init__(self, unfreeze_milestones: tuple[int, int] = DEFAULT_MILESTONES,
+                 num_layers: int = DEFAULT_NUM_LAYERS, train_bn: bool = BUILTIN_TRAIN_BN):
         super().__init__("backbone", train_bn)
-        first, second = unfreeze_milestones
-        if not 0 <= first < second:
-            raise ValueError(f"unfreeze_milestones must be increasing epochs (a < b), got {unfreeze_milestones}")
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        self.unfreeze_milestones = (first, second)
+        check_milestones(unfreeze_milestones, num_layers)
+        self.unfreeze_milestones = tuple(unfreeze_milestones)
         self.num_layers = num_layers
 
     def validate(self, max_epochs: int) -> None:
-        if self.unfreeze_milestones[1] >= max_epochs:
-            raise ValueError(
-                f"unfreeze_milestones={self.unfreeze_milestones} but max_epochs={max_epochs} "
-                "(epochs count from 0): the second milestone would never be reached"
-            )
+        first, second = self.unfreeze_milestones
+        if first >= max_epochs:
+            _warn_never(f"unfreeze_milestones unfreezes the last {self.num_layers} layer(s)", first, max_epochs)
+        elif second >= max_epochs:
+            _warn_never("unfreeze_milestones unfreezes the remaining layers", second, max_epochs)
 
     def finetune_function(self, model: nn.Module, epoch: int, optimizer) -> None:
         layers = model.backbone_layers()
         if self.num_layers >= len(layers):
-            raise ValueError(f"num_layers={self.num_layers} but the backbone has only {len(layers)} layers")
+            raise ConfigError(f"num_layers={self.num_layers} but the backbone has only {len(layers)} layers")
         if epoch == self.unfreeze_milestones[0]:
             self.unfreeze_and_add_param_group(layers[-self.num_layers:], optimizer, train_bn=self.train_bn)
         elif epoch == self.unfreeze_milestones[1]:
             self.unfreeze_and_add_param_group(layers[: -self.num_layers], optimizer, train_bn=self.train_bn)
 
 
-def resolve_strategy(strategy, train_bn: bool = True) -> BaseFinetuning:
+def resolve_strategy(strategy, train_bn: bool | None = None) -> BaseFinetuning:
     """A strategy object from a name, a Flash-style tuple, or a ``BaseFinetuning`` instance.
 
-    Names: "no_freeze", "freeze", "freeze_unfreeze" (unfreeze at epoch 10), "unfreeze_milestones"
-    ((5, 10), 1 layer); tuples: ("freeze_unfreeze", N), ("unfreeze_milestones", ((a, b), k)).
+    Names use the defaults above ("freeze_unfreeze": unfreeze at epoch ``DEFAULT_UNFREEZE_EPOCH``;
+    "unfreeze_milestones": ``DEFAULT_MILESTONES`` with ``DEFAULT_NUM_LAYERS`` layer); tuples:
+    ("freeze_unfreeze", N), ("unfreeze_milestones", ((a, b), k)). ``train_bn=None``: the built-in
+    strategies' default (frozen BatchNorm in eval mode). An instance is used as it is.
     """
     if isinstance(strategy, BaseFinetuning):
         return strategy
+    train_bn = BUILTIN_TRAIN_BN if train_bn is None else train_bn
     name, argument = (strategy, None) if isinstance(strategy, str) else (tuple(strategy) + (None,))[:2]
     if name == "no_freeze":
         return NoFreeze(train_bn=train_bn)
     if name == "freeze":
         return Freeze(train_bn=train_bn)
     if name == "freeze_unfreeze":
-        return FreezeUnfreeze(10 if argument is None else int(argument), train_bn=train_bn)
+        return FreezeUnfreeze(DEFAULT_UNFREEZE_EPOCH if argument is None else int(argument), train_bn=train_bn)
     if name == "unfreeze_milestones":
-        milestones, layers = ((5, 10), 1) if argument is None else argument
+        milestones, layers = (DEFAULT_MILESTONES, DEFAULT_NUM_LAYERS) if argument is None else argument
         return UnfreezeMilestones(tuple(milestones), int(layers), train_bn=train_bn)
-    raise ValueError(
+    raise ConfigError(
         f"unknown strategy {strategy!r}: use 'no_freeze', 'freeze', 'freeze_unfreeze', "
         "'unfreeze_milestones', a (name, argument) tuple, or a BaseFinetuning subclass instance"
     )
+
+
+def _layer_label(names: list[str]) -> str:
+    """A short name for a layer: the dotted prefix its parts share ("layer4"), else their roots ("conv1+bn1")."""
+    parts = [name.split(".") for name in names]
+    common = []
+    for column in zip(*parts):
+        if len(set(column)) != 1:
+            break
+        common.append(column[0])
+    if common and (len(names) > 1 or len(common) == len(parts[0])):
+        return ".".join(common)
+    return "+".join(dict.fromkeys(part[0] for part in parts))
+
+
+def layer_index(model: nn.Module) -> tuple[dict[int, int], list[str]]:
+    """``id(param) -> index of its backbone layer`` (input to output) and the layers' short names."""
+    layers = model.backbone_layers()
+    index = {id(p): i for i, layer in enumerate(layers) for p in layer.parameters()}
+    return index, [_layer_label(layer.names) for layer in layers]
+
+
+class StrategyCallback(Callback):
+    """Runs a :class:`BaseFinetuning` strategy inside the trainer, as Lightning's BaseFinetuning is a callback.
+
+    ``setup`` freezes, ``on_epoch_start`` calls ``finetune_function``. Groups a strategy adds are
+    split per backbone layer when ``layer_decay`` is set, then join the schedule (which ramps them
+    in). Its state is how many epochs' hooks ran; restoring it replays them, which rebuilds the
+    frozen/unfrozen layout and the param groups the checkpointed optimizer state expects.
+    """
+
+    def __init__(self, strategy: BaseFinetuning, layer_decay: float | None = None):
+        self.strategy = strategy
+        self.layer_decay = layer_decay
+        self.epochs_applied = 0
+        self.joined: list[str] = []  # layers that joined at the current epoch's start
+        self._added = 0  # param groups added at the current epoch's start
+        self.run = None
+
+    def setup(self, trainer, run) -> None:
+        self.run = run
+        self.strategy.freeze_before_training(run.task)
+
+    def on_epoch_start(self, trainer, run) -> None:
+        self.joined = self._apply(run, run.position.epoch)
+        if self.joined and run.is_main_process:
+            groups = run.optimizer.param_groups
+            lrs = ", ".join(f"{g['initial_lr']:.2e}" for g in groups[len(groups) - self._added:])
+            trainer.announce(f"epoch {run.position.epoch}: {', '.join(self.joined)} joined training "
+                             f"({self._added} param group(s), target lr {lrs})")
+
+    def on_validation_end(self, trainer, run, record: dict) -> None:
+        if self.joined:
+            record["joined"] = self.joined
+
+    def state_dict(self) -> dict:
+        return {"epochs_applied": self.epochs_applied}
+
+    def load_state_dict(self, state: dict) -> None:
+        for epoch in range(state.get("epochs_applied", 0)):
+            self._apply(self.run, epoch)
+
+    def _apply(self, run, epoch: int) -> list[str]:
+        """The strategy's hook for ``epoch``; returns the names of the layers whose parameters joined."""
+        optimizer = run.optimizer
+        before = len(optimizer.param_groups)
+        self.strategy.call_finetune_function(run.task, epoch, optimizer)
+        new_groups = optimizer.param_groups[before:]
+        self._added = len(new_groups)
+        self.epochs_applied = epoch + 1
+        if not new_groups:
+            return []
+        index, names = layer_index(run.task)
+        if self.layer_decay is not None and self.layer_decay != 1.0:
+            new_groups = split_by_layer(optimizer, new_groups, index, len(names), self.layer_decay)
+            self._added = len(new_groups)
+        if run.schedule is not None:
+            run.schedule.refresh()  # the new groups join the schedule (and its ramp) at this step
+        layers = sorted({index[id(p)] for g in new_groups for p in g["params"] if id(p) in index})
+        return [names[i] for i in layers] or ["(parameters outside the backbone's layers)"]

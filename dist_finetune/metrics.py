@@ -1,7 +1,10 @@
-"""Per-epoch metrics: kept in memory, printed on the main process, appended to ``metrics.jsonl``.
+"""The run's own log: one line per epoch printed and appended to ``metrics.jsonl``, and every
+``log_every_n_steps`` optimizer steps the train loss and every group's lr appended to ``steps.jsonl``.
 
-One JSON line per finished epoch, written as soon as the epoch ends, so a crash or a preemption
-never loses the epochs before it; a resumed run keeps the lines of the epochs it does not redo.
+Lines are written as soon as they are known, so a crash or a preemption never loses what came
+before; a resumed run keeps the lines up to the checkpoint it resumes from and drops the rest (the
+resumed run writes them again), so neither file ever holds an epoch or a step twice. Only the main
+process touches the files; the others receive its records.
 """
 
 from __future__ import annotations
@@ -9,37 +12,81 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from .callbacks import Callback, RunState
+from .distributed import from_main_process
 
 METRICS_FILENAME = "metrics.jsonl"
+STEPS_FILENAME = "steps.jsonl"
 
 
-class MetricsLog:
-    """The epochs' records; writes to ``output_dir/metrics.jsonl`` when an output dir is set."""
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file; a torn last line (a kill mid-write) is ignored."""
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
 
-    def __init__(self, output_dir: str | None, is_main_process: bool, keep_epochs_before: int = 0):
-        """Start the file afresh, keeping (on resume) the lines of the epochs finished before."""
-        self.path = Path(output_dir) / METRICS_FILENAME if output_dir else None
-        self.is_main_process = is_main_process
-        self.records: list[dict] = []
-        if self.path is None:
+
+def _rewrite(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def format_record(record: dict) -> str:
+    """The printed line of one epoch."""
+    lrs = ", ".join(f"{lr:.2e}" for lr in record["lr"])
+    top5 = f" top5 {record['val_top5']:.3f}" if "val_top5" in record else ""
+    best = "  *best*" if record.get("best") else ""
+    return (f"epoch {record['epoch']}: train_loss {record['train_loss']:.4f}  val_loss {record['val_loss']:.4f}  "
+            f"val_acc {record['val_acc']:.3f}{top5}  {record['images_per_s']:.1f} img/s  lr [{lrs}]{best}")
+
+
+class MetricsLogger(Callback):
+    """Prints and saves each epoch's record (``run.history``) and a per-step train loss / lr log."""
+
+    def __init__(self, log_every_n_steps: int = 10):
+        self.log_every_n_steps = log_every_n_steps
+        self._window = (0.0, 0)  # (loss sum, images) at the last step record: its loss covers the steps since
+
+    def on_fit_start(self, trainer, run: RunState) -> None:
+        position, out = run.position, run.output_dir
+        kept_epochs = position.epoch if run.resumed_from else 0
+        kept_steps = position.global_step if run.resumed_from else 0
+        records = []
+        if out is not None and run.is_main_process:
+            records = [r for r in read_jsonl(out / METRICS_FILENAME) if r["epoch"] < kept_epochs]
+            _rewrite(out / METRICS_FILENAME, records)
+            _rewrite(out / STEPS_FILENAME, [s for s in read_jsonl(out / STEPS_FILENAME) if s["step"] <= kept_steps])
+        run.history[:] = from_main_process(run.accelerator, records)
+        self._window = (position.loss_sum, position.seen)
+
+    def on_epoch_start(self, trainer, run: RunState) -> None:
+        self._window = (0.0, 0)
+
+    def on_step_end(self, trainer, run: RunState) -> None:
+        position = run.position
+        if position.global_step % self.log_every_n_steps:
             return
-        lines = self.path.read_text().splitlines() if keep_epochs_before and self.path.is_file() else []
-        self.records = [r for r in map(json.loads, lines) if r["epoch"] < keep_epochs_before]
-        if is_main_process:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-
-    def log(self, record: dict) -> None:
-        self.records.append(record)
-        if not self.is_main_process:
+        trainer.check_training(run)  # one sync of the loss totals (every rank reaches this step)
+        loss_sum, seen = self._window
+        self._window = (position.loss_sum, position.seen)
+        if run.output_dir is None or not run.is_main_process or position.seen == seen:
             return
-        lrs = ", ".join(f"{lr:.2e}" for lr in record["lr"])
-        top5 = f" top5 {record['val_top5']:.3f}" if "val_top5" in record else ""
-        tqdm.write(
-            f"epoch {record['epoch']}: train_loss {record['train_loss']:.4f}  val_loss {record['val_loss']:.4f}  "
-            f"val_acc {record['val_acc']:.3f}{top5}  {record['images_per_s']:.1f} img/s  lr [{lrs}]"
-        )
-        if self.path is not None:
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+        _append(run.output_dir / STEPS_FILENAME, {
+            "step": position.global_step, "epoch": position.epoch,
+            "train_loss": (position.loss_sum - loss_sum) / (position.seen - seen),
+            "lr": [group["lr"] for group in run.optimizer.param_groups],
+        })
+
+    def on_epoch_end(self, trainer, run: RunState, record: dict) -> None:
+        trainer.announce(format_record(record))
+        if run.output_dir is not None and run.is_main_process:
+            _append(run.output_dir / METRICS_FILENAME, record)

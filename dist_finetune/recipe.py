@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from accelerate.utils import set_seed
 
-from .config import ConfigError, RunConfig
+from .config import RunConfig
+from .errors import ConfigError
 from .data import ImageClassificationData
 from .task import ImageClassifier
 from .trainer import Trainer
@@ -38,9 +39,7 @@ def finetune_from_config(config: RunConfig, resume: str | None = None) -> tuple[
         head_hidden=model_config.head_hidden,
         head_dropout=model_config.head_dropout,
     )
-    arguments = {"freeze_unfreeze": strategy_config.unfreeze_epoch,
-                 "unfreeze_milestones": (strategy_config.milestones, strategy_config.num_layers)}
-    strategy = (strategy_config.name, arguments.get(strategy_config.name))
     trainer = Trainer(config.trainer)
-    metrics = trainer.finetune(task, data, strategy=strategy, train_bn=strategy_config.train_bn, resume=resume)
+    metrics = trainer.finetune(task, data, strategy=strategy_config.strategy(), train_bn=strategy_config.train_bn,
+                               resume=resume)
     return trainer, task, metrics

@@ -1,33 +1,47 @@
-"""Learning-rate schedules that keep working when a strategy adds a param group mid-run.
+"""Learning rates that keep working when a strategy adds a param group mid-run.
 
 torch's LambdaLR/OneCycleLR fix their per-group lists when built and fail once a group is added.
-Here every step sets ``group["lr"] = group["initial_lr"] * factor(step)`` for whatever groups exist
-now, so a group added at epoch N follows the same curve from the step it joins. Stepped once per
-optimizer step by the trainer (not through ``accelerator.prepare``, which would step it once per
-process).
+Here every step sets ``group["lr"] = group["initial_lr"] * factor(step) * ramp(group, step)`` for
+whatever groups exist now:
+
+- ``factor``: linear warmup over ``warmup_steps``, then cosine / linear decay to 0, or constant;
+  a group added at epoch N follows the same curve from the step it joins;
+- ``ramp``: a group added mid-run (``joined_step`` in its dict) ramps linearly from ~0 to 1 over
+  ``new_group_warmup_steps``. Adam-type optimizers move every weight by about lr from its first step
+  whatever its gradient's size, so an unwarmed unfreeze throws away part of what the frozen phase
+  learned; the ramp lets the moment estimates settle first.
+
+Layer-wise lr decay (timm's ``--layer-decay`` convention) splits a group that spans several
+backbone layers into one group per layer, scaled by ``decay ** distance`` from the head. The
+schedule's state and each group's ``initial_lr``/``joined_step`` are saved with the optimizer, so
+a resumed run continues the same curves. Stepped once per optimizer step by the trainer (not
+through ``accelerator.prepare``, which would step it once per process).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 
 
 class WarmupSchedule:
-    """Linear warmup over ``warmup_steps``, then cosine / linear decay to 0, or constant."""
+    """Linear warmup, then cosine / linear decay to 0, or constant; new groups ramp in."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, kind: str = "cosine"):
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
+                 kind: str = "cosine", new_group_warmup_steps: int = 0):
         if kind not in ("cosine", "linear", "constant"):
             raise ValueError(f"unknown schedule {kind!r}")
         self.optimizer = optimizer
         self.total_steps = max(1, total_steps)
         self.warmup_steps = max(0, warmup_steps)
         self.kind = kind
+        self.new_group_warmup_steps = max(0, new_group_warmup_steps)
         self.step_count = 0
-        for group in optimizer.param_groups:
-            group.setdefault("initial_lr", group["lr"])
-        self._apply()
+        for group in optimizer.param_groups:  # the groups the run starts with never ramp
+            group.setdefault("joined_step", None)
+        self.refresh()
 
     def factor(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -39,24 +53,70 @@ class WarmupSchedule:
             return 1.0 - progress
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    def _apply(self) -> None:
+    def ramp(self, group: dict, step: int) -> float:
+        """0 < ramp <= 1 for a group that joined ``step - joined_step`` steps ago; 1 for the first groups."""
+        joined = group.get("joined_step")
+        if joined is None or not self.new_group_warmup_steps:
+            return 1.0
+        return min(1.0, (step - joined + 1) / (self.new_group_warmup_steps + 1))
+
+    def refresh(self) -> None:
+        """Set every group's lr for the current step; groups added since the last call join now."""
         factor = self.factor(self.step_count)
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
-            group["lr"] = group["initial_lr"] * factor
+            group.setdefault("joined_step", self.step_count)
+            group["lr"] = group["initial_lr"] * factor * self.ramp(group, self.step_count)
 
     def step(self) -> None:
         self.step_count += 1
-        self._apply()
+        self.refresh()
 
     def get_last_lr(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]
 
     def state_dict(self) -> dict:
-        return {"step_count": self.step_count, "total_steps": self.total_steps,
-                "warmup_steps": self.warmup_steps, "kind": self.kind}
+        return {"step_count": self.step_count, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                "kind": self.kind, "new_group_warmup_steps": self.new_group_warmup_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step_count"])
         self.total_steps, self.warmup_steps, self.kind = state["total_steps"], state["warmup_steps"], state["kind"]
-        self._apply()
+        self.new_group_warmup_steps = state.get("new_group_warmup_steps", 0)
+        self.refresh()
+
+
+def layer_decay_scale(layer: int | None, num_layers: int, decay: float) -> float:
+    """``decay ** distance from the head``: the backbone's last layer is 1 away, its first ``num_layers``.
+
+    Parameters outside the backbone's layers (``layer`` None: the head) are not scaled.
+    """
+    return 1.0 if layer is None else decay ** (num_layers - layer)
+
+
+def split_by_layer(optimizer: torch.optim.Optimizer, groups: Iterable[dict], layer_of: dict[int, int],
+                   num_layers: int, decay: float) -> list[dict]:
+    """Replace each of ``groups`` (just added: no optimizer state yet) by one group per backbone layer.
+
+    ``layer_of``: ``id(param) -> layer index`` (input to output). Each new group keeps the old
+    group's settings with ``lr``/``initial_lr`` scaled by :func:`layer_decay_scale`; parameters
+    outside the layers (the head) come first, then the layers input to output. Returns the new groups.
+    """
+    groups = list(groups)
+    kept = [g for g in optimizer.param_groups if not any(g is old for old in groups)]
+    optimizer.param_groups[:] = kept
+    added = []
+    for group in groups:
+        by_layer: dict[int | None, list] = {}
+        for param in group["params"]:
+            by_layer.setdefault(layer_of.get(id(param)), []).append(param)
+        order = ([None] if None in by_layer else []) + sorted(k for k in by_layer if k is not None)
+        for layer in order:
+            scale = layer_decay_scale(layer, num_layers, decay)
+            settings = {k: v for k, v in group.items() if k != "params"}
+            settings.update(params=by_layer[layer], lr=group["lr"] * scale)
+            if "initial_lr" in group:
+                settings["initial_lr"] = group["initial_lr"] * scale
+            optimizer.add_param_group(settings)
+            added.append(optimizer.param_groups[-1])
+    return added

@@ -16,7 +16,8 @@ from torch import nn
 from . import __version__
 from .backbones import Backbone, build_backbone, layer_groups
 from .checkpoint import check_state_dict_matches, load_model, save_model
-from .data import eval_resize_size, eval_transform, is_image_file, load_rgb
+from .data import eval_resize_size, eval_transform
+from .images import list_image_files, load_rgb
 from .finetuning import keep_frozen_norms_in_eval
 
 
@@ -110,9 +111,13 @@ class ImageClassifier(nn.Module):
             "library_version": __version__,
         }
 
-    def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """Write weights + metadata as one safetensors file (atomically)."""
-        save_model(path, self.state_dict(), self.metadata())
+    def save_checkpoint(self, path: str | os.PathLike, training: dict | None = None) -> None:
+        """Write weights + metadata as one safetensors file (atomically).
+
+        ``training``: what to record of the epoch the weights come from (its number and metrics).
+        """
+        metadata = self.metadata() if training is None else {**self.metadata(), "training": training}
+        save_model(path, self.state_dict(), metadata)
 
     @classmethod
     def load_from_checkpoint(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "ImageClassifier":
@@ -157,7 +162,7 @@ class ImageClassifier(nn.Module):
     def predict(self, source: str | os.PathLike | Sequence[str], batch_size: int = 32):
         """A label for a file, a list of labels for a list, ``{path: label}`` for a folder (recursive)."""
         if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
-            paths = sorted(str(p) for p in Path(source).rglob("*") if p.is_file() and is_image_file(p))
+            paths = list_image_files(source)
             return dict(zip(paths, (label for label, _ in self.predict_with_scores(paths, batch_size))))
         if isinstance(source, (str, os.PathLike)):
             return self.predict_with_scores([str(source)], batch_size)[0][0]

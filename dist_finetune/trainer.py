@@ -1,8 +1,11 @@
 """The finetuning loop: ``Trainer(max_epochs=10).finetune(task, data, strategy="freeze_unfreeze")``.
 
-Reads top to bottom: resolve the strategy, freeze, build optimizer and loaders, prepare with
-Accelerate, then per epoch: strategy transition -> (DDP resync, rank check) -> train -> validate
--> log. Everything device-, precision- and process-specific goes through the Accelerator.
+Reads top to bottom: resolve the strategy, build one :class:`RunState`, let the callbacks set up
+(the strategy freezes), build the optimizer, restore a checkpoint, prepare with Accelerate, then per
+epoch: ``on_epoch_start`` (strategy transitions) -> DDP resync and rank check if anything changed ->
+train (``on_step_end`` after each step) -> validate -> ``on_validation_end`` -> ``on_epoch_end``.
+Everything else a run does (checkpoint cadence, preemption, the metrics log, the best model, early
+stopping, trackers) is a callback; see ``callbacks.py``.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -20,191 +22,237 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from .callbacks import Callback, CallbackList, Position, RunState
 from .config import TrainerConfig
 from .data import ImageClassificationData
 from .distributed import (
     DDPResync,
+    average_gradients,
     broadcast_buffers,
     check_rank_consistency,
     launcher_compile_settings,
     make_accelerator,
     refuse_freezing_under_sharding,
 )
-from .feature_cache import FeatureDataset, all_reduce_gradients, backbone_is_static, cache_fits, encode_dataset
-from .finetuning import BaseFinetuning, NoFreeze, resolve_strategy, trainable_parameters
-from .metrics import MetricsLog
-from .resume import (
-    Position,
-    StopSignals,
-    TrainingPreempted,
+from .errors import ConfigError, NonFiniteLossError
+from .feature_cache import epoch_loader
+from .finetuning import BaseFinetuning, NoFreeze, StrategyCallback, layer_index, resolve_strategy, trainable_parameters
+from .inference import validation_metrics
+from .metrics import MetricsLogger
+from .model_selection import MODEL_FILENAME, BestModel, EarlyStopping
+from .preemption import Preemption
+from .schedule import WarmupSchedule, split_by_layer
+from .task import ImageClassifier
+from .training_state import (
+    CheckpointCadence,
     check_signature,
     checkpoint_to_resume,
     load_training_state,
     restore_training_state,
-    save_training_state,
+    write_training_state,
 )
-from .schedule import WarmupSchedule
-from .task import ImageClassifier
 
-MODEL_FILENAME = "model.safetensors"
+__all__ = ["Trainer", "MODEL_FILENAME"]
 
 
 class Trainer:
-    """Finetunes an :class:`ImageClassifier`; settings are :class:`TrainerConfig` fields."""
+    """Finetunes an :class:`ImageClassifier`; settings are :class:`TrainerConfig` fields.
 
-    def __init__(self, config: TrainerConfig | None = None, **settings):
+    ``callbacks``: extra :class:`~dist_finetune.callbacks.Callback` objects, called after the
+    strategy and before the built-in logging, model selection, checkpointing and preemption ones.
+    """
+
+    def __init__(self, config: TrainerConfig | None = None, callbacks: list[Callback] | None = None, **settings):
         base = dataclasses.asdict(config) if config is not None else {}
         self.config = TrainerConfig(**{**base, **settings})
+        self.callbacks = list(callbacks or [])
         self.accelerator = None
-        self.model = None  # the prepared (possibly DDP-wrapped) model of the last finetune
         self.task: ImageClassifier | None = None
-        self._metrics = MetricsLog(None, is_main_process=False)
-        self.signature: dict = {}
-        self._last_saved: Path | None = None
-        self._feature_loader = None
-        self._compile_settings: tuple[str, str | None] | None = None
-        self._compiled: tuple | None = None  # (model, its compiled wrapper)
+        self.run: RunState | None = None  # the last finetune's state, for inspection; never reused
 
     # ----------------------------------------------------------------------------- public
 
     def finetune(self, task: ImageClassifier, data: ImageClassificationData, strategy="no_freeze",
-                 train_bn: bool = True, resume: str | None = None) -> list[dict]:
+                 train_bn: bool | None = None, resume: str | None = None) -> list[dict]:
         """Train ``task`` on ``data`` with a strategy; returns one metrics dict per epoch.
 
-        ``resume``: "latest" (newest intact checkpoint in output_dir; a fresh start if there is none)
-        or a checkpoint folder. Raises :class:`TrainingPreempted` after saving on SIGUSR1/SIGTERM.
+        ``train_bn``: for strategies given by name (None: the built-in default, frozen BatchNorm in
+        eval mode). ``resume``: "latest" (newest intact checkpoint in output_dir; a fresh start if
+        there is none) or a checkpoint folder. Raises ``TrainingPreempted`` after saving on
+        SIGUSR1/SIGTERM.
         """
         config = self.config
         strategy = resolve_strategy(strategy, train_bn=train_bn)
         strategy.validate(config.max_epochs)
         _check_image_size(task, data)
         checkpoint = checkpoint_to_resume(resume, config.output_dir)
-        accelerator = self._accelerator()
-        refuse_freezing_under_sharding(accelerator, freezes=not isinstance(strategy, NoFreeze))
-        self._compile_settings = ((config.compile_backend, config.compile_mode) if config.compile
-                                  else launcher_compile_settings())
-        self._compiled = None
+        refuse_freezing_under_sharding(freezes=not isinstance(strategy, NoFreeze))
+        accelerator = self._make_accelerator()
+        refuse_freezing_under_sharding(not isinstance(strategy, NoFreeze), accelerator)
         set_seed(config.seed)
-
         self._check_images(data, accelerator)
         task.labels, task.image_size = list(data.classes), data.image_size
-        signature = _run_signature(task, data, strategy)
-        strategy.freeze_before_training(task)
-        optimizer = self._build_optimizer(task)
-        saved, position = None, Position()
-        if checkpoint is not None:
-            saved = load_training_state(checkpoint, accelerator.process_index)
-            check_signature(saved["signature"], signature, checkpoint)
-            position = saved["position"]
-            for epoch in range(position.epoch + (1 if position.batch else 0)):  # rebuild the group layout
-                strategy.call_finetune_function(task, epoch, optimizer)
-            task.load_weights(saved["model"], str(checkpoint))
-        train_loader, val_loader = self._loaders(data, accelerator)
-        if self._use_channels_last(task):
-            task.to(memory_format=torch.channels_last)
-        model, optimizer, train_loader, val_loader = accelerator.prepare(task, optimizer, train_loader, val_loader)
-        steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
-        schedule = WarmupSchedule(optimizer, steps_per_epoch * config.max_epochs,
-                                  round(config.warmup_epochs * steps_per_epoch), config.scheduler)
-        if saved is not None:
-            position = restore_training_state(accelerator, saved, optimizer, schedule, data.batch_size, checkpoint)
-            self._last_saved = checkpoint
-            if accelerator.is_main_process:
-                tqdm.write(f"resumed from {checkpoint} at epoch {position.epoch}, batch {position.batch}, "
-                           f"step {position.global_step}")
-        resync = DDPResync(accelerator, model)
-        self.task, self.model, self.signature = task, model, signature
-        self._metrics = MetricsLog(config.output_dir, accelerator.is_main_process,
-                                   keep_epochs_before=position.epoch if saved is not None else 0)
-
-        with StopSignals() as stop:
-            for epoch in range(position.epoch, config.max_epochs):
-                if position.batch == 0:
-                    model = self._apply_strategy(strategy, task, epoch, optimizer, resync)
-                self.model = model
-                model.train()
-                loader, head_only = self._epoch_loader(task, data, train_loader)
-                train_stats = self._train_epoch(model, optimizer, schedule, loader, epoch, position, stop, head_only)
-                broadcast_buffers(task)  # every rank validates (and later saves) rank 0's BN statistics
-                val_stats = self._evaluate(task, val_loader)
-                self._metrics.log({"epoch": epoch, **train_stats, **val_stats,
-                                   "lr": [group["lr"] for group in optimizer.param_groups]})
-                position = Position(epoch=epoch + 1, global_step=position.global_step)
-                self._save_state(optimizer, schedule, position)
-
-        if config.check_rank_consistency:
-            check_rank_consistency(accelerator, model, optimizer, "at the end of training")
-        if config.output_dir:
-            self.save_checkpoint(Path(config.output_dir) / MODEL_FILENAME)
-        return self.metrics
+        run = RunState(config=config, accelerator=accelerator, task=task, data=data, strategy=strategy,
+                       signature=_run_signature(task, data, strategy))
+        run.callbacks = callbacks = CallbackList(self._run_callbacks(strategy))
+        self.run, self.task = run, task
+        try:
+            callbacks.call("setup", self, run)
+            run.optimizer = _build_optimizer(task, config)
+            saved = None
+            if checkpoint is not None:
+                saved = load_training_state(checkpoint, accelerator.process_index)
+                check_signature(saved["signature"], run.signature, checkpoint)
+                run.position = saved["position"]
+                callbacks.load_state_dict(saved.get("callbacks", {}))
+                task.load_weights(saved["model"], str(checkpoint))
+            self._prepare(run)
+            if saved is not None:
+                run.position = restore_training_state(accelerator, saved, run.optimizer, run.schedule,
+                                                      data.batch_size, checkpoint)
+                run.resumed_from = run.last_checkpoint = checkpoint
+                run.extras["saved_position"] = dataclasses.asdict(run.position)
+                position = run.position
+                self.announce(f"resumed from {checkpoint} at epoch {position.epoch}, batch {position.batch}, "
+                              f"step {position.global_step}")
+            callbacks.call("on_fit_start", self, run)
+            self._fit(run)
+            if config.check_rank_consistency:
+                check_rank_consistency(accelerator, run.model, run.optimizer, "at the end of training")
+            if run.stop_reason:
+                self.announce(f"training stopped: {run.stop_reason}")
+            callbacks.call("on_fit_end", self, run)
+        finally:
+            callbacks.teardown(self, run)
+        return run.history
 
     @property
     def metrics(self) -> list[dict]:
         """One dict per finished epoch of the last finetune (also in output_dir/metrics.jsonl)."""
-        return self._metrics.records
+        return self.run.history if self.run is not None else []
 
     def validate(self, task: ImageClassifier, data: ImageClassificationData) -> dict:
         """Validation loss and accuracy of ``task`` on ``data``'s val images (each counted once)."""
-        accelerator = self.accelerator or self._accelerator()
+        accelerator = self.accelerator or self._make_accelerator()
         loader = accelerator.prepare_data_loader(data.dataloader(data.val_dataset(), shuffle=False,
                                                                  local_processes=accelerator.num_processes))
         task.to(accelerator.device)
-        return self._evaluate(task, loader)
+        return validation_metrics(task, loader, accelerator)
 
     def predict(self, task: ImageClassifier, paths, batch_size: int = 32):
         """Labels for a path, a list of paths, or a folder (see :meth:`ImageClassifier.predict`)."""
         return task.predict(paths, batch_size=batch_size)
 
-    def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """Write the finetuned model (weights + metadata, safetensors) from the main process only."""
+    def save_checkpoint(self, path: str | os.PathLike, training: dict | None = None) -> None:
+        """Write the task's model file (weights + metadata, safetensors) from the main process only.
+
+        ``training``: what to record about the epoch the weights come from (epoch, metrics).
+        """
         if self.task is None:
             raise RuntimeError("save_checkpoint needs a model: call finetune first")
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            self.task.save_checkpoint(path)
+            self.task.save_checkpoint(path, training=training)
         accelerator.wait_for_everyone()
+
+    def save_training_state(self, run: RunState) -> Path | None:
+        """Write a training-state checkpoint of ``run`` now (every rank must call this; once per position)."""
+        if run.output_dir is None:
+            return None
+        self.check_training(run)  # never a checkpoint with NaN weights
+        position = dataclasses.asdict(run.position)
+        if run.extras.get("saved_position") == position:
+            return run.last_checkpoint  # this exact state is saved already: never rewrite it in place
+        run.last_checkpoint = write_training_state(
+            run.accelerator, run.output_dir, run.task.state_dict(), run.optimizer, run.schedule, run.position,
+            run.signature, run.config.keep_last, run.callbacks.state_dict())
+        run.extras["saved_position"] = position
+        return run.last_checkpoint
+
+    def check_training(self, run: RunState) -> None:
+        """One host sync: total the epoch's training loss over ranks into ``run.position``; stop on NaN.
+
+        Under fp16 a non-finite loss is a step the GradScaler skips; training stops only when every
+        loss since the previous check was non-finite (scaling cannot repair a forward overflow).
+        """
+        totals = run.extras.get("train_totals")
+        if totals is None:
+            return
+        if run.accelerator.num_processes > 1:
+            totals = run.accelerator.reduce(totals, reduction="sum")
+        loss_sum, seen, non_finite, batches = totals.tolist()
+        position = run.position
+        position.loss_sum, position.seen = loss_sum, int(seen)
+        new_non_finite, new_batches = non_finite - run.extras["checked"][0], batches - run.extras["checked"][1]
+        run.extras["checked"] = (non_finite, batches)
+        fp16 = run.accelerator.mixed_precision == "fp16"
+        if new_non_finite and (not fp16 or new_non_finite == new_batches >= run.config.check_every_n_steps):
+            last = run.last_checkpoint or "none (no checkpoint written yet)"
+            raise NonFiniteLossError(
+                f"non-finite training loss in epoch {position.epoch} by step {position.global_step} (checked every "
+                f"{run.config.check_every_n_steps} steps); last good checkpoint: {last}. Lower the lr or set "
+                "max_grad_norm.")
+
+    def announce(self, message: str) -> None:
+        """Print ``message`` once (main process), without breaking the progress bar."""
+        if self.accelerator is not None and self.accelerator.is_main_process:
+            tqdm.write(message)
 
     # ------------------------------------------------------------------------------ setup
 
-    def _accelerator(self):
+    def _make_accelerator(self):
         config = self.config
         self.accelerator = make_accelerator(config.mixed_precision, config.gradient_accumulation_steps)
         if self.accelerator.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
         return self.accelerator
 
-    @staticmethod
-    def _check_images(data: ImageClassificationData, accelerator) -> None:
-        """Scan all images before any training (the main process fills the cache, the others read it)."""
-        with accelerator.main_process_first():
-            skipped = data.check_images()
-        if skipped and accelerator.is_main_process:
-            tqdm.write(f"skipping {len(skipped)} unreadable image(s):")
-            for path, problem in sorted(skipped.items()):
-                tqdm.write(f"  {path}: {problem}")
-
-    def _build_optimizer(self, task: ImageClassifier) -> torch.optim.Optimizer:
-        params = trainable_parameters(task)
-        if not params:
-            raise ValueError("nothing to train: the strategy froze every parameter before training")
+    def _run_callbacks(self, strategy: BaseFinetuning) -> list[Callback]:
         config = self.config
-        if config.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        built_in: list[Callback] = [BestModel(config.metric_for_best, config.load_best_model_at_end)]
+        if config.early_stopping_patience is not None:
+            built_in.append(EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta,
+                                          config.metric_for_best))
+        built_in += [MetricsLogger(config.log_every_n_steps), CheckpointCadence(config.save_every_n_steps),
+                     Preemption(config.check_every_n_steps)]
+        return [StrategyCallback(strategy, config.layer_decay), *self.callbacks, *built_in]
+
+    def _check_images(self, data: ImageClassificationData, accelerator) -> None:
+        """Scan all images before any training, once per node (its first process fills the cache)."""
+        with accelerator.local_main_process_first():
+            skipped = data.check_images()
+        if skipped:
+            self.announce(f"skipping {len(skipped)} unreadable image(s):")
+            for path, problem in sorted(skipped.items()):
+                self.announce(f"  {path}: {problem}")
+
+    def _prepare(self, run: RunState) -> None:
+        """Loaders, memory format, ``accelerator.prepare``, and the schedule."""
+        config, accelerator, task = run.config, run.accelerator, run.task
+        train_loader, val_loader = self._loaders(run.data, accelerator)
+        if self._use_channels_last(task):
+            task.to(memory_format=torch.channels_last)
+        run.model, run.optimizer, run.train_loader, run.val_loader = accelerator.prepare(
+            task, run.optimizer, train_loader, val_loader)
+        run.steps_per_epoch = steps = math.ceil(len(run.train_loader) / config.gradient_accumulation_steps)
+        run.schedule = WarmupSchedule(run.optimizer, steps * config.max_epochs, round(config.warmup_epochs * steps),
+                                      config.scheduler, round(config.unfreeze_warmup_epochs * steps))
+        run.extras["compile"] = ((config.compile_backend, config.compile_mode) if config.compile
+                                 else launcher_compile_settings())
 
     def _loaders(self, data: ImageClassificationData, accelerator):
         processes = accelerator.num_processes
         local = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
         global_batch = data.batch_size * processes
         if len(data.train_paths) < global_batch:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(data.train_paths)} training images but one step needs batch_size {data.batch_size} x "
                 f"{processes} process(es) = {global_batch}: lower batch_size or add images"
             )
         pin = accelerator.device.type == "cuda"
-        train = data.dataloader(data.train_dataset(self.config.seed), shuffle=True, local_processes=local, pin_memory=pin,
-                                drop_last=True, seed=self.config.seed)
+        train = data.dataloader(data.train_dataset(self.config.seed), shuffle=True, local_processes=local,
+                                pin_memory=pin, drop_last=True, seed=self.config.seed)
         # val workers start afresh each epoch: kept alive, they would be forked after the first epoch
         # from a process whose heap then holds training's freed activations, and keep a private
         # copy of every page training rewrites (~1 GB each at 224 px on CPU)
@@ -212,174 +260,128 @@ class Trainer:
                               persistent_workers=False)
         return train, val
 
-    def _training_forward(self, model):
-        """``model``, or its torch.compile'd wrapper, compiled anew for each DDP wrapper.
-
-        Compiled outside ``accelerator.prepare`` so the DDP rebuild after an unfreeze stays possible;
-        the changed ``requires_grad`` (and a new wrapper) costs one recompilation per transition.
-        """
-        if self._compile_settings is None:
-            return model
-        if self._compiled is None or self._compiled[0] is not model:
-            backend, mode = self._compile_settings
-            self._compiled = (model, torch.compile(model, backend=backend, mode=mode))
-        return self._compiled[1]
-
     def _use_channels_last(self, task: ImageClassifier) -> bool:
         """channels_last for conv nets unless configured: faster on GPUs (tensor cores) and on CPUs (oneDNN)."""
         if self.config.channels_last is not None:
             return self.config.channels_last
         return task.is_convnet
 
-    # ------------------------------------------------------------------------------ state
+    def _training_forward(self, run: RunState):
+        """``run.model``, or its torch.compile'd wrapper, compiled anew for each DDP wrapper.
 
-    def _save_state(self, optimizer, schedule: WarmupSchedule, position: Position) -> Path | None:
-        if not self.config.output_dir:
-            return None
-        self._last_saved = save_training_state(self.accelerator, Path(self.config.output_dir), self.task.state_dict(),
-                                               optimizer, schedule, position, self.signature, self.config.keep_last)
-        return self._last_saved
+        Compiled outside ``accelerator.prepare`` so the DDP rebuild after an unfreeze stays possible;
+        the changed ``requires_grad`` (and a new wrapper) costs one recompilation per transition.
+        """
+        settings, compiled = run.extras["compile"], run.extras.get("compiled")
+        if settings is None:
+            return run.model
+        if compiled is None or compiled[0] is not run.model:
+            backend, mode = settings
+            run.extras["compiled"] = compiled = (run.model, torch.compile(run.model, backend=backend, mode=mode))
+        return compiled[1]
 
     # ----------------------------------------------------------------------------- epochs
 
-    def _apply_strategy(self, strategy: BaseFinetuning, task, epoch: int, optimizer, resync: DDPResync):
-        """Run the strategy's epoch hook; re-sync DDP and check the ranks if it changed anything."""
-        groups_before = len(optimizer.param_groups)
-        strategy.call_finetune_function(task, epoch, optimizer)
-        changed = len(optimizer.param_groups) != groups_before or resync.changed()
-        if changed and self.config.check_rank_consistency:
-            # before the DDP rebuild, whose broadcast from rank 0 would hide a rank that drifted
-            check_rank_consistency(self.accelerator, task, optimizer, f"after the strategy transition at epoch {epoch}")
-        return resync()
+    def _fit(self, run: RunState) -> None:
+        accelerator, callbacks, resync = run.accelerator, run.callbacks, DDPResync(run.accelerator, run.model)
+        while run.position.epoch < run.config.max_epochs and run.stop_reason is None:
+            epoch = run.position.epoch
+            if run.position.batch == 0:
+                groups_before = len(run.optimizer.param_groups)
+                callbacks.call("on_epoch_start", self, run)
+                if len(run.optimizer.param_groups) != groups_before or resync.changed():
+                    if run.config.check_rank_consistency:  # before the rebuild, whose broadcast would hide drift
+                        check_rank_consistency(accelerator, run.task, run.optimizer,
+                                               f"after the strategy transition at epoch {epoch}")
+                    run.model = resync()
+            run.model.train()
+            record = {"epoch": epoch, **self._train_epoch(run)}
+            broadcast_buffers(accelerator, run.task)  # every rank validates (and saves) rank 0's BN statistics
+            record.update(validation_metrics(run.task, run.val_loader, accelerator))
+            record["lr"] = [group["lr"] for group in run.optimizer.param_groups]
+            callbacks.call("on_validation_end", self, run, record)
+            run.position = Position(epoch=epoch + 1, global_step=run.position.global_step)
+            run.history.append(record)
+            callbacks.call("on_epoch_end", self, run, record)
 
-    def _epoch_loader(self, task: ImageClassifier, data: ImageClassificationData, train_loader):
-        """The images, or (backbone frozen and deterministic) cached backbone features: (loader, head_only)."""
-        accelerator = self.accelerator
-        usable = (self.config.cache_frozen_features and not data.augment and backbone_is_static(task.backbone)
-                  and cache_fits(len(data.train_paths), task.num_features))
-        if not usable:
-            self._feature_loader = None  # unfrozen (or never cacheable): free the cache
-            return train_loader, False
-        if self._feature_loader is None:
-            with accelerator.autocast():
-                features = encode_dataset(task, data.train_dataset(self.config.seed), data.batch_size,
-                                          train_loader.num_workers, accelerator.device,
-                                          accelerator.process_index, accelerator.num_processes)
-            dataset = FeatureDataset(features, data.train_labels)
-            loader = data.dataloader(dataset, shuffle=True, drop_last=True, seed=self.config.seed, num_workers=0)
-            self._feature_loader = accelerator.prepare_data_loader(loader)
-            if accelerator.is_main_process:
-                tqdm.write(f"cached frozen backbone features of {len(dataset)} images; training the head on them")
-        return self._feature_loader, True
+    def _train_epoch(self, run: RunState) -> dict:
+        """One epoch from ``run.position`` (mid-epoch after a resume), calling ``on_step_end`` per step.
 
-    def _train_epoch(self, model, optimizer, schedule: WarmupSchedule, loader, epoch: int, position: Position,
-                     stop: StopSignals, head_only: bool = False) -> dict:
-        """One epoch from ``position`` (mid-epoch after a resume); saves on cadence and on stop signals.
-
-        ``head_only``: the loader yields cached backbone features; only the head runs, and its
-        gradients are averaged over ranks here since it trains outside the DDP wrapper. The loss
-        totals stay on the device and reach the host only at checks, so a GPU step never waits.
+        On cached features (``head_only``) only the head runs, and its gradients are averaged over
+        ranks here since it trains outside the DDP wrapper. The loss totals stay on the device and
+        reach the host only at checks, so a GPU step never waits.
         """
-        accelerator, config = self.accelerator, self.config
-        loader.set_epoch(epoch)
+        accelerator, config, position, task = run.accelerator, run.config, run.position, run.task
+        loader, head_only = epoch_loader(run, self.announce)
+        run.epoch_batches = len(loader)
+        loader.set_epoch(position.epoch)
         if position.batch:
             loader = accelerator.skip_first_batches(loader, position.batch)
-            loader.set_epoch(epoch)
-        params = trainable_parameters(model)
-        forward = self.task.head if head_only else self._training_forward(model)
-        channels_last = self._use_channels_last(self.task) and not head_only
-        # [loss sum, images, non-finite losses]; totals carried over a resume count once, on rank 0
+            loader.set_epoch(position.epoch)
+        params = trainable_parameters(run.model)
+        forward = task.head if head_only else self._training_forward(run)
+        channels_last = self._use_channels_last(task) and not head_only
+        # [loss sum, images, non-finite losses, batches]; totals carried over a resume count once, on rank 0
         carried = [position.loss_sum, position.seen] if accelerator.is_main_process else [0.0, 0.0]
-        running = torch.tensor([*carried, 0.0], device=accelerator.device, dtype=torch.float64)
+        running = torch.tensor([*carried, 0.0, 0.0], device=accelerator.device, dtype=torch.float64)
+        run.extras["train_totals"], run.extras["checked"] = running, (0.0, 0.0)
         seen_before = position.seen  # a resumed epoch's images/s counts only what this run trained
         global_batch = 0
-        bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+        bar = tqdm(loader, desc=f"epoch {position.epoch}", leave=False, dynamic_ncols=True,
                    disable=True if not (config.progress_bar and accelerator.is_main_process) else None)
         start = time.perf_counter()
         for images, labels in bar:
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(run.model):
                 logits = forward(images)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and head_only:
-                    all_reduce_gradients(self.task.head, accelerator.num_processes)
+                    average_gradients(accelerator, task.head)
                 if accelerator.sync_gradients and config.max_grad_norm:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
             value = loss.detach().double()
             finite = torch.isfinite(value)
             running[0] += torch.where(finite, value * labels.numel(), 0.0)  # fp16 overflows are skipped steps
             running[1] += labels.numel()
             running[2] += (~finite).double()
+            running[3] += 1
             global_batch = global_batch or labels.numel() * accelerator.num_processes
             position.batch += 1
             position.samples_done += global_batch
             if not accelerator.sync_gradients:
                 continue
             if not accelerator.optimizer_step_was_skipped:
-                schedule.step()
+                run.schedule.step()
             position.global_step += 1
-            self._after_step(optimizer, schedule, position, running, stop)
-        self._check(optimizer, schedule, position, running, stop)  # no NaN ever reaches the epoch's checkpoint
+            if position.global_step % config.check_every_n_steps == 0:
+                self.check_training(run)
+            run.callbacks.call("on_step_end", self, run)
+        self.check_training(run)  # no NaN ever reaches the epoch's checkpoint
+        run.extras["train_totals"] = None
         elapsed = time.perf_counter() - start
         return {"train_loss": position.loss_sum / max(1, position.seen), "train_images": position.seen,
-                "images_per_s": (position.seen - seen_before) / elapsed, "epoch_time_s": elapsed}
+                "images_per_s": (position.seen - seen_before) / elapsed, "epoch_time_s": elapsed,
+                "nonfinite_losses": int(run.extras["checked"][0])}
 
-    def _after_step(self, optimizer, schedule, position: Position, running: torch.Tensor, stop: StopSignals) -> None:
-        """Check every ``check_every_n_steps`` steps and before each cadence save; save on the cadence."""
-        config = self.config
-        saving = bool(config.save_every_n_steps) and position.global_step % config.save_every_n_steps == 0
-        if saving or position.global_step % config.check_every_n_steps == 0:
-            self._check(optimizer, schedule, position, running, stop)
-        if saving:
-            self._save_state(optimizer, schedule, position)
 
-    def _check(self, optimizer, schedule, position: Position, running: torch.Tensor, stop: StopSignals) -> None:
-        """Read the totals (one host sync, summed over ranks so all agree); stop on a NaN loss or a signal."""
-        accelerator = self.accelerator
-        stop_flag = torch.tensor([float(stop.received or 0)], device=running.device, dtype=running.dtype)
-        totals = torch.cat([running, stop_flag])
-        if accelerator.num_processes > 1:
-            totals = accelerator.reduce(totals, reduction="sum")
-        loss_sum, seen, non_finite, signalled = totals.tolist()
-        position.loss_sum, position.seen = loss_sum, int(seen)
-        if non_finite and accelerator.mixed_precision != "fp16":  # fp16 overflows are the GradScaler's to skip
-            last = self._last_saved or "none (no checkpoint written yet)"
-            raise FloatingPointError(
-                f"non-finite training loss in epoch {position.epoch} by step {position.global_step} (checked every "
-                f"{self.config.check_every_n_steps} steps); last good checkpoint: {last}. Lower the lr or set "
-                "max_grad_norm.")
-        if signalled:
-            if not self.config.output_dir:
-                raise TrainingPreempted(Path("(nowhere: no output_dir)"), "a stop signal")
-            saved = self._save_state(optimizer, schedule, position)
-            raise TrainingPreempted(saved, signal.Signals(stop.received).name if stop.received else "a peer rank")
-
-    @torch.no_grad()
-    def _evaluate(self, task: ImageClassifier, loader) -> dict:
-        """Loss and top-1 (top-5 above 5 classes) with every val image counted exactly once."""
-        accelerator = self.accelerator
-        was_training = task.training
-        task.eval()
-        top_k = 5 if task.num_classes > 5 else 1
-        results = []
-        for images, labels in loader:
-            logits = task(images).float()
-            losses = F.cross_entropy(logits, labels, reduction="none")
-            hits = logits.topk(top_k, dim=1).indices.eq(labels[:, None])
-            per_image = torch.stack([losses, hits[:, 0].double(), hits.any(dim=1).double()], dim=1)
-            results.append(accelerator.gather_for_metrics(per_image.double()))
-        task.train(was_training)
-        totals = torch.cat(results).sum(dim=0) if results else torch.zeros(3)
-        count = sum(len(r) for r in results)
-        stats = {"val_loss": totals[0].item() / max(1, count), "val_acc": totals[1].item() / max(1, count),
-                 "val_images": count}
-        if top_k == 5:
-            stats["val_top5"] = totals[2].item() / max(1, count)
-        return stats
+def _build_optimizer(task: ImageClassifier, config: TrainerConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD over what trains now; with ``layer_decay``, one group per trainable backbone layer."""
+    params = trainable_parameters(task)
+    if not params:
+        raise ConfigError("nothing to train: the strategy froze every parameter before training")
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.layer_decay is not None and config.layer_decay != 1.0:
+        index, names = layer_index(task)
+        if any(id(p) in index for p in params):
+            split_by_layer(optimizer, list(optimizer.param_groups), index, len(names), config.layer_decay)
+    return optimizer
 
 
 def _run_signature(task: ImageClassifier, data: ImageClassificationData, strategy: BaseFinetuning) -> dict:
@@ -392,7 +394,7 @@ def _run_signature(task: ImageClassifier, data: ImageClassificationData, strateg
 
 def _check_image_size(task: ImageClassifier, data: ImageClassificationData) -> None:
     if task.fixed_image_size is not None and data.image_size != task.fixed_image_size:
-        raise ValueError(
+        raise ConfigError(
             f"backbone {task.backbone_name} takes {task.fixed_image_size}px images (learned position "
             f"embeddings) but the data is set to image_size={data.image_size}; use image_size="
             f"{task.fixed_image_size}"

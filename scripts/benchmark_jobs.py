@@ -119,23 +119,24 @@ def autocast_dtype(mixed_precision: str):
 # ------------------------------------------------------------------------- (a) the Trainer
 
 
-def instrument(strategy, on_epoch):
-    """The same strategy object, with ``on_epoch(epoch)`` called at the start of every epoch.
+def epoch_probe(on_epoch):
+    """A trainer callback: ``on_epoch(epoch)`` at the start of every epoch (it reads the clock and the
+    memory peaks there), and which epochs trained the head on cached features."""
+    from dist_finetune.callbacks import Callback
+    from dist_finetune.feature_cache import CACHE_KEY
 
-    The Trainer calls ``strategy.call_finetune_function`` once per epoch before training it; the
-    hook reads the clock and the memory peaks there, before the strategy changes anything.
-    """
-    base = type(strategy)
+    class EpochProbe(Callback):
+        def __init__(self):
+            self.cached_epochs: list[int] = []
 
-    class Instrumented(base):  # type: ignore[misc, valid-type]
-        def finetune_function(self, model, epoch, optimizer):
-            on_epoch(epoch)
-            return base.finetune_function(self, model, epoch, optimizer)
+        def on_epoch_start(self, trainer, run) -> None:
+            on_epoch(run.position.epoch)
 
-    Instrumented.__name__ = Instrumented.__qualname__ = base.__name__
-    probe = Instrumented.__new__(Instrumented)
-    probe.__dict__.update(strategy.__dict__)
-    return probe
+        def on_epoch_end(self, trainer, run, record) -> None:
+            if CACHE_KEY in run.extras:
+                self.cached_epochs.append(record["epoch"])
+
+    return EpochProbe()
 
 
 def job_trainer(job: dict, common: dict) -> dict:
@@ -161,10 +162,12 @@ def job_trainer(job: dict, common: dict) -> dict:
                       "rss_mib": round(current_rss_mib(), 1), "peak_gpu_mib": gpu_peak_mib(device, reset=True),
                       "workers_uss_mib": workers_uss_mib()})
 
-    strategy = instrument(resolve_strategy(strategy_spec, train_bn=job["train_bn"]), on_epoch)
+    strategy = resolve_strategy(strategy_spec, train_bn=job["train_bn"])
+    probe = epoch_probe(on_epoch)
     trainer = Trainer(max_epochs=job["epochs"], lr=common["lr"], progress_bar=False,
                       mixed_precision=common["mixed_precision"], seed=common["seed"],
-                      cache_frozen_features=job.get("cache_frozen_features", True), compile=common["compile"])
+                      cache_frozen_features=job.get("cache_frozen_features", True), compile=common["compile"],
+                      load_best_model_at_end=False, callbacks=[probe])
     rss_before_finetune = current_rss_mib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -195,7 +198,7 @@ def job_trainer(job: dict, common: dict) -> dict:
         })
     return {
         "strategy": job["strategy"], "train_bn": job["train_bn"], "augment": data.augment, "epochs": epochs,
-        "feature_cache_used": trainer._feature_loader is not None,  # a cache row that trained on features
+        "feature_cache_used": bool(probe.cached_epochs),  # a cache row that trained on features
         "device": str(device), "torch_threads": torch.get_num_threads(),
         "num_workers": _resolved_workers(data),
         "channels_last": uses_channels_last(task, device),

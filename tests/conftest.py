@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,17 @@ from PIL import Image
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import tiny_resnet  # noqa: E402,F401  (registers the "tiny_resnet" backbone the tests train)
+
 CLASSES = ("blue", "green", "red")
+BACKBONE = "tiny_resnet"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (for a rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def write_image_folder(root: Path, classes=CLASSES, per_class: int = 8, size: int = 40, seed: int = 0) -> Path:

@@ -4,8 +4,9 @@
 
 Scenarios: strategies (freeze_unfreeze, unfreeze_milestones, the guide's custom strategy, in turn),
 equivalence (one deterministic run), perturb (rank 1 alters a weight at a transition), no_resync
-(the DDP rebuild switched off, to show the drift it prevents), compiled (equivalence under
-torch.compile, aot_eager backend).
+(a plain Accelerate loop that unfreezes after ``prepare`` without rebuilding DDP: the drift the
+trainer prevents), compiled (torch.compile, aot_eager backend, augmentation on so the compiled
+forward runs before and after the DDP rebuild).
 """
 
 from __future__ import annotations
@@ -14,18 +15,18 @@ import json
 import sys
 from pathlib import Path
 
+import tiny_resnet  # noqa: F401  (registers the test backbone)
 import torch
-import torch.distributed as dist
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from dist_finetune import ImageClassificationData, ImageClassifier, Trainer, seed_everything
-from dist_finetune.distributed import DDPResync
+from dist_finetune.callbacks import Callback
+from dist_finetune.distributed import make_accelerator
 from dist_finetune.finetuning import BaseFinetuning, FreezeUnfreeze, UnfreezeMilestones
 from test_strategies import FeatureExtractorFreezeUnfreeze as GuideStrategy  # the Flash guide's example
 
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+BACKBONE = "tiny_resnet"
 
 
 class PerturbRankOne(FreezeUnfreeze):
@@ -33,59 +34,111 @@ class PerturbRankOne(FreezeUnfreeze):
 
     def finetune_function(self, model, epoch, optimizer):
         super().finetune_function(model, epoch, optimizer)
-        if epoch == self.unfreeze_epoch and rank() == 1:
+        if epoch == self.unfreeze_epoch and torch.distributed.get_rank() == 1:
             with torch.no_grad():
                 model.head.layers[-1].weight[0, 0] += 1e-3
 
 
-def snapshotting(strategy: BaseFinetuning, out: Path) -> BaseFinetuning:
-    """Save this rank's parameters at the start of every epoch (before any transition)."""
-    original = strategy.call_finetune_function
+class Snapshots(Callback):
+    """Each rank saves its own parameters at every epoch start (after the strategy's transition,
+    before the trainer rebuilds DDP, whose broadcast from rank 0 would hide a drift), its locally
+    computed validation metrics, and the lrs of every group."""
 
-    def call(model, epoch, optimizer):
-        params = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}
-        save_file(params, out / f"rank{rank()}_epoch{epoch}.safetensors")
-        original(model, epoch, optimizer)
+    def __init__(self, out: Path):
+        self.out = out
+        self.local: list[dict] = []
+        self.graphs_at_epoch_start: list[int] = []  # torch.compile graphs compiled so far
 
-    strategy.call_finetune_function = call
-    return strategy
+    def on_epoch_start(self, trainer, run) -> None:
+        rank = run.accelerator.process_index
+        self.graphs_at_epoch_start.append(torch._dynamo.utils.counters["aot_autograd"]["ok"])
+        params = {n: p.detach().cpu().contiguous() for n, p in run.task.named_parameters()}
+        save_file(params, self.out / f"rank{rank}_epoch{run.position.epoch}.safetensors")
+
+    def on_validation_end(self, trainer, run, record) -> None:
+        """What this rank's own model scores on the whole val set, evaluated here alone (no sharding,
+        no gathering): compared across ranks and with the gathered metrics by the test."""
+        task, hits, losses, count = run.task.eval(), 0, 0.0, 0
+        with torch.no_grad():
+            for images, labels in torch.utils.data.DataLoader(run.data.val_dataset(), batch_size=5):
+                logits = task(images).float()
+                hits += int((logits.argmax(1) == labels).sum())
+                losses += float(F.cross_entropy(logits, labels, reduction="sum"))
+                count += len(labels)
+        self.local.append({"epoch": record["epoch"], "hits": hits, "loss_sum": losses, "count": count,
+                           "lr": record["lr"]})
 
 
-def train(strategy: BaseFinetuning, data_root: Path, out: Path, batch_size: int, epochs: int = 3, **settings):
+def train(strategy: BaseFinetuning, data_root: Path, out: Path, batch_size: int, epochs: int = 3, augment=False,
+          **settings):
+    out.mkdir(parents=True, exist_ok=True)
+    data = ImageClassificationData.from_folders(str(data_root / "train"), str(data_root / "val"), image_size=32,
+                                                batch_size=batch_size, num_workers=0, augment=augment)
+    seed_everything(0)
+    task = ImageClassifier(data.num_classes, backbone=BACKBONE, pretrained=False)
+    snapshots = Snapshots(out)
+    # the last epoch's weights stay in the task (rank_final files); model.safetensors is the best epoch's
+    trainer = Trainer(max_epochs=epochs, lr=1e-2, seed=0, progress_bar=False, output_dir=str(out),
+                      load_best_model_at_end=False, callbacks=[snapshots], **settings)
+    metrics = trainer.finetune(task, data, strategy=strategy)
+    rank = trainer.accelerator.process_index
+    state = {n: t.detach().cpu().contiguous() for n, t in task.state_dict().items()}
+    save_file(state, out / f"rank{rank}_final.safetensors")
+    report = {"rank": rank, "world_size": trainer.accelerator.num_processes, "metrics": metrics,
+              "local": snapshots.local, "device": str(trainer.accelerator.device),
+              "graphs_at_epoch_start": snapshots.graphs_at_epoch_start,
+              "compiled_graphs": torch._dynamo.utils.counters["aot_autograd"]["ok"]}
+    (out / f"rank{rank}_report.json").write_text(json.dumps(report))
+
+
+def train_without_resync(data_root: Path, out: Path, batch_size: int) -> None:
+    """The trap, in a plain Accelerate loop: DDP wrapped while the backbone was frozen, then unfrozen."""
     out.mkdir(parents=True, exist_ok=True)
     data = ImageClassificationData.from_folders(str(data_root / "train"), str(data_root / "val"), image_size=32,
                                                 batch_size=batch_size, num_workers=0, augment=False)
+    accelerator = make_accelerator("no")
     seed_everything(0)
-    task = ImageClassifier(data.num_classes, backbone="resnet18", pretrained=False)
-    trainer = Trainer(max_epochs=epochs, lr=1e-2, seed=0, progress_bar=False, output_dir=str(out), **settings)
-    metrics = trainer.finetune(task, data, strategy=snapshotting(strategy, out))
+    task = ImageClassifier(data.num_classes, backbone=BACKBONE, pretrained=False)
+    task.backbone.requires_grad_(False)
+    optimizer = torch.optim.AdamW(task.parameters(), lr=1e-2)  # frozen params get no grad until unfrozen
+    loader = data.dataloader(data.train_dataset(), shuffle=True, drop_last=True, seed=0)
+    model, optimizer, loader = accelerator.prepare(task, optimizer, loader)
+    for epoch in range(3):
+        if epoch == 1:
+            task.backbone.requires_grad_(True)  # what an unfreeze after prepare does, with no DDP rebuild
+        loader.set_epoch(epoch)
+        for images, labels in loader:
+            loss = F.cross_entropy(model(images), labels)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
     state = {n: t.detach().cpu().contiguous() for n, t in task.state_dict().items()}
-    save_file(state, out / f"rank{rank()}_final.safetensors")
-    report = {"rank": rank(), "world_size": trainer.accelerator.num_processes, "metrics": metrics,
-              "device": str(trainer.accelerator.device),
-              "compiled_graphs": torch._dynamo.utils.counters["aot_autograd"]["ok"]}
-    (out / f"rank{rank()}_report.json").write_text(json.dumps(report))
+    save_file(state, out / f"rank{accelerator.process_index}_final.safetensors")
+    accelerator.end_training()
 
 
 def main() -> None:
     scenario, data_root, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     batch_size = int(sys.argv[4]) if len(sys.argv) > 4 else 4
     if scenario == "strategies":
-        train(FreezeUnfreeze(unfreeze_epoch=1), data_root, out / "freeze_unfreeze", batch_size)
-        train(UnfreezeMilestones((1, 2), num_layers=2), data_root, out / "unfreeze_milestones", batch_size)
+        train(FreezeUnfreeze(unfreeze_epoch=1, train_bn=True), data_root, out / "freeze_unfreeze", batch_size)
+        train(UnfreezeMilestones((1, 2), num_layers=2, train_bn=True), data_root, out / "unfreeze_milestones",
+              batch_size)
         train(GuideStrategy(unfreeze_epoch=1), data_root, out / "custom", batch_size)
     elif scenario == "equivalence":
         # contiguous layout: oneDNN's channels_last kernels depend on the batch size, and their other
         # summation order outgrows the 1e-4 bound over 9 Adam steps; this compares the data split
         train(FreezeUnfreeze(unfreeze_epoch=1, train_bn=False), data_root, out, batch_size, channels_last=False)
     elif scenario == "compiled":
-        train(FreezeUnfreeze(unfreeze_epoch=1, train_bn=False), data_root, out, batch_size, channels_last=False,
-              compile=True, compile_backend="aot_eager")
+        train(FreezeUnfreeze(unfreeze_epoch=1, train_bn=False), data_root, out, batch_size, augment=True,
+              channels_last=False, compile=True, compile_backend="aot_eager")
+    elif scenario == "eager_augmented":
+        train(FreezeUnfreeze(unfreeze_epoch=1, train_bn=False), data_root, out, batch_size, augment=True,
+              channels_last=False)
     elif scenario == "perturb":
-        train(PerturbRankOne(unfreeze_epoch=1), data_root, out, batch_size)
+        train(PerturbRankOne(unfreeze_epoch=1, train_bn=True), data_root, out, batch_size)
     elif scenario == "no_resync":
-        DDPResync.__call__ = lambda self: self.wrapped  # what a runner without the rebuild does
-        train(FreezeUnfreeze(unfreeze_epoch=1), data_root, out, batch_size, check_rank_consistency=False)
+        train_without_resync(data_root, out, batch_size)
     else:
         raise SystemExit(f"unknown scenario {scenario}")
 

@@ -12,8 +12,10 @@ from conftest import tiny_trainer, write_image_folder
 from PIL import Image
 
 from dist_finetune import ImageClassificationData, ImageClassifier
-from dist_finetune import data as data_module
-from dist_finetune.data import DataError, scan_images
+from dist_finetune.checkpoint import read_metadata
+from dist_finetune import images as images_module
+from dist_finetune.errors import DataError
+from dist_finetune.images import scan_images
 from dist_finetune.finetuning import FreezeUnfreeze
 
 
@@ -45,14 +47,14 @@ def test_scan_finds_exactly_the_bad_files_and_caches(messy, monkeypatch, tmp_pat
     assert "truncated" in problems[str(root / "red" / "truncated.jpg")]
     assert "empty file" in problems[str(root / "red" / "empty.png")]
     calls = []
-    monkeypatch.setattr(data_module, "image_problem", lambda path: calls.append(path))
+    monkeypatch.setattr(images_module, "image_problem", lambda path: calls.append(path))
     assert scan_images(paths, tmp_path / "scan.json") == problems and calls == []  # all from the cache
 
 
 def test_bad_file_stops_the_run_before_training(messy):
     root, bad = messy
     data = ImageClassificationData.from_folders(str(root), val_split=0.25, image_size=32, batch_size=4, num_workers=0)
-    task = ImageClassifier(3, "resnet18", pretrained=False)
+    task = ImageClassifier(3, "tiny_resnet", pretrained=False)
     before = {n: p.clone() for n, p in task.named_parameters()}
     with pytest.raises(DataError, match=r"cannot read image .*red/(empty|notes|truncated).*\(2 more unreadable\)"):
         tiny_trainer(max_epochs=1).finetune(task, data, "no_freeze")
@@ -63,7 +65,7 @@ def test_skip_bad_images_trains_on_the_rest(messy, capsys):
     root, bad = messy
     data = ImageClassificationData.from_folders(str(root), val_split=0.25, image_size=32, batch_size=4,
                                                 num_workers=0, skip_bad_images=True)
-    metrics = tiny_trainer(max_epochs=1).finetune(ImageClassifier(3, "resnet18", pretrained=False), data, "no_freeze")
+    metrics = tiny_trainer(max_epochs=1).finetune(ImageClassifier(3, "tiny_resnet", pretrained=False), data, "no_freeze")
     assert not bad & set(data.train_paths + data.val_paths)
     assert metrics[0]["train_images"] > 0
     printed = capsys.readouterr().out
@@ -91,12 +93,16 @@ def test_non_finite_loss_stops_with_epoch_step_and_last_checkpoint(image_folders
     trainer = tiny_trainer(max_epochs=2, output_dir=str(tmp_path), check_every_n_steps=check_every)
     expected = rf"in epoch 1 by step {step} \(checked every {check_every} steps\); last good checkpoint: .*step-00000006"
     with pytest.raises(FloatingPointError, match=expected):
-        trainer.finetune(ImageClassifier(3, "resnet18", pretrained=False), data, Poison(unfreeze_epoch=1))
-    assert not (tmp_path / "model.safetensors").exists()
+        trainer.finetune(ImageClassifier(3, "tiny_resnet", pretrained=False), data, Poison(unfreeze_epoch=1))
+    # the model file is the best finished epoch's (0), never a poisoned one
+    kept = ImageClassifier.load_from_checkpoint(tmp_path / "model.safetensors")
+    assert read_metadata(tmp_path / "model.safetensors")["training"]["epoch"] == 0
+    assert all(torch.isfinite(t).all() for t in kept.state_dict().values())
+    assert not (tmp_path / "last.safetensors").exists()
 
 
 def test_batch_larger_than_the_data_is_refused(tmp_path):
     root = write_image_folder(tmp_path / "train", per_class=2, size=16)
     data = ImageClassificationData.from_folders(str(root), val_split=0.5, image_size=16, batch_size=8, num_workers=0)
     with pytest.raises(ValueError, match="3 training images but one step needs batch_size 8"):
-        tiny_trainer(max_epochs=1).finetune(ImageClassifier(3, "resnet18", pretrained=False), data, "freeze")
+        tiny_trainer(max_epochs=1).finetune(ImageClassifier(3, "tiny_resnet", pretrained=False), data, "freeze")

@@ -23,15 +23,36 @@ def test_yaml_then_overrides(tmp_path):
     ({"strategy": {"name": "thaw"}}, "unknown strategy"),
     ({"trainer": {"lr": -1}}, "lr must be positive"),
     ({"strategy": {"name": "unfreeze_milestones", "milestones": [3, 2]}}, "increasing"),
-    ({"strategy": {"name": "freeze_unfreeze", "unfreeze_epoch": 10}, "trainer": {"max_epochs": 10}},
-     "past the last epoch"),
-    ({"strategy": {"name": "unfreeze_milestones", "milestones": [1, 12]}}, "reach past the last epoch"),
+    ({"strategy": {"name": "freeze_unfreeze", "unfreeze_epoch": -1}}, "unfreeze_epoch must be >= 0"),
+    ({"strategy": {"name": "unfreeze_milestones", "milestones": [-1, 2]}}, "increasing"),
+    ({"trainer": {"metric_for_best": "val_f1"}}, "metric_for_best must be one of"),
+    ({"trainer": {"layer_decay": 1.5}}, "layer_decay must be in"),
     ({"trainer": {"mixed_precision": "fp8"}}, "mixed_precision"),
     ({"data": {"batch_size": 0}}, "batch_size"),
 ])
 def test_invalid_configs_are_rejected(raw, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(raw)
+
+
+def test_schedules_past_the_last_epoch_are_valid_configs():
+    """As in Flash, an unfreeze at or past max_epochs is allowed (the run warns and trains frozen)."""
+    config = config_from_dict({"strategy": {"name": "freeze_unfreeze", "unfreeze_epoch": 10},
+                               "trainer": {"max_epochs": 10}})
+    assert config.strategy.strategy() == ("freeze_unfreeze", 10)
+    config = config_from_dict({"strategy": {"name": "unfreeze_milestones", "milestones": [1, 12]}})
+    assert config.strategy.strategy() == ("unfreeze_milestones", ((1, 12), config.strategy.num_layers))
+
+
+def test_strategy_defaults_are_defined_once():
+    """The CLI/YAML defaults are the Python API's: the same strategy objects come out of both."""
+    from dist_finetune.config import StrategyConfig
+    from dist_finetune.finetuning import FreezeUnfreeze, UnfreezeMilestones, resolve_strategy
+
+    for name, cls in (("freeze_unfreeze", FreezeUnfreeze), ("unfreeze_milestones", UnfreezeMilestones)):
+        section = StrategyConfig(name=name)
+        from_config = resolve_strategy(section.strategy(), train_bn=section.train_bn)
+        assert from_config.describe() == resolve_strategy(name).describe() == cls().describe()
 
 
 def test_unknown_override_and_missing_file(tmp_path):

@@ -9,7 +9,9 @@ from conftest import write_image_folder
 from PIL import Image
 
 from dist_finetune import ImageClassificationData
-from dist_finetune.data import DataError, eval_resize_size, load_rgb, stratified_split
+from dist_finetune.data import eval_resize_size, stratified_split
+from dist_finetune.errors import DataError
+from dist_finetune.images import load_rgb
 
 
 def test_from_folders_reads_classes_in_the_same_order(image_folders, tiny_data):
@@ -58,7 +60,7 @@ def test_mixed_modes_train_end_to_end(tmp_path):
         mode = ["L", "RGBA", "P", "LA"][index % 4]
         Image.open(path).convert(mode).save(path)
     data = ImageClassificationData.from_folders(str(root), val_split=0.25, image_size=32, batch_size=3, num_workers=0)
-    metrics = tiny_trainer(max_epochs=1).finetune(ImageClassifier(3, "resnet18", pretrained=False), data, "no_freeze")
+    metrics = tiny_trainer(max_epochs=1).finetune(ImageClassifier(3, "tiny_resnet", pretrained=False), data, "no_freeze")
     assert metrics[0]["val_images"] == 3
 
 

@@ -17,7 +17,7 @@ from dist_finetune.finetuning import FreezeUnfreeze
 
 def finetune(data, **settings) -> tuple[ImageClassifier, list[dict]]:
     torch.manual_seed(0)
-    task = ImageClassifier(data.num_classes, "resnet18", pretrained=False)
+    task = ImageClassifier(data.num_classes, "tiny_resnet", pretrained=False)
     metrics = tiny_trainer(max_epochs=2, **settings).finetune(task, data, FreezeUnfreeze(unfreeze_epoch=1))
     return task, metrics
 

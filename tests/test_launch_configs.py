@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 from accelerate.utils import ComputeEnvironment, DistributedType
 
@@ -54,11 +54,6 @@ def load(name: str) -> ClusterConfig:
     assert cfg.compute_environment == ComputeEnvironment.LOCAL_MACHINE
     return cfg
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_env(**extra: str) -> dict:

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distributed import ENV, free_port
+from conftest import free_port
+from test_distributed import ENV
 
-from dist_finetune.checkpoint import CheckpointError
-from dist_finetune.resume import PREEMPTED_EXIT_CODE
+from dist_finetune.errors import CheckpointError
+from dist_finetune.preemption import PREEMPTED_EXIT_CODE
 
 WORKER = Path(__file__).with_name("resume_worker.py")
 STEPS_PER_EPOCH = 6  # 24 training images, batch 4: the backbone unfreezes between steps 6 and 7
@@ -30,14 +31,17 @@ def run(data: Path, out: Path, *args: str, processes: int = 1) -> subprocess.Com
                           env=ENV, timeout=600)
 
 
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(out / "model.safetensors")
+def final_weights(out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The last epoch's model and the best epoch's."""
+    return {name: load_file(out / name) for name in ("last.safetensors", "model.safetensors")}
 
 
 def assert_bit_identical(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
-    different = [n for n in a if not torch.equal(a[n], b[n])]
-    assert not different, f"differs in {different[:5]}"
+    for name in a:
+        assert a[name].keys() == b[name].keys()
+        different = [n for n in a[name] if not torch.equal(a[name][n], b[name][n])]
+        assert not different, f"{name} differs in {different[:5]}"
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +59,7 @@ def baselines(image_folders, tmp_path_factory) -> dict[int, Path]:
 @pytest.mark.parametrize("processes, kill_at", [(1, 5), (1, 6), (1, 7), (2, 7)])
 def test_sigkill_then_resume_is_bit_identical(image_folders, baselines, tmp_path, processes, kill_at):
     killed = run(image_folders, tmp_path, "--kill-at", str(kill_at), processes=processes)
-    assert killed.returncode != 0 and not (tmp_path / "model.safetensors").exists()
+    assert killed.returncode != 0 and not (tmp_path / "last.safetensors").exists()
     resumed = run(image_folders, tmp_path, "--resume", "latest", processes=processes)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"step {kill_at - 1}" in resumed.stdout  # resumed from the last checkpoint before the kill
@@ -100,14 +104,14 @@ def test_resume_latest_without_checkpoints_starts_fresh(image_folders, baselines
 
 def test_resume_refuses_another_run(image_folders, tmp_path):
     run(image_folders, tmp_path, "--kill-at", "3")
-    for args, message in ((["--backbone", "resnet34"], "backbone: checkpoint has 'resnet18'"),
+    for args, message in ((["--backbone", "resnet18"], "backbone: checkpoint has 'tiny_resnet'"),
                           (["--strategy", "no_freeze"], "strategy: checkpoint has")):
         result = run(image_folders, tmp_path, "--resume", "latest", *args)
         assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     fresh = run(image_folders, tmp_path)
     assert fresh.returncode != 0 and "already holds checkpoints" in fresh.stderr
     with pytest.raises(CheckpointError, match="incomplete"):
-        from dist_finetune.resume import find_checkpoint
+        from dist_finetune.training_state import find_checkpoint
 
         broken = tmp_path / "checkpoints" / "step-00000099"
         broken.mkdir()

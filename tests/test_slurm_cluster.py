@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 import torch
 
 from slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
@@ -46,11 +46,6 @@ os.write(1, ("FAKE_RUNNER " + json.dumps(info) + "\n").encode())
 acc.end_training()
 '''
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fake_package(tmp_path: Path) -> Path:
@@ -127,13 +122,13 @@ def _write_images(root: Path, classes=("cat", "dog"), per_class: int = 8, size: 
 
 
 def _submit_training(cluster, tmp_path: Path, epochs: int) -> tuple[str, Path, Path]:
-    """slurm_multi_node.sbatch on 2 nodes x 1 CPU process, resnet18 on 2 x 8 tiny images.
+    """slurm_multi_node.sbatch on 2 nodes x 1 CPU process, timm's tiny test_resnet on 2 x 8 tiny images.
     Returns (job id, output dir, log)."""
     data, out, workdir, log = tmp_path / "data", tmp_path / "out", tmp_path / "work", tmp_path / "job.out"
     _write_images(data)
     workdir.mkdir()
     args = ["--train-folder", str(data / "train"), "--val-folder", str(data / "val"),
-            "--backbone", "resnet18", "--no-pretrained", "--image-size", "32", "--batch-size", "4",
+            "--backbone", "timm:test_resnet", "--no-pretrained", "--image-size", "32", "--batch-size", "4",
             "--max-epochs", str(epochs), "--strategy", "freeze_unfreeze", "--unfreeze-epoch", "1",
             "--num-workers", "0", "--no-progress-bar", "--output-dir", str(out)]
     job = submit(cluster, MULTI, args, nodes=2, workdir=workdir, log=log,
@@ -156,7 +151,7 @@ def test_multi_node_training_on_cpu(uninterrupted):
     """slurm_multi_node.sbatch, unchanged, trains on 2 nodes x 1 CPU process (world size 2)."""
     info, out, text = uninterrupted
     assert info["JobState"] == "COMPLETED", f"{info.get('JobState')} {info.get('ExitCode')}\n{text}"
-    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"], text
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["last.safetensors", "model.safetensors"], text
     assert "world size 2 on CPU" in text
     for rank, node in ((0, "n1"), (1, "n2")):
         assert re.search(rf"^{rank}: \[slurm_multi_node\] node {rank} of 2 \({node}\): "
@@ -198,11 +193,12 @@ def test_multi_node_training_preempted_and_resumed(slurm_cluster, tmp_path, unin
     # both nodes, both runs
     assert len(re.findall(r"^\d: \[slurm_multi_node\] node .* --resume latest$", text, re.M)) == 4
     assert text.rstrip().endswith("training finished")
-    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["last.safetensors", "model.safetensors"]
     logged = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
     assert logged == list(range(epochs)), text
     from safetensors.torch import load_file
 
-    resumed, reference = load_file(out / "model.safetensors"), load_file(uninterrupted[1] / "model.safetensors")
-    assert resumed.keys() == reference.keys()
-    assert all(torch.equal(resumed[k], reference[k]) for k in reference), "resumed weights differ"
+    for name in ("last.safetensors", "model.safetensors"):  # the final weights, and the best epoch's
+        resumed, reference = load_file(out / name), load_file(uninterrupted[1] / name)
+        assert resumed.keys() == reference.keys()
+        assert all(torch.equal(resumed[k], reference[k]) for k in reference), f"resumed {name} differs"

@@ -27,7 +27,7 @@ def recording(strategy: BaseFinetuning) -> BaseFinetuning:
 
 
 def run(strategy, data, epochs=3, **settings):
-    task = ImageClassifier(data.num_classes, backbone="resnet18", pretrained=False)
+    task = ImageClassifier(data.num_classes, backbone="tiny_resnet", pretrained=False)
     strategy = recording(strategy)
     tiny_trainer(max_epochs=epochs, **settings).finetune(task, data, strategy=strategy)
     final = {n: p.detach().clone() for n, p in task.named_parameters()}
@@ -110,7 +110,7 @@ class FeatureExtractorFreezeUnfreeze(BaseFinetuning):
 
 
 def test_guide_custom_strategy_and_schedule_after_group_added(tiny_data):
-    task = ImageClassifier(tiny_data.num_classes, backbone="resnet18", pretrained=False)
+    task = ImageClassifier(tiny_data.num_classes, backbone="tiny_resnet", pretrained=False)
     trainer = tiny_trainer(max_epochs=4, warmup_epochs=1)
     metrics = trainer.finetune(task, tiny_data, strategy=FeatureExtractorFreezeUnfreeze(unfreeze_epoch=2))
     lrs = [record["lr"] for record in metrics]
@@ -143,14 +143,36 @@ def test_schedule_handles_group_added_midway():
 
 @pytest.mark.parametrize("strategy, message", [
     ("freeze_everything", "unknown strategy"),
-    (("freeze_unfreeze", 3), "unfreeze_epoch=3"),
+    (("freeze_unfreeze", -1), "unfreeze_epoch must be >= 0"),
     (("unfreeze_milestones", ((2, 1), 1)), "increasing"),
-    (("unfreeze_milestones", ((1, 5), 1)), "never be reached"),
+    (("unfreeze_milestones", ((-1, 2), 1)), "increasing"),
 ])
 def test_bad_strategies_fail_before_training(tiny_data, strategy, message):
-    task = ImageClassifier(tiny_data.num_classes, backbone="resnet18", pretrained=False)
+    task = ImageClassifier(tiny_data.num_classes, backbone="tiny_resnet", pretrained=False)
     before = {n: p.clone() for n, p in task.named_parameters()}
     trainer = tiny_trainer(max_epochs=3)
     with pytest.raises(ValueError, match=message):
         trainer.finetune(task, tiny_data, strategy=strategy)
     assert trainer.accelerator is None and all(torch.equal(before[n], p) for n, p in task.named_parameters())
+
+
+@pytest.mark.parametrize("strategy, message", [
+    (("freeze_unfreeze", 3), "freeze_unfreeze unfreezes the backbone at epoch 3 but max_epochs=3"),
+    (FreezeUnfreeze(unfreeze_epoch=11), "at epoch 11 but max_epochs=3"),
+    (("unfreeze_milestones", ((1, 5), 1)), "unfreezes the remaining layers at epoch 5 but max_epochs=3"),
+    (("unfreeze_milestones", ((3, 5), 1)), "unfreezes the last 1 layer(s) at epoch 3"),
+])
+def test_unfreeze_at_or_past_the_end_warns_once_and_trains_frozen(tiny_data, strategy, message):
+    """As in Flash, a schedule that never fires in this run is valid: one warning, then training."""
+    task = ImageClassifier(tiny_data.num_classes, backbone="tiny_resnet", pretrained=False)
+    backbone_before = {n: p.clone() for n, p in task.backbone.named_parameters()}
+    with pytest.warns(UserWarning) as warned:
+        metrics = tiny_trainer(max_epochs=3).finetune(task, tiny_data, strategy=strategy)
+    assert [str(w.message) for w in warned if "never happens" in str(w.message)] == [
+        next(str(w.message) for w in warned if message in str(w.message))]
+    assert len(metrics) == 3
+    if "remaining" in message:  # the first milestone fired: only the last layer trained
+        assert not torch.equal(backbone_before["layer4.1.conv2.weight"], task.backbone.layer4[1].conv2.weight)
+        assert torch.equal(backbone_before["layer1.0.conv1.weight"], task.backbone.layer1[0].conv1.weight)
+    else:
+        assert all(torch.equal(backbone_before[n], p) for n, p in task.backbone.named_parameters())

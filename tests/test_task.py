@@ -15,7 +15,7 @@ from dist_finetune.checkpoint import CheckpointError, read_metadata
 
 def finetuned(data, tmp_path, seed=0, **settings):
     seed_everything(seed)  # the head (and here the whole random-init backbone) is initialised now
-    task = ImageClassifier(data.num_classes, backbone="resnet18", pretrained=False)
+    task = ImageClassifier(data.num_classes, backbone="tiny_resnet", pretrained=False)
     trainer = tiny_trainer(max_epochs=2, seed=seed, output_dir=str(tmp_path), **settings)
     metrics = trainer.finetune(task, data, strategy=("freeze_unfreeze", 1))
     return trainer, task, metrics
@@ -43,7 +43,7 @@ def test_checkpoint_round_trip_predictions_and_metadata(tiny_data, tmp_path):
     trainer, task, metrics = finetuned(tiny_data, tmp_path)
     path = tmp_path / "model.safetensors"
     meta = read_metadata(path)
-    assert meta["backbone"] == "resnet18" and meta["labels"] == ["blue", "green", "red"]
+    assert meta["backbone"] == "tiny_resnet" and meta["labels"] == ["blue", "green", "red"]
     assert meta["image_size"] == 32 and meta["num_classes"] == 3 and len(meta["mean"]) == 3
     loaded = ImageClassifier.load_from_checkpoint(path)
     for (name, a), (_, b) in zip(task.state_dict().items(), loaded.state_dict().items()):
@@ -95,7 +95,7 @@ def test_head_options_and_top5(tmp_path):
     classes = tuple(f"c{i}" for i in range(6))
     root = write_image_folder(tmp_path / "train", classes=classes, per_class=3, size=24)
     data = ImageClassificationData.from_folders(str(root), val_split=0.34, image_size=32, batch_size=4, num_workers=0)
-    task = ImageClassifier(6, "resnet18", pretrained=False, head_hidden=16, head_dropout=0.1)
+    task = ImageClassifier(6, "tiny_resnet", pretrained=False, head_hidden=16, head_dropout=0.1)
     metrics = tiny_trainer(max_epochs=1, output_dir=str(tmp_path / "out")).finetune(task, data, "freeze")
     assert "val_top5" in metrics[0] and metrics[0]["val_top5"] >= metrics[0]["val_acc"]
     loaded = ImageClassifier.load_from_checkpoint(tmp_path / "out" / "model.safetensors")

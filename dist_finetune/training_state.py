@@ -1,4 +1,4 @@
-"""Training-state checkpoints: exact resume after a kill, preemption, or a requeue.
+"""Training-state checkpoints: exact resume after a kill, a preemption, or a requeue.
 
 A checkpoint is a folder ``output_dir/checkpoints/step-XXXXXXXX`` holding the model, the optimizer
 (tensors as safetensors, structure as JSON), the schedule, the GradScaler, the position in the
@@ -19,9 +19,8 @@ import json
 import os
 import random
 import shutil
-import signal
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,32 +28,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import CheckpointError
+from .callbacks import Callback, Position, RunState
+from .errors import CheckpointError
 
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "manifest.json"
-PREEMPTED_EXIT_CODE = 42
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-
-class TrainingPreempted(Exception):
-    """Training stopped on SIGUSR1/SIGTERM after saving a checkpoint; rerun with resume to continue."""
-
-    def __init__(self, checkpoint: Path, signal_name: str):
-        super().__init__(f"stopped by {signal_name}; state saved in {checkpoint}; resume with --resume latest")
-        self.checkpoint = checkpoint
-
-
-@dataclass
-class Position:
-    """Where training stands: ``batch`` batches of ``epoch`` are done (0: the epoch has not begun)."""
-
-    epoch: int = 0
-    batch: int = 0
-    global_step: int = 0
-    samples_done: int = 0  # of this epoch, over all ranks (resume with another process count)
-    loss_sum: float = 0.0  # this epoch's training loss so far, for its metrics line
-    seen: int = 0
 
 
 # ---------------------------------------------------------------------------- RNG states
@@ -122,14 +100,15 @@ def _write_json(path: Path, payload) -> None:
     path.write_text(json.dumps(payload, sort_keys=True))
 
 
-def save_training_state(accelerator, output_dir: Path, model_state: dict, optimizer, schedule, position: Position,
-                        signature: dict, keep_last: int) -> Path:
+def write_training_state(accelerator, output_dir: Path, model_state: dict, optimizer, schedule, position: Position,
+                        signature: dict, keep_last: int, callback_states: dict) -> Path:
     """Write one checkpoint (every rank takes part: each saves its own RNG) and prune old ones."""
     root = Path(output_dir) / CHECKPOINTS_DIR
     final = root / f"step-{position.global_step:08d}"
     partial = root / f".{final.name}.partial"
     if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
+        for stale in root.glob(".step-*.partial"):  # writes a crash never finished
+            shutil.rmtree(stale, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
     rng_tensors, rng_extra = capture_rng()
@@ -144,13 +123,14 @@ def save_training_state(accelerator, output_dir: Path, model_state: dict, optimi
         _write_json(partial / "state.json", {
             "position": asdict(position), "optimizer": optimizer_structure, "schedule": schedule.state_dict(),
             "scaler": scaler, "signature": signature, "num_processes": accelerator.num_processes,
+            "callbacks": callback_states,
         })
         files = sorted(p for p in partial.iterdir() if p.is_file())
         _write_json(partial / MANIFEST, {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files})
         for path in partial.iterdir():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
-        if final.exists():
+        if final.exists():  # left by an earlier run that did not resume from it (it failed verification)
             shutil.rmtree(final)
         os.replace(partial, final)
         _prune(root, keep_last)
@@ -184,19 +164,31 @@ def verify(checkpoint: Path) -> None:
 
 
 def find_checkpoint(resume: str, output_dir: str | None) -> Path | None:
-    """The checkpoint to resume from: a given folder, or the newest intact one for "latest" (None if none)."""
+    """The checkpoint to resume from: a given folder, or the newest intact one for "latest".
+
+    "latest" with no checkpoint at all is a fresh start (None); with checkpoints that are all corrupt
+    it is an error, so a requeued job never silently starts over.
+    """
     if resume != "latest":
         path = Path(resume)
         verify(path)
         return path
     if not output_dir:
         raise CheckpointError("resume='latest' needs an output_dir (--output-dir) to look for checkpoints in")
-    for candidate in reversed(_checkpoints(Path(output_dir) / CHECKPOINTS_DIR)):
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    candidates = _checkpoints(root)
+    for candidate in reversed(candidates):
         try:
             verify(candidate)
             return candidate
         except CheckpointError as error:
             warnings.warn(f"{error}; falling back to an older checkpoint")
+    if candidates:
+        raise CheckpointError(
+            f"every checkpoint in {root} is corrupt or incomplete ({', '.join(c.name for c in candidates)}): "
+            "refusing to start over silently. To start a new run on purpose, move or delete that folder "
+            "(or choose another --output-dir); to resume from a specific one, pass --resume PATH."
+        )
     return None
 
 
@@ -259,24 +251,22 @@ def restore_training_state(accelerator, saved: dict, optimizer, schedule, batch_
     return position
 
 
-class StopSignals:
-    """Remember SIGUSR1/SIGTERM instead of dying, so the step can finish and a checkpoint be written."""
+class CheckpointCadence(Callback):
+    """Saves the training state at every epoch end and every ``every_n_steps`` optimizer steps.
 
-    def __init__(self):
-        self.received: int | None = None
-        self._previous: dict[int, object] = {}
+    A step that ends an epoch is left to the epoch-end save, which follows after validation: the
+    same step is never written twice (rewriting a checkpoint in place would leave a moment in which
+    it does not exist).
+    """
 
-    def __enter__(self) -> "StopSignals":
-        try:
-            for sig in STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: leave signals to the caller
-            self._previous.clear()
-        return self
+    def __init__(self, every_n_steps: int | None = None):
+        self.every_n_steps = every_n_steps
 
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
+    def on_step_end(self, trainer, run: RunState) -> None:
+        position = run.position
+        if self.every_n_steps and position.global_step % self.every_n_steps == 0 \
+                and position.batch < run.epoch_batches:
+            trainer.save_training_state(run)
 
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    def on_epoch_end(self, trainer, run: RunState, record: dict) -> None:
+        trainer.save_training_state(run)

@@ -1,0 +1,145 @@
+"""The trainer's extension points: a :class:`Callback` has hooks called at fixed points of a run,
+and every run keeps its state in one :class:`RunState` that the hooks read (and may change).
+
+Order of the hooks in ``Trainer.finetune``::
+
+    setup            the model is built, the optimizer is not: freeze here (strategies do)
+    load_state_dict  on resume only: the callback's state from the checkpoint
+    on_fit_start     everything is built, prepared and restored; before the first epoch
+    on_epoch_start   at the start of each epoch (not when resuming mid-epoch); changing
+                     requires_grad or adding param groups here is fine: the trainer re-syncs
+                     the distributed wrapper and checks the ranks afterwards
+    on_step_end      after every optimizer step
+    on_validation_end(record)   the epoch's metrics are known; the record may be annotated
+    on_epoch_end(record)        the record is final and in ``run.history``
+    on_fit_end       training finished normally (``run.stop_reason`` says why, if early)
+    teardown         always, also after an exception
+
+Hooks run on every process; do file I/O on ``run.accelerator.is_main_process`` only, and make
+every decision that changes training identical on all ranks (the trainer checks parameters and
+param groups after each transition). ``state_dict`` must return JSON-able data: it is saved in
+every training-state checkpoint and handed back to ``load_state_dict`` on resume, so a resumed run
+continues exactly where the interrupted one was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Position:
+    """Where training stands: ``batch`` batches of ``epoch`` are done (0: the epoch has not begun)."""
+
+    epoch: int = 0
+    batch: int = 0
+    global_step: int = 0
+    samples_done: int = 0  # of this epoch, over all ranks (resume with another process count)
+    loss_sum: float = 0.0  # this epoch's training loss so far over all ranks, as of the last check
+    seen: int = 0
+
+
+@dataclass
+class RunState:
+    """Everything one ``finetune`` call holds. Built by the trainer; nothing of it outlives the run."""
+
+    config: Any  # TrainerConfig
+    accelerator: Any
+    task: Any  # the ImageClassifier itself (never wrapped)
+    data: Any  # ImageClassificationData
+    strategy: Any  # BaseFinetuning
+    signature: dict = field(default_factory=dict)  # what a resumed run must share with its checkpoint
+    callbacks: Any = None  # the CallbackList of this run
+    model: Any = None  # what training calls: the task, or its DDP (and compiled) wrapper
+    optimizer: Any = None
+    schedule: Any = None
+    train_loader: Any = None
+    val_loader: Any = None
+    steps_per_epoch: int = 0
+    epoch_batches: int = 0  # batches of the current epoch on this process
+    position: Position = field(default_factory=Position)
+    resumed_from: Path | None = None
+    last_checkpoint: Path | None = None
+    history: list[dict] = field(default_factory=list)  # one record per finished epoch
+    stop_reason: str | None = None  # set (identically on every rank) to end training after this epoch
+    extras: dict = field(default_factory=dict)  # per-run scratch space of callbacks and helpers
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def output_dir(self) -> Path | None:
+        return Path(self.config.output_dir) if self.config.output_dir else None
+
+
+class Callback:
+    """Base class: override the hooks you need; each receives the trainer and the run's state."""
+
+    def setup(self, trainer, run: RunState) -> None:
+        """Before the optimizer exists: freeze what should not train at first."""
+
+    def on_fit_start(self, trainer, run: RunState) -> None:
+        """Everything is built (and restored on resume); training starts next."""
+
+    def on_epoch_start(self, trainer, run: RunState) -> None:
+        """Start of ``run.position.epoch`` (skipped when resuming in the middle of an epoch)."""
+
+    def on_step_end(self, trainer, run: RunState) -> None:
+        """After optimizer step ``run.position.global_step``."""
+
+    def on_validation_end(self, trainer, run: RunState, record: dict) -> None:
+        """Validation of the epoch is done; ``record`` holds its metrics and may be annotated."""
+
+    def on_epoch_end(self, trainer, run: RunState, record: dict) -> None:
+        """The epoch is over; ``record`` is final and appended to ``run.history``."""
+
+    def on_fit_end(self, trainer, run: RunState) -> None:
+        """Training is over (all epochs, or stopped early with ``run.stop_reason``)."""
+
+    def teardown(self, trainer, run: RunState) -> None:
+        """Always called last, also when training raised: release what ``setup`` took."""
+
+    def state_dict(self) -> dict:
+        """JSON-able state saved in training checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (called before ``on_fit_start`` on resume)."""
+
+
+class CallbackList:
+    """Calls a hook on every callback in order; names their saved states by class (``Name#2`` for repeats)."""
+
+    def __init__(self, callbacks: list[Callback]):
+        self.callbacks = list(callbacks)
+        counts: dict[str, int] = {}
+        self.keys = []
+        for callback in self.callbacks:
+            name = type(callback).__name__
+            counts[name] = counts.get(name, 0) + 1
+            self.keys.append(name if counts[name] == 1 else f"{name}#{counts[name]}")
+
+    def call(self, hook: str, *args) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(*args)
+
+    def teardown(self, trainer, run: RunState) -> None:
+        """``teardown`` on every callback even if one raises; the first error is raised after."""
+        first_error = None
+        for callback in self.callbacks:
+            try:
+                callback.teardown(trainer, run)
+            except Exception as error:  # noqa: BLE001 - keep releasing the others' resources
+                first_error = first_error or error
+        if first_error is not None:
+            raise first_error
+
+    def state_dict(self) -> dict[str, dict]:
+        return {key: callback.state_dict() for key, callback in zip(self.keys, self.callbacks)}
+
+    def load_state_dict(self, states: dict[str, dict]) -> None:
+        for key, callback in zip(self.keys, self.callbacks):
+            callback.load_state_dict(states.get(key, {}))

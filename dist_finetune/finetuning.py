@@ -331,11 +331,12 @@ class StrategyCallback(Callback):
             record["joined"] = self.joined
 
     def state_dict(self) -> dict:
-        return {"epochs_applied": self.epochs_applied}
+        return {"epochs_applied": self.epochs_applied, "joined": self.joined}
 
     def load_state_dict(self, state: dict) -> None:
         for epoch in range(state.get("epochs_applied", 0)):
             self._apply(self.run, epoch)
+        self.joined = state.get("joined", [])  # a run resumed mid-epoch still reports who joined at its start
 
     def _apply(self, run, epoch: int) -> list[str]:
         """The strategy's hook for ``epoch``; returns the names of the layers whose parameters joined."""

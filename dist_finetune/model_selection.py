@@ -10,8 +10,6 @@ decision that ends training is still taken through a collective so no rank can g
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from .callbacks import Callback, RunState
@@ -55,12 +53,12 @@ class BestModel(Callback):
             return
         record["best"] = True
         self.best = {k: record[k] for k in ("epoch", "val_acc", "val_loss", "val_top5") if k in record}
-        self._weights = copy.deepcopy({k: v.detach().cpu() for k, v in run.task.state_dict().items()})
+        self._weights = {k: v.detach().to("cpu", copy=True) for k, v in run.task.state_dict().items()}
         if run.output_dir is not None:  # written before the epoch's training state, so never behind it
             trainer.save_checkpoint(run.output_dir / MODEL_FILENAME, training=self.best)
 
     def on_fit_end(self, trainer, run: RunState) -> None:
-        if not run.history:
+        if not run.history or self.best is None:
             return
         last = run.history[-1]
         if run.output_dir is not None:

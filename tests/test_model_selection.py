@@ -1,0 +1,132 @@
+"""The model a run keeps (best epoch in model.safetensors, last in last.safetensors), early stopping,
+the ramp of newly unfrozen groups and layer-wise lr decay, and exact resume of all of it around an
+unfreeze."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import BACKBONE, tiny_trainer
+from safetensors.torch import load_file
+
+from dist_finetune import ImageClassifier, seed_everything
+from dist_finetune.callbacks import Callback
+from dist_finetune.checkpoint import read_metadata
+from dist_finetune.finetuning import FreezeUnfreeze, UnfreezeMilestones
+
+
+class Interrupt(Exception):
+    """Raised by :class:`StopAt` in place of a kill."""
+
+
+class StopAt(Callback):
+    """Records every step's lrs; raises :class:`Interrupt` after step ``step`` (before it is saved)."""
+
+    def __init__(self, step: int | None = None):
+        self.step, self.lrs = step, {}
+
+    def on_step_end(self, trainer, run) -> None:
+        self.lrs[run.position.global_step] = [group["lr"] for group in run.optimizer.param_groups]
+        if run.position.global_step == self.step:
+            raise Interrupt(self.step)
+
+
+def finetune(data, tmp_path, strategy, callbacks=(), resume=None, **settings):
+    seed_everything(0)
+    task = ImageClassifier(data.num_classes, backbone=BACKBONE, pretrained=False)
+    trainer = tiny_trainer(output_dir=str(tmp_path), callbacks=list(callbacks), **settings)
+    metrics = trainer.finetune(task, data, strategy=strategy, resume=resume)
+    return trainer, task, metrics
+
+
+def test_best_epoch_is_kept_last_is_saved_and_the_task_holds_the_best(tiny_data, tmp_path):
+    trainer, task, metrics = finetune(tiny_data, tmp_path, FreezeUnfreeze(unfreeze_epoch=1), max_epochs=4)
+    marked = [m["epoch"] for m in metrics if m.get("best")]
+    best = marked[-1]
+    key = lambda m: (m["val_acc"], -m["val_loss"])  # noqa: E731  (val_acc, ties to the lower val_loss)
+    assert best == max(metrics, key=key)["epoch"] and marked[0] == 0
+    assert all(key(metrics[e]) > key(metrics[p]) for p, e in zip(marked, marked[1:])), "marked when improved"
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m.get("best", False) for m in logged] == [m.get("best", False) for m in metrics]
+    assert read_metadata(tmp_path / "model.safetensors")["training"]["epoch"] == best
+    assert read_metadata(tmp_path / "last.safetensors")["training"]["epoch"] == 3
+    saved_best, saved_last = load_file(tmp_path / "model.safetensors"), load_file(tmp_path / "last.safetensors")
+    assert all(torch.equal(saved_best[k], v) for k, v in task.state_dict().items()), "the task holds the best"
+    if best != 3:
+        assert not all(torch.equal(saved_last[k], v) for k, v in task.state_dict().items())
+    assert trainer.validate(task, tiny_data)["val_acc"] == pytest.approx(metrics[best]["val_acc"])
+
+
+def test_keep_last_model_and_val_loss_metric(tiny_data, tmp_path):
+    _, task, metrics = finetune(tiny_data, tmp_path, "no_freeze", max_epochs=3, metric_for_best="val_loss",
+                                load_best_model_at_end=False)
+    best = min(metrics, key=lambda m: m["val_loss"])["epoch"]
+    assert [m["epoch"] for m in metrics if m.get("best")][-1] == best
+    assert read_metadata(tmp_path / "model.safetensors")["training"]["epoch"] == best
+    last = load_file(tmp_path / "last.safetensors")
+    assert all(torch.equal(last[k], v) for k, v in task.state_dict().items()), "the task holds the last epoch"
+
+
+def test_early_stopping_stops_all_at_once_says_why_and_stays_stopped_on_resume(tiny_data, tmp_path, capsys):
+    # lr 0: nothing improves after epoch 0, so patience 2 stops after epoch 2 of 6
+    trainer, _, metrics = finetune(tiny_data, tmp_path, "no_freeze", max_epochs=6, lr=1e-12,
+                                   early_stopping_patience=2, early_stopping_min_delta=0.01)
+    assert [m["epoch"] for m in metrics] == [0, 1, 2]
+    assert "early stopping after epoch 2: val_acc did not improve by more than 0.01 for 2 epoch(s)" in \
+        trainer.run.stop_reason
+    assert "training stopped: early stopping after epoch 2" in capsys.readouterr().out
+    assert (tmp_path / "last.safetensors").is_file()
+    _, _, resumed = finetune(tiny_data, tmp_path, "no_freeze", resume="latest", max_epochs=6, lr=1e-12,
+                             early_stopping_patience=2, early_stopping_min_delta=0.01)
+    assert [m["epoch"] for m in resumed] == [0, 1, 2], "a resumed run that had stopped trains no further"
+
+
+def test_new_groups_ramp_up_and_layers_decay(tiny_data, tmp_path):
+    """6 steps per epoch; the last layer joins at epoch 1 (step 6), the others at epoch 2 (step 12),
+    each ramping over 1 epoch; with layer decay 0.5 each layer's lr is half its successor's."""
+    probe = StopAt()
+    finetune(tiny_data, tmp_path, UnfreezeMilestones((1, 2), num_layers=1), callbacks=[probe], max_epochs=4,
+             scheduler="constant", unfreeze_warmup_epochs=1.0, layer_decay=0.5)
+    head = 1e-2
+    assert probe.lrs[1] == [head]
+    # layer4 (distance 1 from the head): head lr / 10 x 0.5, ramped (k+1)/7 over the 6 steps after it joins
+    for k in range(6):
+        assert probe.lrs[7 + k][1] == pytest.approx(head / 10 * 0.5 * min(1, (k + 2) / 7))
+    assert probe.lrs[12][1] == pytest.approx(head / 10 * 0.5)
+    # the rest joins at step 12 as one group per layer: conv1+bn1, layer1, layer2, layer3 (distances 5..2)
+    after = probe.lrs[24]
+    assert len(after) == 6 and after[0] == head
+    assert after[2:] == pytest.approx([head / 10 * 0.5 ** d for d in (5, 4, 3, 2)])
+    first_step = probe.lrs[13]
+    assert first_step[2:] == pytest.approx([head / 10 * 0.5 ** d * 2 / 7 for d in (5, 4, 3, 2)])
+
+
+@pytest.mark.parametrize("stop_at", [8, 12])
+def test_resume_around_the_unfreeze_is_exact_with_ramp_decay_best_and_patience(tiny_data, tmp_path, stop_at):
+    """Interrupted during the ramp after the unfreeze (step 8) or at an epoch's last step (12), then
+    resumed from the last checkpoint: the same weights, lrs, best epoch and early-stopping state."""
+    settings = dict(max_epochs=4, save_every_n_steps=1, keep_last=2, unfreeze_warmup_epochs=1.5, layer_decay=0.7,
+                    early_stopping_patience=3)
+    strategy = UnfreezeMilestones((1, 2), num_layers=2)
+    reference_probe = StopAt()
+    finetune(tiny_data, tmp_path / "reference", strategy, callbacks=[reference_probe], **settings)
+    with pytest.raises(Interrupt):
+        finetune(tiny_data, tmp_path / "resumed", UnfreezeMilestones((1, 2), num_layers=2),
+                 callbacks=[StopAt(stop_at)], **settings)
+    probe = StopAt()
+    trainer, _, metrics = finetune(tiny_data, tmp_path / "resumed", UnfreezeMilestones((1, 2), num_layers=2),
+                                   callbacks=[probe], resume="latest", **settings)
+    assert trainer.run.resumed_from.name == f"step-{stop_at - 1:08d}"
+    assert min(probe.lrs) == stop_at, "the resumed run starts at the step after its checkpoint"
+    assert all(probe.lrs[s] == reference_probe.lrs[s] for s in probe.lrs)
+    for name in ("model.safetensors", "last.safetensors"):
+        ours, theirs = load_file(tmp_path / "resumed" / name), load_file(tmp_path / "reference" / name)
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), name
+    reference = [json.loads(line) for line in (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    drop = ("images_per_s", "epoch_time_s")
+    assert [{k: v for k, v in m.items() if k not in drop} for m in logged] == \
+        [{k: v for k, v in m.items() if k not in drop} for m in reference]
+    assert [m["epoch"] for m in metrics] == [0, 1, 2, 3]

@@ -1,0 +1,190 @@
+"""Batch prediction: the same logits as validation, sharded over 2 processes complete and in order,
+unreadable files as error rows (exit 0, or 3 with --strict), top-k, CSV/JSONL streaming, the device."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import free_port, write_image_folder
+from PIL import Image
+
+from dist_finetune import ImageClassificationData, ImageClassifier
+from dist_finetune.cli import main
+from dist_finetune.errors import ConfigError, DataError
+from dist_finetune.images import list_image_files
+from dist_finetune.prediction import (
+    CsvWriter,
+    JsonlWriter,
+    UNREADABLE_EXIT_CODE,
+    Prediction,
+    model_device,
+    predict_paths,
+    predict_to_file,
+    select_device,
+)
+
+ENV = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+CLASSES = ["blue", "green", "red"]
+
+
+def write_jpegs(folder: Path, count: int, seed: int = 0) -> list[str]:
+    """Photo-like JPEGs larger than the eval size, so that predict's draft decode is exercised."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        pixels = rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels).resize((200, 150), Image.BICUBIC)
+        paths.append(str(folder / f"photo_{i}.jpg"))
+        image.save(paths[-1], quality=90)
+    return paths
+
+
+def test_predict_gives_validation_logits(tmp_path):
+    paths = write_jpegs(tmp_path / "val", 7)
+    torch.manual_seed(0)
+    ImageClassifier(3, "tiny_resnet", pretrained=False, labels=CLASSES, image_size=32).save_checkpoint(
+        tmp_path / "m.safetensors")
+    model = ImageClassifier.load_from_checkpoint(tmp_path / "m.safetensors")
+    data = ImageClassificationData([], [], paths, [0] * len(paths), CLASSES, image_size=32)
+    dataset = data.val_dataset()  # what Trainer.validate decodes
+    with torch.no_grad():
+        expected = model(torch.stack([dataset[i][0] for i in range(len(dataset))])).softmax(dim=1)
+    rows = predict_paths(model, paths, batch_size=3, top_k=3, num_workers=1, device="cpu")
+    assert [row.path for row in rows] == paths
+    got = torch.tensor([[dict(row.top_k)[label] for label in CLASSES] for row in rows])
+    assert (got - expected).abs().max().item() < 1e-6
+    assert [row.label for row in rows] == [CLASSES[i] for i in expected.argmax(dim=1).tolist()]
+    assert model.predict(paths) == [row.label for row in rows]  # the Python API, same pipeline
+
+
+def fixed_probability_model(probabilities: list[float]) -> ImageClassifier:
+    """A classifier whose output is ``probabilities`` for every image (zero head weights, log-prob bias)."""
+    model = ImageClassifier(len(probabilities), "tiny_resnet", pretrained=False, image_size=32,
+                            labels=[f"c{i}" for i in range(len(probabilities))])
+    with torch.no_grad():
+        model.head.layers[-1].weight.zero_()
+        model.head.layers[-1].bias.copy_(torch.tensor(probabilities).log())
+    return model
+
+
+def test_top_k_csv_and_jsonl(image_folders, tmp_path):
+    model = fixed_probability_model([0.1, 0.4, 0.2, 0.3])
+    paths = list_image_files(image_folders / "val" / "red")[:3]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"")
+    inputs = [paths[0], str(bad), *paths[1:]]
+    predict_to_file(model, inputs, str(tmp_path / "p.csv"), top_k=3, progress=False, batch_size=2, device="cpu")
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert list(rows[0]) == ["path", "label", "probability", "error", "label_2", "probability_2", "label_3",
+                             "probability_3"]
+    assert [row["path"] for row in rows] == inputs
+    good = rows[0]
+    assert (good["label"], good["label_2"], good["label_3"]) == ("c1", "c3", "c2")
+    assert [float(good[k]) for k in ("probability", "probability_2", "probability_3")] == pytest.approx(
+        [0.4, 0.3, 0.2], abs=1e-6)
+    assert rows[1]["label"] == rows[1]["probability"] == rows[1]["label_2"] == "" and "empty" in rows[1]["error"]
+
+    summary = predict_to_file(model, inputs, str(tmp_path / "p.jsonl"), top_k=9, progress=False, device="cpu")
+    assert (summary.images, summary.unreadable) == (4, 1) and str(bad) in summary.first_unreadable
+    records = [json.loads(line) for line in open(tmp_path / "p.jsonl")]  # format from the extension
+    assert [r["path"] for r in records] == inputs
+    assert records[0]["error"] is None and records[0]["label"] == "c1"
+    assert [(t["label"], t["probability"]) for t in records[0]["top_k"]] == [  # K clamped to the 4 classes
+        ("c1", 0.4), ("c3", 0.3), ("c2", 0.2), ("c0", 0.1)]
+    assert records[1] == {"path": str(bad), "label": None, "probability": None, "error": records[1]["error"],
+                          "top_k": []} and "skip-bad-images" not in records[1]["error"]
+
+
+@pytest.mark.parametrize("writer_class", [CsvWriter, JsonlWriter])
+def test_every_batch_reaches_the_file_at_once(tmp_path, writer_class):
+    """Streaming: what a reader sees while the run goes on (or after a kill) is every finished batch."""
+    path = tmp_path / "out"
+    with open(path, "w") as handle:
+        writer = writer_class(handle, top_k=2)
+        writer.write([Prediction("a.jpg", "cat", 0.75, (("cat", 0.75), ("dog", 0.25)))])
+        writer.write([Prediction("b.jpg", None, None, (), "cannot identify image file")])
+        seen = path.read_text().splitlines()  # the file is still open
+    if writer_class is CsvWriter:
+        assert list(csv.reader(seen)) == [["path", "label", "probability", "error", "label_2", "probability_2"],
+                                          ["a.jpg", "cat", "0.750000", "", "dog", "0.250000"],
+                                          ["b.jpg", "", "", "cannot identify image file", "", ""]]
+    else:
+        assert [json.loads(line)["path"] for line in seen] == ["a.jpg", "b.jpg"]
+        assert json.loads(seen[0])["top_k"][1] == {"label": "dog", "probability": 0.25}
+
+
+def test_python_api_raises_on_an_unreadable_file_without_the_train_hint(tmp_path, image_folders):
+    model = fixed_probability_model([0.5, 0.5])
+    (tmp_path / "notes.jpg").write_text("not a picture")
+    good = list_image_files(image_folders / "val")[0]
+    assert model.predict_with_scores([good], device="cpu") == [("c0", pytest.approx(0.5))]
+    with pytest.raises(DataError, match="notes.jpg: cannot identify image file") as raised:
+        model.predict([good, str(tmp_path / "notes.jpg")])
+    assert "--skip-bad-images" not in str(raised.value)
+    assert model.training, "predict restores the model's mode"
+
+
+def test_gpu_is_selected_when_cuda_is_present(monkeypatch):
+    model = ImageClassifier(2, "tiny_resnet", pretrained=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert select_device("auto") == select_device(None) == torch.device("cuda")
+    assert model_device(model) == torch.device("cuda"), "a model on the CPU runs on the GPU when there is one"
+    assert select_device("cpu") == model_device(model, "cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert select_device("auto") == model_device(model) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        select_device("cuda")
+
+
+def launch_predict(*args, processes: int = 2) -> subprocess.CompletedProcess:
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+              "--num_processes", str(processes), "--main_process_port", str(free_port()), "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+    return subprocess.run([*launch, "-m", "dist_finetune", "predict", *args, "--no-progress-bar"],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+
+
+@pytest.mark.distributed
+def test_two_processes_write_what_one_writes(tmp_path, capsys):
+    """13 files (batch 2 x 2 processes leaves a remainder of 1), one unreadable: rows complete, in input order."""
+    folder = write_image_folder(tmp_path / "images", classes=("a", "b"), per_class=5, size=40)
+    (folder / "a" / "zz_notes.jpg").write_text("not a picture")
+    extra = write_image_folder(tmp_path / "extra", classes=("c",), per_class=2, size=40)
+    first, listed = list_image_files(extra)
+    (tmp_path / "list.txt").write_text(f"{listed}\n\n")
+    expected = [*list_image_files(folder), first, listed]
+    assert len(expected) == 13
+    ImageClassifier(3, backbone="timm:test_resnet", pretrained=False, labels=CLASSES, image_size=32).save_checkpoint(
+        tmp_path / "m.safetensors")
+    args = ["--checkpoint", str(tmp_path / "m.safetensors"), str(folder), first, "--paths-from",
+            str(tmp_path / "list.txt"), "--batch-size", "2", "--num-workers", "1", "--top-k", "2"]
+
+    with pytest.raises(SystemExit) as exited:  # one process: in this process
+        main(["predict", *args, "--output", str(tmp_path / "one.csv"), "--strict", "--no-progress-bar"])
+    assert exited.value.code == UNREADABLE_EXIT_CODE == 3  # --strict: a bad file is an error, rows still written
+    stderr = capsys.readouterr().err
+    assert "1 of 13 files could not be read" in stderr and "skip-bad-images" not in stderr
+    two = launch_predict(*args, "--output", str(tmp_path / "two.jsonl"))
+    assert two.returncode == 0, two.stderr[-3000:]  # without --strict: exit 0
+    assert "1 of 13 files could not be read" in two.stderr
+
+    rows_one = list(csv.DictReader(open(tmp_path / "one.csv")))
+    rows_two = [json.loads(line) for line in open(tmp_path / "two.jsonl")]
+    assert [r["path"] for r in rows_one] == [r["path"] for r in rows_two] == expected
+    for a, b in zip(rows_one, rows_two):
+        assert a["label"] == (b["label"] or "") and a["label_2"] == (b["top_k"][1]["label"] if b["top_k"] else "")
+        if b["error"] is None:
+            assert math.isclose(float(a["probability"]), b["probability"], abs_tol=1e-5) and a["error"] == ""
+        else:
+            assert b["path"].endswith("zz_notes.jpg") and a["error"] == b["error"] and "cannot identify" in a["error"]
+    assert sum(r["error"] is not None for r in rows_two) == 1

@@ -2,7 +2,7 @@
 
 The report is plain data (a JSON-serialisable dict) built from labels and logits that the caller
 has already gathered over processes, so it can be printed, saved and compared between runs.
-A leaf module: nothing from ``dist_finetune``; matplotlib only when a PNG is asked for.
+No torch and nothing of ours but ``run_files``; matplotlib only when a PNG is asked for.
 """
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from .run_files import write_atomic
 
 
 def build_report(labels, logits, class_names, paths=None, top_losses: int = 10, most_confused: int = 10) -> dict:
@@ -135,6 +136,10 @@ def format_report(report: dict) -> str:
     if report["most_confused"]:
         lines += ["", "most confused (true -> predicted: images):"]
         lines += [f"  {c['true']} -> {c['predicted']}: {c['count']}" for c in report["most_confused"]]
+    if report["top_losses"]:
+        lines += ["", "highest-loss images (loss, true -> predicted (probability)):"]
+        lines += [f"  {row['loss']:.3f}  {row.get('path', row.get('index'))}: {row['true']} -> {row['predicted']} "
+                  f"({row['probability']:.2f})" for row in report["top_losses"]]
     return "\n".join(lines)
 
 
@@ -147,23 +152,13 @@ def write_report(report: dict, output_dir) -> list[Path]:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     written = [output_dir / "report.json", output_dir / "confusion_matrix.csv"]
-    _write_atomic(written[0], (json.dumps(report, indent=2) + "\n").encode())
-    _write_atomic(written[1], _confusion_csv(report).encode())
+    write_atomic(written[0], (json.dumps(report, indent=2) + "\n").encode())
+    write_atomic(written[1], _confusion_csv(report).encode())
     png = _confusion_png(report)
     if png is not None:
         written.append(output_dir / "confusion_matrix.png")
-        _write_atomic(written[2], png)
+        write_atomic(written[2], png)
     return written
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write beside ``path`` and rename over it (atomic on POSIX); the umask sets permissions."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _confusion_csv(report: dict) -> str:

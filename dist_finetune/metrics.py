@@ -14,20 +14,10 @@ from pathlib import Path
 
 from .callbacks import Callback, RunState
 from .distributed import from_main_process
+from .run_files import read_jsonl
 
 METRICS_FILENAME = "metrics.jsonl"
 STEPS_FILENAME = "steps.jsonl"
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSON-lines file; a torn last line (a kill mid-write) is ignored."""
-    records = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
 
 
 def _rewrite(path: Path, records: list[dict]) -> None:
@@ -49,12 +39,42 @@ def format_record(record: dict) -> str:
             f"val_acc {record['val_acc']:.3f}{top5}  {record['images_per_s']:.1f} img/s  lr [{lrs}]{best}")
 
 
+class LossWindow:
+    """The step record every ``every`` optimizer steps: the mean train loss over the steps since the
+    previous record (over all ranks) and every group's lr. Identical on every rank.
+
+    Start it at the beginning of each epoch (``start()``) and, after a resume, at the totals the
+    checkpoint carried (``start(run.position)``), so a resumed run logs the same numbers.
+    """
+
+    def __init__(self, every: int):
+        self.every = every
+        self._start = (0.0, 0)  # (loss sum, images) of the epoch at the previous record
+
+    def start(self, position=None) -> None:
+        self._start = (position.loss_sum, position.seen) if position is not None else (0.0, 0)
+
+    def step_record(self, trainer, run: RunState) -> dict | None:
+        """The record of step ``run.position.global_step``, or None when no record is due (every rank calls this)."""
+        position = run.position
+        if position.global_step % self.every:
+            return None
+        trainer.check_training(run)  # one sync of the loss totals (every rank reaches this step)
+        loss_sum, seen = self._start
+        self._start = (position.loss_sum, position.seen)
+        if position.seen == seen:
+            return None
+        return {"step": position.global_step, "epoch": position.epoch,
+                "train_loss": (position.loss_sum - loss_sum) / (position.seen - seen),
+                "lr": [group["lr"] for group in run.optimizer.param_groups]}
+
+
 class MetricsLogger(Callback):
     """Prints and saves each epoch's record (``run.history``) and a per-step train loss / lr log."""
 
     def __init__(self, log_every_n_steps: int = 10):
         self.log_every_n_steps = log_every_n_steps
-        self._window = (0.0, 0)  # (loss sum, images) at the last step record: its loss covers the steps since
+        self._window = LossWindow(log_every_n_steps)
 
     def on_fit_start(self, trainer, run: RunState) -> None:
         position, out = run.position, run.output_dir
@@ -66,25 +86,15 @@ class MetricsLogger(Callback):
             _rewrite(out / METRICS_FILENAME, records)
             _rewrite(out / STEPS_FILENAME, [s for s in read_jsonl(out / STEPS_FILENAME) if s["step"] <= kept_steps])
         run.history[:] = from_main_process(run.accelerator, records)
-        self._window = (position.loss_sum, position.seen)
+        self._window.start(position)
 
     def on_epoch_start(self, trainer, run: RunState) -> None:
-        self._window = (0.0, 0)
+        self._window.start()
 
     def on_step_end(self, trainer, run: RunState) -> None:
-        position = run.position
-        if position.global_step % self.log_every_n_steps:
-            return
-        trainer.check_training(run)  # one sync of the loss totals (every rank reaches this step)
-        loss_sum, seen = self._window
-        self._window = (position.loss_sum, position.seen)
-        if run.output_dir is None or not run.is_main_process or position.seen == seen:
-            return
-        _append(run.output_dir / STEPS_FILENAME, {
-            "step": position.global_step, "epoch": position.epoch,
-            "train_loss": (position.loss_sum - loss_sum) / (position.seen - seen),
-            "lr": [group["lr"] for group in run.optimizer.param_groups],
-        })
+        record = self._window.step_record(trainer, run)
+        if record is not None and run.output_dir is not None and run.is_main_process:
+            _append(run.output_dir / STEPS_FILENAME, record)
 
     def on_epoch_end(self, trainer, run: RunState, record: dict) -> None:
         trainer.announce(format_record(record))

@@ -2,19 +2,20 @@
 
 Reads ``metrics.jsonl`` (one record per finished epoch) and, when present, ``steps.jsonl`` (one
 record every few optimizer steps). A run may still be going or have been preempted and resumed, so
-reading tolerates a partial last line and steps written twice. A leaf module: nothing from
-``dist_finetune``; matplotlib is optional and imported only to draw.
+reading tolerates a partial last line and steps written twice. Imports only ``evaluation``'s
+atomic writer from ``dist_finetune`` (no torch); matplotlib is optional and imported only to draw.
 """
 
 from __future__ import annotations
 
 import io
-import json
-import os
 from pathlib import Path
+
+from .run_files import read_jsonl, write_atomic
 
 METRICS_FILENAME = "metrics.jsonl"
 STEPS_FILENAME = "steps.jsonl"
+CURVES_FILENAME = "curves.png"
 MATPLOTLIB_HINT = "matplotlib is not installed: pip install 'dist_finetune[plots]' to get PNG plots"
 
 
@@ -47,21 +48,9 @@ def read_run(run_dir) -> dict:
         )
     steps = run_dir / STEPS_FILENAME
     return {
-        "epochs": _last_per_number(_read_jsonl(metrics), "epoch"),
-        "steps": _last_per_number(_read_jsonl(steps), "step") if steps.is_file() else [],
+        "epochs": _last_per_number(read_jsonl(metrics), "epoch"),
+        "steps": _last_per_number(read_jsonl(steps), "step") if steps.is_file() else [],
     }
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def _last_per_number(records: list[dict], key: str) -> list[dict]:
@@ -122,27 +111,18 @@ def plot_curves(run_dir, output=None) -> Path:
         _plot_lrs(lr_axes, epochs, "epoch")
         _mark_unfreezes(lr_axes, [epoch - 0.5 for epoch in unfreezes])
         lr_axes.set(title="learning rate per epoch (end of epoch)", xlabel="epoch")
-    lr_axes.set_yscale("log", nonpositive="mask")  # a schedule ending at exactly 0 is left off
+    if any(lr > 0 for record in steps or epochs for lr in record.get("lr") or []):
+        lr_axes.set_yscale("log", nonpositive="mask")  # a schedule ending at exactly 0 is left off
 
     for axes in (loss_axes, accuracy_axes, lr_axes):
         axes.grid(alpha=0.3)
         if axes.get_legend_handles_labels()[0]:
             axes.legend(fontsize=8)
-    output = Path(output) if output is not None else run_dir / "curves.png"
+    output = Path(output) if output is not None else run_dir / CURVES_FILENAME
     png = io.BytesIO()
     figure.savefig(png, format="png", dpi=100)
-    _write_atomic(output, png.getvalue())
+    write_atomic(output, png.getvalue())
     return output
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write beside ``path`` and rename over it (atomic on POSIX); the umask sets permissions."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _plot_key(axes, records: list[dict], key: str, label: str) -> None:

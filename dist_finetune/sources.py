@@ -1,0 +1,354 @@
+"""Where the images come from, read into one description: items, integer labels, class names, and
+the reader that opens an item.
+
+Sources: an image folder (``train/<class>/*``, read with `datasets`' imagefolder builder), a
+`datasets` dataset (in memory, a Hub name, a local folder of parquet/arrow files through
+``datasets.load_dataset``, or a ``save_to_disk`` folder through ``datasets.load_from_disk``), and
+csv files of ``path,label`` rows.
+
+Item model: every image is a string *item*. For folders and csv files the item is the file's path
+and the reader is :class:`~dist_finetune.images.FileImages`. For a dataset the item is
+``"<part>[<row>]"`` (``"beans:train[12]"``, ``"train_dataset[3]"``) and the reader is
+:class:`DatasetImages`, which keeps each part's image column (memory-mapped Arrow when the dataset
+is on disk: nothing is copied into memory) and returns a row's encoded bytes when asked; decoding
+happens in the loader workers. Workers are forked with the reader; where they are spawned instead,
+a memory-mapped dataset pickles as its file names, an in-memory one as its data. So splits,
+skipping, dedupe, feature caching and sample order treat every source alike.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .errors import DataError
+from .images import IMAGE_EXTENSIONS, FileImages, check_bytes, check_file, file_stamp, list_image_files, named_bytes
+
+OFFLINE_ALTERNATIVES = ("a local folder of parquet/arrow files or a save_to_disk folder (--dataset PATH), "
+                        "csv files (--train-csv with --image-root), or an image folder (--train-folder)")
+
+
+@dataclass
+class Labeled:
+    """Items of one split and their integer labels."""
+
+    items: list[str]
+    labels: list[int]
+
+
+@dataclass
+class Source:
+    """What a source holds: train (and val, if the source has one), class names, the reader."""
+
+    train: Labeled
+    val: Labeled | None
+    classes: list[str]
+    reader: object = field(default_factory=FileImages)
+    description: dict = field(default_factory=dict)  # JSON-able: where the data came from
+
+
+# ------------------------------------------------------------------------------- folders
+
+
+def _class_files(folder: str, role: str) -> dict[str, list[str]]:
+    """{class: its image files}; fails early, naming the path, on shapes imagefolder would mis-read."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"{role} folder {folder} does not exist (expected {role}/<class>/<image files>)")
+    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise DataError(f"{role} folder {folder} has no class subfolders: put images in {folder}/<class_name>/")
+    files = {name: list_image_files(root / name) for name in classes}
+    for name, found in files.items():
+        if not found:
+            raise DataError(
+                f"class folder {root / name} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                "add images or remove the folder"
+            )
+    return files
+
+
+def scan_folder(folder: str, role: str) -> tuple[list[str], list[int], list[str]]:
+    """Paths, integer labels and class names of an imagefolder tree, via `datasets`' builder."""
+    import datasets
+
+    class_files = _class_files(folder, role)
+    expected = list(class_files)
+    if len(expected) < 2:
+        raise DataError(f"{role} folder {folder} has one class ({expected[0]}): classification needs at least 2 "
+                        "class subfolders")
+    datasets.disable_progress_bars()
+    # list the files explicitly: given only data_dir, the builder guesses splits from file names
+    # ("train_0.jpg", "test_1.jpg") and silently drops or rejects files
+    files = sorted(path for found in class_files.values() for path in found)
+    table = datasets.load_dataset("imagefolder", data_files={"train": files}, split="train")
+    table = table.cast_column("image", datasets.Image(decode=False))
+    label_feature = table.features.get("label")
+    if label_feature is None:
+        raise DataError(f"{role} folder {folder}: no class labels found (expected {folder}/<class>/<images>)")
+    names = list(label_feature.names)
+    if names != expected:
+        raise DataError(f"{role} folder {folder}: classes {names} read, but folders are {expected}")
+    paths = [entry["path"] for entry in table["image"]]
+    return paths, list(table["label"]), names
+
+
+def read_folders(train_folder: str, valid_folder: str | None) -> Source:
+    """``train/<class>/*`` and optionally ``val/<class>/*`` with the same classes."""
+    train_paths, train_labels, classes = scan_folder(train_folder, "train")
+    val = None
+    if valid_folder is not None:
+        val_paths, val_labels, val_classes = scan_folder(valid_folder, "val")
+        if val_classes != classes:
+            raise DataError(
+                f"val folder {valid_folder} has classes {val_classes} but train folder {train_folder} "
+                f"has {classes}; missing in val: {sorted(set(classes) - set(val_classes))}, "
+                f"extra in val: {sorted(set(val_classes) - set(classes))}"
+            )
+        val = Labeled(val_paths, val_labels)
+    return Source(Labeled(train_paths, train_labels), val, classes, FileImages(train_folder),
+                  {"train_folder": str(train_folder), "valid_folder": valid_folder})
+
+
+# ------------------------------------------------------------------------------- labels
+
+
+def encode_labels(train: Sequence, val: Sequence | None, names: list[str] | None, where: tuple[str, str],
+                  lines: tuple[Sequence[int] | None, Sequence[int] | None] = (None, None),
+                  ) -> tuple[list[int], list[int] | None, list[str]]:
+    """Integer labels and class names from raw label values (strings, or a ClassLabel's ids and names).
+
+    Without ``names`` the classes are the sorted distinct values of train (numbers sorted as numbers).
+    ``where``: how to name the train and val sources in errors; ``lines``: their rows' line numbers
+    (csv files), else rows are named by index.
+    """
+    if names is None:
+        distinct = sorted({v for v in train if v is not None and str(v).strip()},
+                          key=lambda value: (isinstance(value, str), value))
+        names = [str(value) for value in distinct]
+        index = {value: i for i, value in enumerate(distinct)}
+    else:
+        index = {i: i for i in range(len(names))}
+    encoded = []
+    for values, place, numbers in ((train, where[0], lines[0]), (val, where[1], lines[1])):
+        if values is None:
+            encoded.append(None)
+            continue
+        for row, value in enumerate(values):
+            at = f"line {numbers[row]}" if numbers is not None else f"row {row}"
+            if value is None or str(value).strip() == "":
+                raise DataError(f"{place}: {at} has an empty label; fill it in or drop the row")
+            if value not in index:
+                raise DataError(f"{place}: {at} has label {value!r}, which {where[0]} does not have "
+                                f"(classes: {names})")
+        encoded.append([index[value] for value in values])
+    if len(names) < 2:
+        raise DataError(f"{where[0]} has {len(names)} class(es) ({names}): classification needs at least 2")
+    return encoded[0], encoded[1], names
+
+
+# ------------------------------------------------------------------------------ datasets
+
+
+class DatasetImages:
+    """Reader of items ``"<part>[<row>]"``: the image column of one or more `datasets.Dataset` parts.
+
+    The column is read undecoded (``Image(decode=False)``): a row gives the encoded bytes (or, for
+    datasets that only reference files, a path). The scan cache is keyed by the parts' Arrow files;
+    its verdicts are stamped with each row's SHA-256, so a reordered or edited dataset is rescanned,
+    never misread (each scan hashes every row's bytes again: a few seconds per GB).
+    """
+
+    def __init__(self, parts: dict, column: str):
+        import datasets
+
+        self.column = column
+        self.parts = {}
+        for name, dataset in parts.items():
+            if column not in dataset.column_names:
+                raise DataError(f"{name} has no column {column!r} (columns: {dataset.column_names}); "
+                                "set image_column (--image-column)")
+            try:
+                self.parts[name] = dataset.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+            except (TypeError, ValueError, NotImplementedError) as error:  # pyarrow's cast errors among them
+                raise DataError(f"{name}: column {column!r} does not hold images ({error}); "
+                                "set image_column (--image-column)") from error
+        files = [entry["filename"] for part in self.parts.values() for entry in part.cache_files]
+        in_memory = any(not part.cache_files for part in self.parts.values())
+        self.cache_key = None if in_memory or not files else os.path.abspath(files[0])
+
+    def items(self, part: str) -> list[str]:
+        return [f"{part}[{row}]" for row in range(len(self.parts[part]))]
+
+    def _value(self, item: str) -> bytes | str | None:
+        """A row's encoded bytes, or the path of the file it references (None: no image)."""
+        part, _, row = item.rpartition("[")
+        value = self.parts[part][int(row[:-1])][self.column]
+        if value is None:
+            return None
+        return value["bytes"] if value.get("bytes") is not None else value.get("path")
+
+    def open(self, item: str):
+        value = self._value(item)
+        if value is None:
+            raise DataError(f"cannot read image {item}: the row has no image. Drop the row "
+                            "(or pass --skip-bad-images to train on the rest).")
+        return named_bytes(value, item) if isinstance(value, bytes) else value
+
+    def stamp(self, item: str) -> list:
+        value = self._value(item)
+        if isinstance(value, bytes):
+            return [hashlib.sha256(value).hexdigest()]
+        return file_stamp(value) if value and os.path.isfile(value) else [None]
+
+    def check(self, item: str) -> tuple[str | None, str | None]:
+        value = self._value(item)
+        if value is None:
+            return "the row has no image", None
+        if isinstance(value, bytes):
+            return check_bytes(value, item)
+        return check_file(value) if os.path.isfile(value) else (f"file {value} does not exist", None)
+
+
+def _labels_of(dataset, column: str, place: str) -> tuple[list, list[str] | None]:
+    """A label column's values, and its class names when it is a ClassLabel."""
+    import datasets
+
+    feature = dataset.features.get(column)
+    if feature is None:
+        raise DataError(f"{place} has no column {column!r} (columns: {dataset.column_names}); "
+                        "set label_column (--label-column)")
+    names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    return list(dataset[column]), names
+
+
+def read_datasets(parts: dict, image_column: str = "image", label_column: str = "label",
+                  description: dict | None = None) -> Source:
+    """``parts``: {"<name of train>": Dataset, optionally "<name of val>": Dataset}, in that order."""
+    names = list(parts)
+    train_values, train_names = _labels_of(parts[names[0]], label_column, names[0])
+    val_values, val_names = (_labels_of(parts[names[1]], label_column, names[1]) if len(names) > 1 else (None, None))
+    if train_names is not None and val_names is not None and val_names != train_names:
+        raise DataError(f"{names[1]} has classes {val_names} but {names[0]} has {train_names}")
+    if train_names is not None and val_values is not None and val_names is None:
+        val_values = [train_names.index(v) if v in train_names else v for v in val_values]  # names -> ClassLabel ids
+    train_labels, val_labels, classes = encode_labels(train_values, val_values, train_names,
+                                                      (names[0], names[-1]))
+    reader = DatasetImages(parts, image_column)
+    val = Labeled(reader.items(names[1]), val_labels) if len(names) > 1 else None
+    return Source(Labeled(reader.items(names[0]), train_labels), val, classes, reader, description or {})
+
+
+def _is_saved_to_disk(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def load_splits(name_or_path: str) -> dict:
+    """{split: Dataset} of a Hub name, a local folder of parquet/arrow files, or a save_to_disk folder."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    path = Path(name_or_path)
+    try:
+        if path.is_dir() and _is_saved_to_disk(path):
+            loaded = datasets.load_from_disk(str(path))
+        else:
+            loaded = datasets.load_dataset(str(name_or_path))
+    except (OSError, ValueError) as error:
+        if path.exists():
+            raise DataError(f"cannot read dataset {name_or_path}: {error}. Expected a folder of parquet/arrow "
+                            "files or a folder written by save_to_disk.") from error
+        raise DataError(f"cannot load dataset {name_or_path!r} from the Hugging Face Hub ({error}). A Hub name "
+                        f"needs internet access (and HF_DATASETS_OFFLINE unset); offline, use {OFFLINE_ALTERNATIVES}."
+                        ) from error
+    if isinstance(loaded, datasets.Dataset):
+        return {"train": loaded}
+    return dict(loaded)
+
+
+def _check_split(splits: dict, name_or_path: str, wanted: str | None, setting: str) -> None:
+    if wanted is not None and wanted not in splits:
+        raise DataError(f"dataset {name_or_path} has no split {wanted!r} (splits: {sorted(splits)}); set {setting}")
+
+
+def read_hub(name_or_path: str, image_column: str = "image", label_column: str = "label", train_split: str = "train",
+             val_split_name: str | None = None) -> Source:
+    """A dataset's ``train_split`` and its val split: ``val_split_name``, or "validation" if it has one."""
+    splits = load_splits(name_or_path)
+    if len(splits) == 1 and train_split not in splits:  # one unnamed split (a saved Dataset): it is train
+        splits = {train_split: next(iter(splits.values()))}
+    _check_split(splits, name_or_path, train_split, "train_split (--train-split)")
+    _check_split(splits, name_or_path, val_split_name, "val_split_name (--val-split-name)")
+    if val_split_name == train_split:
+        raise DataError(f"dataset {name_or_path}: val_split_name and train_split are both {train_split!r}; "
+                        "validating on the training images measures nothing")
+    val_name = val_split_name if val_split_name is not None else ("validation" if "validation" in splits else None)
+    parts = {f"{name_or_path}:{train_split}": splits[train_split]}
+    if val_name is not None:
+        parts[f"{name_or_path}:{val_name}"] = splits[val_name]
+    description = {"dataset": str(name_or_path), "train_split": train_split, "val_split_name": val_name,
+                   "image_column": image_column, "label_column": label_column}
+    return read_datasets(parts, image_column, label_column, description)
+
+
+def dataset_images(name_or_path: str, split: str = "train", image_column: str = "image") -> tuple[list[str], DatasetImages]:
+    """The items of one split of a dataset, and their reader: unlabelled images to predict."""
+    splits = load_splits(name_or_path)
+    if len(splits) == 1 and split not in splits:  # one unnamed split (a saved Dataset)
+        splits = {split: next(iter(splits.values()))}
+    _check_split(splits, name_or_path, split, "the split (--split)")
+    name = f"{name_or_path}:{split}"
+    reader = DatasetImages({name: splits[split]}, image_column)
+    return reader.items(name), reader
+
+
+# ----------------------------------------------------------------------------------- csv
+
+
+def _csv_rows(csv_file: str, image_root: Path) -> tuple[list[str], list[str], list[int]]:
+    """Paths (resolved against ``image_root``), label strings and line numbers; errors name the file and line."""
+    if not os.path.isfile(csv_file):
+        raise DataError(f"csv file {csv_file} does not exist (expected rows of path,label)")
+    paths, labels, lines = [], [], []
+    with open(csv_file, newline="") as handle:
+        reader = csv.reader(handle)
+        for row in reader:
+            where = f"{csv_file} line {reader.line_num}"
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if reader.line_num == 1 and [cell.strip().lower() for cell in row] == ["path", "label"]:
+                continue  # header
+            if len(row) != 2:
+                raise DataError(f"{where}: expected 2 columns (path,label), got {len(row)}: {row}")
+            relative, label = row[0].strip(), row[1].strip()
+            if not label:
+                raise DataError(f"{where}: empty label for {relative}; fill it in or drop the row")
+            path = image_root / relative
+            if not path.is_file():
+                raise DataError(f"{where}: image {path} does not exist (paths are relative to image_root "
+                                f"{image_root}, --image-root)")
+            paths.append(str(path))
+            labels.append(label)
+            lines.append(reader.line_num)
+    if not paths:
+        raise DataError(f"csv file {csv_file} has no rows (expected path,label)")
+    return paths, labels, lines
+
+
+def read_csv(csv_file: str, image_root: str | None = None, val_csv: str | None = None) -> Source:
+    """``path,label`` rows (an optional ``path,label`` header), paths relative to ``image_root``
+    (default: the folder of ``csv_file``); class names are the sorted labels."""
+    root = Path(image_root) if image_root is not None else Path(csv_file).parent
+    if not root.is_dir():
+        raise DataError(f"image_root {root} does not exist (--image-root)")
+    train_paths, train_values, train_lines = _csv_rows(csv_file, root)
+    val_paths, val_values, val_lines = _csv_rows(val_csv, root) if val_csv is not None else (None, None, None)
+    train_labels, val_labels, classes = encode_labels(train_values, val_values, None, (csv_file, str(val_csv)),
+                                                      (train_lines, val_lines))
+    val = Labeled(val_paths, val_labels) if val_paths is not None else None
+    description = {"train_csv": str(csv_file), "val_csv": val_csv, "image_root": str(root)}
+    return Source(Labeled(train_paths, train_labels), val, classes, FileImages(root), description)

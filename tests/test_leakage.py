@@ -1,0 +1,151 @@
+"""Before training: class counts, byte-identical images across train/val (leakage) and within,
+dedupe, imbalance; class weights in the loss and the model file; the class-balanced sampler, whose
+draw depends on (seed, epoch) only, so a resumed run ends bit-identical to an uninterrupted one."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections import Counter
+
+import pytest
+import torch
+from conftest import BACKBONE, tiny_trainer, write_image_folder
+from safetensors.torch import load_file
+from test_sources import SETTINGS, image_dataset
+
+from dist_finetune import ImageClassificationData, ImageClassifier, seed_everything
+from dist_finetune.callbacks import Callback
+from dist_finetune.checkpoint import read_metadata
+from dist_finetune.data import REPEAT_STRIDE, BalancedSampler
+from dist_finetune.images import content_digests
+from dist_finetune.splits import stratified_split
+
+
+@pytest.fixture(autouse=True)
+def scan_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def test_identical_images_in_train_and_val_are_reported_and_dropped_with_dedupe(tmp_path):
+    train = write_image_folder(tmp_path / "train", per_class=4, size=16, seed=1)
+    val = write_image_folder(tmp_path / "val", per_class=2, size=16, seed=2)
+    leaked = [(train / "red" / "red_0.png", val / "red" / "copy.png"),
+              (train / "blue" / "blue_1.png", val / "blue" / "copy.png")]
+    for source, copy in leaked:
+        shutil.copy(source, copy)
+    shutil.copy(train / "green" / "green_0.png", train / "green" / "green_9.png")  # within train: not leakage
+    data = ImageClassificationData.from_folders(str(train), str(val), **SETTINGS)
+    data.check_images()
+    summary = "\n".join(data.summary)
+    assert "images per class (train / val), 13 / 8 in all:" in summary
+    assert "warning: 2 image(s) in val are byte-identical to train images" in summary
+    for source, copy in leaked:
+        assert f"{source} = {copy}" in summary and str(copy) in data.val_paths
+    assert "1 group(s) of byte-identical images within a split, kept" in summary
+    deduped = ImageClassificationData.from_folders(str(train), str(val), dedupe=True, **SETTINGS)
+    deduped.check_images()
+    assert set(data.val_paths) - set(deduped.val_paths) == {str(copy) for _, copy in leaked}
+    assert set(data.train_paths) - set(deduped.train_paths) == {str(train / "green" / "green_9.png")}
+    assert "dropped from val (dedupe)" in "\n".join(deduped.summary)
+
+
+def test_a_val_split_keeps_identical_images_on_one_side(tmp_path):
+    root = write_image_folder(tmp_path / "train", per_class=8, size=16)
+    for name in ("blue", "green", "red"):
+        for i in range(3):  # three images of each class have two more copies each
+            for copy in ("a", "b"):
+                shutil.copy(root / name / f"{name}_{i}.png", root / name / f"{name}_{i}{copy}.png")
+    for seed in range(6):
+        data = ImageClassificationData.from_folders(str(root), val_split=0.25, seed=seed)
+        digests = content_digests(data.train_paths + data.val_paths)
+        assert not {digests[p] for p in data.train_paths} & {digests[p] for p in data.val_paths}
+        assert sorted(set(data.val_labels)) == [0, 1, 2] and 9 <= len(data.val_paths) <= 18  # ~0.25 of 14 a class
+    labels = [0] * 10 + [1] * 6
+    assert stratified_split(labels, 0.25, 3, groups=[f"unique{i}" for i in range(16)]) == \
+        stratified_split(labels, 0.25, 3)  # no duplicates: the plain split
+
+
+def test_imbalance_is_warned_under_one_tenth():
+    for counts, warned in (((20, 2, 5), False), ((21, 2, 5), True)):
+        data = ImageClassificationData.from_datasets(image_dataset(counts), image_dataset(2, seed=1), **SETTINGS)
+        data.check_images()
+        warning = [line for line in data.summary if "imbalance" in line]
+        assert bool(warning) == warned
+    assert "green has 2 train images, under 1/10 of blue (21)" in warning[0]
+
+
+def test_class_weights_auto_weight_the_loss_and_are_saved(tmp_path, capsys):
+    def run(class_weights, out=None):
+        data = ImageClassificationData.from_datasets(image_dataset((12, 4, 8)), image_dataset(2, seed=1),
+                                                     class_weights=class_weights, **SETTINGS)
+        seed_everything(0)
+        task = ImageClassifier(3, BACKBONE, pretrained=False)
+        tiny_trainer(max_epochs=1, output_dir=out and str(out)).finetune(task, data, "no_freeze")
+        return task, data
+
+    weighted, data = run("auto", tmp_path / "weighted")
+    assert data.loss_weights() == pytest.approx([24 / 36, 24 / 12, 24 / 24])
+    assert read_metadata(tmp_path / "weighted" / "model.safetensors")["class_weights"] == data.loss_weights()
+    assert ImageClassifier.load_from_checkpoint(tmp_path / "weighted" / "last.safetensors").class_weights == \
+        data.loss_weights()
+    printed = capsys.readouterr().out
+    assert "images per class (train / val), 24 / 6 in all:" in printed and re.search(r"blue +12 / 2\n", printed)
+    plain, _ = run("none")
+    assert plain.class_weights is None and plain.metadata()["class_weights"] is None
+    assert not torch.equal(weighted.head.layers[-1].weight, plain.head.layers[-1].weight)
+
+
+def test_balanced_sampler_draws_classes_equally_from_seed_and_epoch_only():
+    labels = [0] * 90 + [1] * 8 + [2] * 2
+    sampler = BalancedSampler(labels, seed=5)
+    drawn = Counter()
+    for epoch in range(20):
+        sampler.set_epoch(epoch)
+        keys = list(sampler)
+        assert len(keys) == 100 and len(set(keys)) == 100  # repeats get keys of their own
+        assert all(key // 100 % REPEAT_STRIDE == epoch for key in keys)  # EpochSampler's key format
+        drawn.update(labels[key % 100] for key in keys)
+    assert all(600 < drawn[c] < 730 for c in range(3)), drawn  # 2000 draws, ~667 per class
+    again = BalancedSampler(labels, seed=5)
+    again.set_epoch(19)
+    assert list(again) == keys
+    again.set_epoch(18)
+    assert list(again) != keys
+
+
+class Killed(Exception):
+    pass
+
+
+class Kill(Callback):
+    """Stops the run at an optimizer step, as a SIGKILL would: the step's own checkpoint is not written."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, run) -> None:
+        if run.position.global_step == self.step:
+            raise Killed
+
+
+def test_balanced_sampler_on_a_dataset_resumes_bit_exactly(tmp_path, capsys):
+    saved = tmp_path / "saved"
+    image_dataset((10, 6, 4)).save_to_disk(saved)  # a memory-mapped dataset source, a val_split of it
+
+    def finetune(out, callbacks=(), resume=None):
+        data = ImageClassificationData.from_hub(str(saved), val_split=0.2, balanced_sampler=True,
+                                                class_weights="auto", **SETTINGS)
+        seed_everything(0)
+        task = ImageClassifier(3, BACKBONE, pretrained=False)
+        trainer = tiny_trainer(max_epochs=2, output_dir=str(out), save_every_n_steps=5, callbacks=list(callbacks))
+        trainer.finetune(task, data, "no_freeze", resume=resume)
+        return load_file(out / "last.safetensors")
+
+    uninterrupted = finetune(tmp_path / "a")
+    with pytest.raises(Killed):
+        finetune(tmp_path / "b", [Kill(step=6)])  # epoch 1 (4 steps per epoch), batch 2
+    resumed = finetune(tmp_path / "b", resume="latest")
+    assert "at epoch 1, batch 1, step 5" in capsys.readouterr().out
+    different = [name for name in uninterrupted if not torch.equal(uninterrupted[name], resumed[name])]
+    assert uninterrupted.keys() == resumed.keys() and not different

@@ -1,0 +1,134 @@
+"""Evaluation reports and curves: `dist-finetune evaluate` (1 and 2 processes), the end-of-training
+report, `dist-finetune plot`. The report's arithmetic itself is checked in test_evaluation.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import BACKBONE, free_port, tiny_trainer, write_image_folder
+
+from dist_finetune import ImageClassifier, seed_everything
+from dist_finetune.cli import main
+from dist_finetune.run_files import read_jsonl
+from dist_finetune.plots import MATPLOTLIB_HINT
+from dist_finetune.reports import save_report
+
+CLASSES = ["blue", "green", "red"]
+ENV = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+ENV.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> tuple[Path, Path]:
+    """A timm:test_resnet model file and a folder of 3 x 3 images: 3 batches of 4, 4, 1 (uneven over 2 ranks)."""
+    root = tmp_path_factory.mktemp("evaluate")
+    folder = write_image_folder(root / "images", per_class=3, size=36, seed=5)
+    seed_everything(3)
+    model = ImageClassifier(num_classes=3, backbone="timm:test_resnet", pretrained=False, labels=CLASSES,
+                            image_size=32)
+    model.save_checkpoint(root / "model.safetensors")
+    return root / "model.safetensors", folder
+
+
+def evaluate_args(model: Path, folder: Path, out: Path) -> list[str]:
+    return ["evaluate", "--checkpoint", str(model), "--data-folder", str(folder), "--output-dir", str(out),
+            "--batch-size", "4", "--num-workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def one_process_report(saved_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval1")
+    main(evaluate_args(*saved_model, out))
+    return out
+
+
+def test_evaluate_prints_the_table_and_writes_the_files(saved_model, one_process_report, capsys):
+    model_file, folder = saved_model
+    report = json.loads((one_process_report / "report.json").read_text())
+    assert report["num_images"] == 9 and [row["support"] for row in report["per_class"]] == [3, 3, 3]
+    # the confusion matrix agrees with what the model predicts file by file (another code path)
+    model = ImageClassifier.load_from_checkpoint(model_file)
+    paths = sorted(str(path) for path in folder.rglob("*.png"))
+    expected = np.zeros((3, 3), dtype=int)
+    for path, (label, _) in zip(paths, model.predict_with_scores(paths)):
+        expected[CLASSES.index(Path(path).parent.name), CLASSES.index(label)] += 1
+    assert report["confusion_matrix"] == expected.tolist()
+    assert report["accuracy"] == pytest.approx(np.trace(expected) / 9)
+    assert sorted(row["path"] for row in report["top_losses"]) == paths  # 9 images < 10: all listed
+    assert report["model"] == {"checkpoint": str(model_file)}
+    assert sorted(p.name for p in one_process_report.iterdir()) == ["confusion_matrix.csv", "confusion_matrix.png",
+                                                                     "report.json"]
+    main(evaluate_args(model_file, folder, one_process_report))  # again, to read what it prints
+    printed = capsys.readouterr().out
+    for row in report["per_class"]:
+        assert f"{row['class']} " in printed and f"{row['recall']:.3f}" in printed
+    assert f"{'accuracy':<14}" in printed and "report written:" in printed
+
+
+def test_evaluate_with_two_processes_counts_every_image_once(saved_model, one_process_report, tmp_path):
+    out = tmp_path / "eval2"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+               "--num_processes", "2", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+               "--dynamo_backend", "no", "-m", "dist_finetune", *evaluate_args(*saved_model, out)]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("report written:") == 1  # printed and written by the main process only
+    one = json.loads((one_process_report / "report.json").read_text())
+    two = json.loads((out / "report.json").read_text())
+    assert two["num_images"] == 9
+    for key in ("confusion_matrix", "per_class", "accuracy", "most_confused", "macro_avg", "weighted_avg"):
+        assert two[key] == one[key], key
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert [row["path"] for row in two["top_losses"]] == [row["path"] for row in one["top_losses"]]
+
+
+def test_end_of_training_report_and_plot_command(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    seed_everything(0)
+    task = ImageClassifier(num_classes=3, backbone=BACKBONE, pretrained=False)
+    history = tiny_trainer(output_dir=str(out)).finetune(task, tiny_data, strategy=("freeze_unfreeze", 1))
+    printed = capsys.readouterr().out
+    best = [record for record in read_jsonl(out / "metrics.jsonl") if record.get("best")][-1]
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == {"epoch": best["epoch"], "weights": "best"}
+    assert report["accuracy"] == pytest.approx(best["val_acc"]) and report["loss"] == pytest.approx(best["val_loss"])
+    assert report["num_images"] == len(tiny_data.val_paths) == 12
+    assert len(history) == 3 and f"validation report of epoch {best['epoch']}'s weights" in printed
+    assert str(out / "confusion_matrix.png") in printed and str(out / "curves.png") in printed
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    (out / "curves.png").unlink()
+    main(["plot", str(out)])
+    assert f"curves written: {out / 'curves.png'}" in capsys.readouterr().out
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit) as exited:
+        main(["plot", str(tmp_path)])  # not a run folder
+    assert exited.value.code == 2 and "metrics.jsonl not found" in capsys.readouterr().err
+
+
+def test_without_matplotlib_the_hint_is_said_once(tmp_path, monkeypatch):
+    for name in [name for name in sys.modules if name.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)  # import matplotlib now raises ImportError
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "train_loss": 1.0, "lr": [0.1]}) + "\n")
+    from dist_finetune.evaluation import build_report
+
+    said = []
+    written = save_report(build_report([0, 1], [[1.0, 0.0], [0.0, 1.0]], ["a", "b"]), tmp_path, said.append,
+                          curves=True)
+    assert [path.name for path in written] == ["report.json", "confusion_matrix.csv"]
+    assert [line for line in said if MATPLOTLIB_HINT in line] == [
+        f"{MATPLOTLIB_HINT} (confusion_matrix.png and curves.png skipped)"]
+
+
+def test_evaluate_refuses_unknown_classes(saved_model, tmp_path, capsys):
+    folder = write_image_folder(tmp_path / "other", classes=("blue", "purple"), per_class=1, size=36)
+    with pytest.raises(SystemExit) as exited:
+        main(evaluate_args(saved_model[0], folder, tmp_path / "out"))
+    assert exited.value.code == 2
+    assert "class(es) ['purple'] the model does not know" in capsys.readouterr().err

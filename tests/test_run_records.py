@@ -1,0 +1,90 @@
+"""config.yaml (runs again), run_info.json, and `train --dry-run` (the plan, nothing trained or written)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import BACKBONE
+
+from dist_finetune.cli import build_parser, main, train_config
+from dist_finetune.config import load_yaml
+from dist_finetune.run_files import read_jsonl
+
+
+def train_args(image_folders, out, *extra) -> list[str]:
+    return ["train", "--train-folder", str(image_folders / "train"), "--val-folder", str(image_folders / "val"),
+            "--backbone", BACKBONE, "--no-pretrained", "--image-size", "32", "--batch-size", "4", "--num-workers", "0",
+            "--max-epochs", "2", "--gradient-accumulation-steps", "2", "--log-every-n-steps", "1",
+            "--strategy", "no_freeze", "--no-progress-bar", "--output-dir", str(out), *extra]
+
+
+def test_dry_run_plans_what_train_then_does(image_folders, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = train_args(image_folders, out, "--strategy", "freeze_unfreeze", "--unfreeze-epoch", "1",
+                      "--report-to", "tensorboard")
+    main([*args, "--dry-run"])
+    plan = capsys.readouterr().out
+    assert not out.exists()  # nothing trained, nothing written
+    for line in ("train: 24 images from", "blue 8, green 8, red 8", "val: 12 images from", "blue 4, green 4, red 4",
+                 "effective batch 8 = batch 4 x 1 process(es) x 2 accumulation step(s)",
+                 "3 steps per epoch x 2 epochs = 6 optimizer steps",
+                 "epoch 1: conv1+bn1, layer1, layer2, layer3, layer4 joined training", "starts fresh",
+                 f"trackers: tensorboard (TensorBoard: tensorboard --logdir {out})"):
+        assert line in plan, line
+    assert "never unfreeze" not in plan
+
+    main(args)  # the run the plan described
+    assert [s["step"] for s in read_jsonl(out / "steps.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert [r.get("joined") for r in read_jsonl(out / "metrics.jsonl")][1][0] == "conv1+bn1"
+
+    # config.yaml is the resolved config, and runs again
+    config = load_yaml(out / "config.yaml")
+    assert config == train_config(build_parser().parse_args(args))
+    assert config.trainer.gradient_accumulation_steps == 2 and config.trainer.report_to == "tensorboard"
+    info = json.loads((out / "run_info.json").read_text())
+    assert {"torch", "accelerate", "datasets", "timm", "dist_finetune"} <= set(info["versions"])
+    assert info["versions"]["dist_finetune"] and info["world_size"] == 1 and info["device"] == "cpu"
+    assert info["mixed_precision"] == "no" and info["resumed_from"] is None
+    before = {name: (out / name).read_bytes() for name in ("metrics.jsonl", "steps.jsonl", "run_info.json")}
+    main([*args, "--resume", "latest", "--dry-run"])
+    assert f"resumes from {out / 'checkpoints' / 'step-00000006'} at epoch 2, step 6" in capsys.readouterr().out
+    assert before == {name: (out / name).read_bytes() for name in before}  # the run's files untouched
+    again = tmp_path / "again"
+    main(["train", "--config", str(out / "config.yaml"), "--output-dir", str(again), "--dry-run"])
+    assert "3 steps per epoch x 2 epochs" in capsys.readouterr().out and not again.exists()
+
+
+def test_dry_run_warns_about_layers_that_never_unfreeze(image_folders, tmp_path, capsys):
+    main([*train_args(image_folders, tmp_path / "run", "--strategy", "unfreeze_milestones", "--milestones", "1", "5",
+                      "--num-layers", "2"), "--dry-run"])
+    plan = capsys.readouterr().out
+    assert "epoch 1: layer3, layer4 joined training" in plan
+    assert "warning: 3 backbone layer(s) never unfreeze in 2 epochs: conv1+bn1, layer1, layer2" in plan
+
+
+@pytest.mark.parametrize("change, message", [
+    (("--train-folder", "/nonexistent/train"), "train folder /nonexistent/train does not exist"),
+    (("--backbone", "no_such_backbone"), "no_such_backbone"),
+    (("--batch-size", "32"), "24 training images but one step needs batch_size 32"),
+    (("--lr", "-1"), "lr must be positive"),
+    (("--report-to", "tensorbord"), "unknown tracker"),
+    (("bad image",), "cannot read image"),
+])
+def test_dry_run_fails_like_train(image_folders, tmp_path, capsys, change, message):
+    args = train_args(image_folders, tmp_path / "run", "--dry-run")
+    if change == ("bad image",):
+        folder = tmp_path / "images"
+        shutil.copytree(image_folders, folder)
+        (folder / "train" / "red" / "red_0.png").write_bytes(b"not an image")
+        args = train_args(folder, tmp_path / "run", "--dry-run")
+    elif change[0] in args:
+        args[args.index(change[0]) + 1] = change[1]
+    else:
+        args += list(change)
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

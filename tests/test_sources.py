@@ -1,0 +1,222 @@
+"""Data beyond folders: `datasets` datasets (in memory, save_to_disk, parquet folders) and csv files,
+each built here (no downloads), trained on end to end, with errors that name the row or line."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from conftest import BACKBONE, tiny_trainer, write_image_folder
+from PIL import Image
+
+from dist_finetune import ImageClassificationData, ImageClassifier, seed_everything
+from dist_finetune.checkpoint import read_metadata
+from dist_finetune.cli import main
+from dist_finetune.config import ConfigError, config_from_dict
+from dist_finetune.errors import DataError
+
+NAMES = ("blue", "green", "red")
+SETTINGS = dict(image_size=32, batch_size=4, num_workers=0)
+
+
+def encoded(label: int, seed: int, mode: str = "RGB", size: int = 40) -> bytes:
+    """PNG bytes of noise with a class-coloured square (as conftest's folders), in any PIL mode."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
+    x, y = rng.integers(0, size // 2, 2)
+    pixels[y:y + size // 2, x:x + size // 2, label % 3] = 230
+    handle = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(handle, "PNG")
+    return handle.getvalue()
+
+
+def image_dataset(per_class, seed: int = 0, class_label: bool = False, modes=("RGB",),
+                  label_column: str = "label", image_column: str = "image") -> datasets.Dataset:
+    """``per_class`` images of each class (an int, or one count per class) as a `datasets.Image` column."""
+    counts = [per_class] * len(NAMES) if isinstance(per_class, int) else list(per_class)
+    labels = [label for label, count in enumerate(counts) for _ in range(count)]
+    images = [{"bytes": encoded(label, seed * 1000 + i, modes[i % len(modes)]), "path": None}
+              for i, label in enumerate(labels)]
+    label_feature = datasets.ClassLabel(names=list(NAMES)) if class_label else datasets.Value("string")
+    features = datasets.Features({image_column: datasets.Image(), label_column: label_feature})
+    values = labels if class_label else [NAMES[label] for label in labels]
+    return datasets.Dataset.from_dict({image_column: images, label_column: values}, features=features)
+
+
+def train_one_epoch(data, **settings) -> list[dict]:
+    seed_everything(0)
+    task = ImageClassifier(data.num_classes, BACKBONE, pretrained=False)
+    return tiny_trainer(max_epochs=1, **settings).finetune(task, data, "no_freeze")
+
+
+@pytest.fixture()
+def scan_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("kind", ["in_memory", "save_to_disk", "parquet_folder", "csv"])
+def test_every_source_trains_end_to_end(tmp_path, scan_cache, kind):
+    if kind == "in_memory":  # ClassLabel labels, non-RGB modes, a val dataset of its own
+        modes = ("L", "RGBA", "P", "LA", "I;16")
+        data = ImageClassificationData.from_datasets(image_dataset(8, class_label=True, modes=modes),
+                                                     image_dataset(4, seed=1, class_label=True), **SETTINGS)
+        expected = (24, 12)
+    elif kind == "save_to_disk":  # train + validation splits: validation is found by name
+        datasets.DatasetDict({"train": image_dataset(8), "validation": image_dataset(4, seed=1)}).save_to_disk(
+            tmp_path / "saved")
+        data = ImageClassificationData.from_hub(str(tmp_path / "saved"), **SETTINGS)
+        expected = (24, 12)
+    elif kind == "parquet_folder":  # one split: a stratified val_split of it
+        (tmp_path / "parquet").mkdir()
+        image_dataset(8).to_parquet(str(tmp_path / "parquet" / "train-00000-of-00001.parquet"))
+        data = ImageClassificationData.from_hub(str(tmp_path / "parquet"), val_split=0.25, **SETTINGS)
+        expected = (18, 6)
+    else:
+        root = write_image_folder(tmp_path / "images", per_class=8, seed=1)
+        rows = ["path,label"] + [f"{p.parent.name}/{p.name},{p.parent.name}" for p in sorted(root.rglob("*.png"))]
+        (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+        data = ImageClassificationData.from_csv(str(tmp_path / "train.csv"), str(root), val_split=0.25, **SETTINGS)
+        expected = (18, 6)
+    assert data.classes == list(NAMES) and (len(data.train_paths), len(data.val_paths)) == expected
+    metrics = train_one_epoch(data)
+    assert metrics[0]["val_images"] == expected[1] and metrics[0]["train_images"] == expected[0] // 4 * 4
+    image, label = data.train_dataset()[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 32, 32) and label == data.train_labels[0]
+
+
+def test_class_names_come_from_the_classlabel_else_sorted_strings():
+    named = image_dataset(3, class_label=True).cast_column("label", datasets.ClassLabel(names=["zebra", "ant", "moth"]))
+    data = ImageClassificationData.from_datasets(named, val_split=0.34)
+    assert data.classes == ["zebra", "ant", "moth"]  # the ClassLabel's order, not sorted
+    renamed = {"blue": "zebra", "green": "ant", "red": "moth"}
+    strings = image_dataset(3).map(lambda row: {"label": renamed[row["label"]]})
+    data = ImageClassificationData.from_datasets(strings, val_split=0.34)
+    assert data.classes == ["ant", "moth", "zebra"]
+    for item, label in zip(data.train_paths, data.train_labels):
+        assert strings[int(item.split("[")[1][:-1])]["label"] == data.classes[label]
+
+
+def test_dataset_images_are_read_lazily_and_pickle_without_their_bytes(tmp_path):
+    """A save_to_disk dataset is memory-mapped: a loader worker receives file names, not the images."""
+    image_dataset(40).save_to_disk(tmp_path / "saved")
+    data = ImageClassificationData.from_hub(str(tmp_path / "saved"), **SETTINGS)
+    image_bytes = sum(len(encoded(0, i)) for i in range(120))
+    assert len(pickle.dumps(data.train_dataset())) < image_bytes / 10
+    assert all(item.startswith(f"{tmp_path / 'saved'}:train[") for item in data.train_paths)
+
+
+def test_a_corrupt_image_in_a_dataset_is_named_or_skipped(scan_cache):
+    broken = image_dataset(4)
+    rows = broken.to_dict()
+    rows["image"][5] = {"bytes": b"\x89PNG\r\n\x1a\n not really a png", "path": None}
+    broken = datasets.Dataset.from_dict(rows, features=broken.features)
+    data = ImageClassificationData.from_datasets(broken, image_dataset(2, seed=1), **SETTINGS)
+    with pytest.raises(DataError, match=r"cannot read image train_dataset\[5\]"):
+        data.train_dataset()[5]  # decoded lazily, in the worker, naming the row
+    with pytest.raises(DataError, match=r"cannot read image train_dataset\[5\]: .*skip-bad-images"):
+        train_one_epoch(data)  # stopped by the scan before training
+    data = ImageClassificationData.from_datasets(broken, image_dataset(2, seed=1), skip_bad_images=True, **SETTINGS)
+    assert list(data.check_images()) == ["train_dataset[5]"]
+    assert "train_dataset[5]" not in data.train_paths and len(data.train_paths) == 11
+
+
+def test_csv_errors_name_the_file_and_line(tmp_path):
+    root = write_image_folder(tmp_path / "images", per_class=2, size=16)
+    csv_file = tmp_path / "train.csv"
+    good = ["blue/blue_0.png,blue", "red/red_0.png,red"]
+    for rows, message in (
+        (good + ["red/missing.png,red"], rf"{csv_file} line 3: image .*red/missing.png does not exist"),
+        (good + ["", "green/green_0.png,"], rf"{csv_file} line 4: empty label for green/green_0.png"),
+        (["path,label,extra"] + good, rf"{csv_file} line 1: expected 2 columns"),
+    ):
+        csv_file.write_text("\n".join(rows) + "\n")
+        with pytest.raises(DataError, match=message):
+            ImageClassificationData.from_csv(str(csv_file), str(root))
+    csv_file.write_text("\n".join(good) + "\n")
+    (tmp_path / "val.csv").write_text("blue/blue_1.png,blue\ngreen/green_1.png,green\n")
+    with pytest.raises(DataError, match=r"val.csv: line 2 has label 'green', which .*train.csv does not have"):
+        ImageClassificationData.from_csv(str(csv_file), str(root), val_csv=str(tmp_path / "val.csv"))
+
+
+def test_dataset_errors_name_the_split_or_column(tmp_path):
+    datasets.DatasetDict({"train": image_dataset(2), "test": image_dataset(2)}).save_to_disk(tmp_path / "saved")
+    with pytest.raises(DataError, match=r"has no split 'valid' \(splits: \['test', 'train'\]\); set val_split_name"):
+        ImageClassificationData.from_hub(str(tmp_path / "saved"), val_split_name="valid")
+    with pytest.raises(DataError, match=r"no column 'labels' \(columns: \['image', 'label'\]\); set label_column"):
+        ImageClassificationData.from_hub(str(tmp_path / "saved"), label_column="labels")
+    with pytest.raises(DataError, match=r"no column 'img' .*set image_column"):
+        ImageClassificationData.from_hub(str(tmp_path / "saved"), image_column="img")
+    with pytest.raises(DataError, match=r"val_dataset: row 0 has label 'violet'"):
+        other = image_dataset(2).map(lambda row: {"label": "violet"})
+        ImageClassificationData.from_datasets(image_dataset(2), other)
+
+
+def test_an_unreachable_hub_name_says_what_works_offline():
+    with pytest.raises(DataError, match=r"cannot load dataset 'someone/beans' from the Hugging Face Hub .* internet "
+                                        r"access.* parquet/arrow files or a save_to_disk folder.*--train-csv"):
+        ImageClassificationData.from_hub("someone/beans")
+
+
+def test_the_cli_trains_on_a_dataset_with_its_own_column_and_split_names(tmp_path, scan_cache):
+    splits = {"fit": image_dataset(8, label_column="kind", image_column="picture"),
+              "holdout": image_dataset(4, seed=1, label_column="kind", image_column="picture")}
+    datasets.DatasetDict(splits).save_to_disk(tmp_path / "saved")
+    main(["train", "--dataset", str(tmp_path / "saved"), "--image-column", "picture", "--label-column", "kind",
+          "--train-split", "fit", "--val-split-name", "holdout", "--class-weights", "auto",
+          "--backbone", BACKBONE, "--no-pretrained", "--strategy", "no_freeze", "--max-epochs", "1",
+          "--batch-size", "4", "--image-size", "32", "--num-workers", "0", "--no-progress-bar",
+          "--output-dir", str(tmp_path / "run")])
+    metadata = read_metadata(tmp_path / "run" / "model.safetensors")
+    assert metadata["labels"] == list(NAMES) and metadata["class_weights"] == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"train_folder": "a", "dataset": "b"}, "set one source, not train_folder and dataset"),
+    ({"dataset": "b", "train_csv": "c"}, "set one source, not dataset and train_csv"),
+    ({"dataset": "b", "val_csv": "c"}, "data.val_csv is set but data.train_csv is not"),
+    ({"train_csv": "c", "val_split_name": "v"}, "data.val_split_name is set but data.dataset is not"),
+    ({"train_folder": "a", "class_weights": "balanced"}, "class_weights must be one of"),
+])
+def test_the_config_takes_exactly_one_source(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"data": raw})
+
+
+def test_predict_labels_a_dataset_split_as_it_labels_the_same_images_as_files(tmp_path, scan_cache, capsys):
+    """`predict --dataset`: one row per dataset row, named SPLIT[ROW], in order; a corrupt row is an
+    error row; probabilities equal those of the same images predicted from files."""
+    test = image_dataset(2, seed=3)
+    rows = test.cast_column("image", datasets.Image(decode=False)).to_dict()
+    rows["image"][4] = {"bytes": b"not an image", "path": None}
+    datasets.DatasetDict({"train": image_dataset(2), "test": datasets.Dataset.from_dict(rows, features=test.features)}
+                         ).save_to_disk(tmp_path / "saved")
+    files = []
+    for index, image in enumerate(rows["image"]):
+        files.append(tmp_path / "files" / f"{index}.png")
+        files[-1].parent.mkdir(exist_ok=True)
+        files[-1].write_bytes(image["bytes"])
+    model = tmp_path / "m.safetensors"
+    seed_everything(0)
+    ImageClassifier(3, BACKBONE, pretrained=False, labels=list(NAMES), image_size=32).save_checkpoint(model)
+
+    main(["predict", "--checkpoint", str(model), "--dataset", str(tmp_path / "saved"), "--split", "test",
+          "--output", str(tmp_path / "d.jsonl"), "--top-k", "3", "--no-progress-bar"])
+    main(["predict", "--checkpoint", str(model), *map(str, files), "--output", str(tmp_path / "f.jsonl"),
+          "--top-k", "3", "--no-progress-bar"])
+    from_dataset = [json.loads(line) for line in open(tmp_path / "d.jsonl")]
+    from_files = [json.loads(line) for line in open(tmp_path / "f.jsonl")]
+    assert [r["path"] for r in from_dataset] == [f"{tmp_path / 'saved'}:test[{i}]" for i in range(6)]
+    assert "1 of 6 files could not be read" in capsys.readouterr().err
+    for a, b in zip(from_dataset, from_files):
+        assert a["label"] == b["label"] and (a["error"] is None) == (b["error"] is None)
+        assert [t["probability"] for t in a["top_k"]] == pytest.approx([t["probability"] for t in b["top_k"]],
+                                                                         abs=1e-6)
+    assert from_dataset[4]["label"] is None and from_dataset[4]["error"]
+    with pytest.raises(SystemExit) as exited:
+        main(["predict", "--checkpoint", str(model), "--dataset", str(tmp_path / "saved"), "--split", "validation"])
+    assert exited.value.code == 2 and "has no split 'validation'" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def fake_package(tmp_path: Path) -> Path:
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "__main__.py").write_text(FAKE_RUNNER)
+    shutil.copy(ROOT / "dist_finetune" / "slurm_job.sh", pkg)  # the batch scripts' shared part
     return pkg.parent
 
 
@@ -121,16 +123,18 @@ def _write_images(root: Path, classes=("cat", "dog"), per_class: int = 8, size: 
                 Image.fromarray(pixels).save(folder / f"{name}_{i}.png")
 
 
-def _submit_training(cluster, tmp_path: Path, epochs: int) -> tuple[str, Path, Path]:
+def _submit_training(cluster, tmp_path: Path, epochs: int, log_name: str = "job.out",
+                     extra: tuple[str, ...] = ()) -> tuple[str, Path, Path]:
     """slurm_multi_node.sbatch on 2 nodes x 1 CPU process, timm's tiny test_resnet on 2 x 8 tiny images.
-    Returns (job id, output dir, log)."""
-    data, out, workdir, log = tmp_path / "data", tmp_path / "out", tmp_path / "work", tmp_path / "job.out"
-    _write_images(data)
-    workdir.mkdir()
+    Returns (job id, output dir, log). Submitted again with the same ``tmp_path``, it continues the run."""
+    data, out, workdir, log = tmp_path / "data", tmp_path / "out", tmp_path / "work", tmp_path / log_name
+    if not data.exists():
+        _write_images(data)
+    workdir.mkdir(exist_ok=True)
     args = ["--train-folder", str(data / "train"), "--val-folder", str(data / "val"),
             "--backbone", "timm:test_resnet", "--no-pretrained", "--image-size", "32", "--batch-size", "4",
             "--max-epochs", str(epochs), "--strategy", "freeze_unfreeze", "--unfreeze-epoch", "1",
-            "--num-workers", "0", "--no-progress-bar", "--output-dir", str(out)]
+            "--num-workers", "0", "--no-progress-bar", "--output-dir", str(out), *extra]
     job = submit(cluster, MULTI, args, nodes=2, workdir=workdir, log=log,
                  env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
     return job, out, log
@@ -161,22 +165,17 @@ def test_multi_node_training_on_cpu(uninterrupted):
     assert text.rstrip().endswith("training finished")
 
 
-@pytest.mark.parametrize("signal_name", ["USR1", "TERM"])
+@pytest.mark.parametrize("signal_name", ["USR1"])
 def test_multi_node_training_preempted_and_resumed(slurm_cluster, tmp_path, uninterrupted, signal_name):
     """The whole preemption path with the real runner: SIGUSR1 to the batch shell (what
     --signal=B:USR1@120 does) mid-training reaches both ranks through srun while `accelerate
     launch` survives it; both ranks checkpoint and exit 42; the script requeues; the restarted job
     (SLURM_RESTART_COUNT=1) resumes with `--resume latest` and finishes, every epoch logged once,
-    with final weights bit-identical to the uninterrupted run. TERM (scancel, preemption) likewise."""
+    with final weights bit-identical to the uninterrupted run. (SIGTERM stops without a requeue: below.)"""
     epochs = EPOCHS
     job, out, log = _submit_training(slurm_cluster, tmp_path, epochs=epochs)
     metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 90
-    while not (metrics.exists() and metrics.read_text().strip()):  # epoch 0 done: mid-training
-        state = slurm_cluster.job(job).get("JobState")
-        assert state in ("PENDING", "CONFIGURING", "RUNNING"), (state, log.read_text())
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
+    _wait_for_first_epoch(slurm_cluster, job, metrics, log)
     slurm_cluster.run(["scancel", "--batch", f"--signal={signal_name}", job])
     # the first run ends in a requeue (PENDING again), not COMPLETED; wait for the second
     deadline = time.monotonic() + 120
@@ -196,9 +195,59 @@ def test_multi_node_training_preempted_and_resumed(slurm_cluster, tmp_path, unin
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["last.safetensors", "model.safetensors"]
     logged = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
     assert logged == list(range(epochs)), text
+    assert_same_final_weights(out, uninterrupted[1])
+
+
+def _wait_for_first_epoch(cluster, job: str, metrics: Path, log: Path) -> None:
+    """Until epoch 0 is logged: the job is mid-training."""
+    deadline = time.monotonic() + 90
+    while not (metrics.exists() and metrics.read_text().strip()):
+        state = cluster.job(job).get("JobState")
+        assert state in ("PENDING", "CONFIGURING", "RUNNING"), (state, log.read_text())
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+
+
+def assert_same_final_weights(out: Path, reference: Path) -> None:
     from safetensors.torch import load_file
 
     for name in ("last.safetensors", "model.safetensors"):  # the final weights, and the best epoch's
-        resumed, reference = load_file(out / name), load_file(uninterrupted[1] / name)
-        assert resumed.keys() == reference.keys()
-        assert all(torch.equal(resumed[k], reference[k]) for k in reference), f"resumed {name} differs"
+        resumed, expected = load_file(out / name), load_file(reference / name)
+        assert resumed.keys() == expected.keys()
+        assert all(torch.equal(resumed[k], expected[k]) for k in expected), f"resumed {name} differs"
+
+
+def test_scancel_checkpoints_and_the_run_resumes_exactly(slurm_cluster, tmp_path, uninterrupted):
+    """Plain `scancel JOB` sends SIGTERM to every process of the job at once, the training processes
+    included (not only the batch shell, as above): each runner's own SIGTERM handler keeps it alive to
+    finish its step, save and exit 42 before KillWait's SIGKILL; the batch script does not requeue
+    (SIGTERM means stop), and submitting the same command again continues from that step to the
+    uninterrupted run's exact weights. Logging and checking every step changes no weight."""
+    every_step = ("--log-every-n-steps", "1", "--check-every-n-steps", "1")
+    job, out, log = _submit_training(slurm_cluster, tmp_path, epochs=EPOCHS, extra=every_step)
+    steps = out / "steps.jsonl"
+    deadline = time.monotonic() + 90
+    while not (steps.exists() and steps.read_text().strip()):  # the first step is done
+        state = slurm_cluster.job(job).get("JobState")
+        assert state in ("PENDING", "CONFIGURING", "RUNNING"), (state, log.read_text())
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    slurm_cluster.run(["scancel", job])
+    info = slurm_cluster.wait(job, timeout=150)
+    text = log.read_text()
+    stops = re.findall(r"^(\d): dist-finetune train: stopped by (SIGTERM|SIGUSR1|a peer rank); state saved in "
+                       r"(\S+step-(\d+));", text, re.M)
+    assert sorted(rank for rank, *_ in stops) == ["0", "1"], text  # both runners lived to save, and said so
+    assert len({saved for _, _, saved, _ in stops}) == 1, text
+    stopped_at = int(stops[0][3])
+    assert stopped_at < EPOCHS * 2, "stopped before the last step"
+    assert info["JobState"] == "CANCELLED" and info.get("Restarts", "0") == "0", (info, text)
+    assert "checkpoint saved, job not requeued" in text and "requeueing" not in text, text
+    job, _, log = _submit_training(slurm_cluster, tmp_path, epochs=EPOCHS, log_name="again.out", extra=every_step)
+    info = slurm_cluster.wait(job, timeout=150)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", (info, text)
+    assert re.search(rf"^0: resumed from \S+ at epoch \d+, batch \d+, step {stopped_at}$", text, re.M), text
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == \
+        list(range(EPOCHS))
+    assert_same_final_weights(out, uninterrupted[1])

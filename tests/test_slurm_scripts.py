@@ -164,7 +164,7 @@ def fake(tmp_path):
     def env_for(nodes: int, **extra) -> dict:
         hosts = [f"gpu-a{i:02d}" for i in range(1, nodes + 1)]
         env = {
-            "PATH": f"{bin_dir}:/usr/bin:/bin",
+            "PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin",  # a python with dist_finetune
             "HOME": str(tmp_path),
             "LANG": "C.UTF-8",
             "FAKE_DIR": str(fake_dir),
@@ -361,7 +361,8 @@ def _wait_files(paths, proc, timeout=20.0):
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
 def test_signal_to_batch_shell_reaches_every_node_and_requeues(fake, script, nodes, sig):
     # what `--signal=B:USR1@120` or `scancel -b --signal=...` does: only the batch shell is told.
-    # accelerate launch exits 1 when its workers exit 42, hence FAKE_EXIT=1.
+    # accelerate launch exits 1 when its workers exit 42, hence FAKE_EXIT=1. Every node checkpoints
+    # either way; only SIGUSR1 (the time-limit warning) requeues: SIGTERM means stop.
     proc = fake.start(script, *TRAIN, nodes=nodes, FAKE_WAIT_SIGNAL=1, FAKE_EXIT=1)
     try:
         _wait_files([fake.dir / f"ready.{i}" for i in range(nodes)], proc)
@@ -370,11 +371,15 @@ def test_signal_to_batch_shell_reaches_every_node_and_requeues(fake, script, nod
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, out
     for i in range(nodes):
         assert (fake.dir / f"signal.{i}").read_text() == "USR1"
-    assert (fake.dir / "requeue.log").read_text().split() == ["requeue", JOB_ID]
     assert f"got SIG{sig.name[3:]}" in out
+    if sig == signal.SIGUSR1:
+        assert proc.returncode == 0, out
+        assert (fake.dir / "requeue.log").read_text().split() == ["requeue", JOB_ID]
+    else:
+        assert proc.returncode == 1 and not (fake.dir / "requeue.log").exists(), out
+        assert "training stopped by SIGTERM (exit 1): checkpoint saved, job not requeued" in out
 
 
 # ---------------------------------------------------------------- the scripts themselves
@@ -399,7 +404,25 @@ def test_bash_syntax_and_shellcheck(script):
     subprocess.run(["bash", "-n", str(script)], check=True)
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck not installed")
-    subprocess.run(["shellcheck", "-s", "bash", str(script)], check=True)
+    subprocess.run(["shellcheck", "-x", "-s", "bash", str(script)], check=True)  # -x: with the shared part
+
+
+def test_the_shared_job_is_found_through_the_package_not_beside_the_script(fake, tmp_path):
+    """sbatch runs a copy of the script from its spool directory: a copy elsewhere must still work,
+    and without a python that imports dist_finetune the script says how to fix the environment."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    copy = spool / "slurm_script"
+    copy.write_text(SINGLE.read_text())
+    ran = fake.run(copy, "--max-epochs", "1")
+    assert ran.rc == 0 and ran.argv(0)[-5:] == ["train", "--max-epochs", "1", "--resume", "latest"], ran.out
+    env = {"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "1", "HOME": str(tmp_path)}
+    system = subprocess.run(["/usr/bin/env", "python3", "-c", "import dist_finetune"], env=env, cwd=tmp_path,
+                            capture_output=True)
+    if system.returncode == 0:
+        pytest.skip("this machine's system python imports dist_finetune")
+    broken = subprocess.run(["bash", str(copy)], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert broken.returncode == 2 and "cannot import dist_finetune: activate its environment" in broken.stderr
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

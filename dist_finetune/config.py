@@ -25,6 +25,7 @@ from .finetuning import (
     check_unfreeze_epoch,
 )
 from .model_selection import METRICS_FOR_BEST
+from .trackers import tracker_names
 
 STRATEGIES = STRATEGY_NAMES
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -48,12 +49,36 @@ class DataConfig:
     num_workers: int | None = None  # None: sized from the CPU count and local processes
     augment: bool = True
     skip_bad_images: bool = False
+    # a `datasets` dataset instead of folders: a Hub name, a folder of parquet/arrow files, a save_to_disk folder
+    dataset: str | None = None
+    image_column: str = "image"
+    label_column: str = "label"
+    train_split: str = "train"
+    val_split_name: str | None = None  # None: "validation" if the dataset has it, else val_split of train
+    # or csv files of path,label rows, paths relative to image_root (default: the csv file's folder)
+    train_csv: str | None = None
+    val_csv: str | None = None
+    image_root: str | None = None
+    dedupe: bool = False  # drop byte-identical images but the first (train before val)
+    class_weights: str = "none"  # "auto": inverse-frequency loss weights N / (C x n_c)
+    balanced_sampler: bool = False  # draw every class equally often, seeded by (seed, epoch)
 
     def __post_init__(self) -> None:
+        from .data import CLASS_WEIGHTS
+
         _require(0.0 < self.val_split < 1.0, f"val_split must be in (0, 1), got {self.val_split}")
         _require(self.image_size >= 16, f"image_size must be at least 16, got {self.image_size}")
         _require(self.batch_size >= 1, f"batch_size must be positive, got {self.batch_size}")
         _require(self.num_workers is None or self.num_workers >= 0, "num_workers must be >= 0")
+        sources = [name for name in ("train_folder", "dataset", "train_csv") if getattr(self, name)]
+        _require(len(sources) <= 1, f"data: set one source, not {' and '.join(sources)} (train_folder / "
+                                    "--train-folder, dataset / --dataset, or train_csv / --train-csv)")
+        for setting, needs in (("val_folder", "train_folder"), ("val_csv", "train_csv"), ("image_root", "train_csv"),
+                               ("val_split_name", "dataset")):
+            _require(getattr(self, setting) is None or getattr(self, needs) is not None,
+                     f"data.{setting} is set but data.{needs} is not: {setting} belongs to that source")
+        _require(self.class_weights in CLASS_WEIGHTS,
+                 f"class_weights must be one of {CLASS_WEIGHTS}, got {self.class_weights!r}")
 
 
 @dataclass
@@ -92,7 +117,7 @@ class StrategyConfig:
 @dataclass
 class TrainerConfig:
     max_epochs: int = 10
-    lr: float = 1e-3
+    lr: float = 1e-2  # the head's; groups a strategy adds get lr / 10 (measured: README, Defaults)
     optimizer: str = "adamw"
     weight_decay: float = 1e-4
     momentum: float = 0.9  # SGD only
@@ -114,13 +139,14 @@ class TrainerConfig:
     compile_mode: str | None = None  # torch.compile's mode: None (default), reduce-overhead, max-autotune, ...
     check_every_n_steps: int = 10  # stop signals and a non-finite loss are checked this often (a host sync)
     progress_bar: bool = True
-    unfreeze_warmup_epochs: float = 1.0  # a param group added mid-run ramps its lr up from ~0 over this span
+    unfreeze_warmup_epochs: float = 2.0  # a param group added mid-run ramps its lr up from ~0 over this span
     layer_decay: float | None = None  # lr x layer_decay ** (distance from the head) per backbone layer
     metric_for_best: str = "val_acc"  # model.safetensors = the best epoch by this (val_acc ties: lower val_loss)
     load_best_model_at_end: bool = True  # after finetune the task holds the best epoch's weights
     early_stopping_patience: int | None = None  # stop after this many epochs without improvement
     early_stopping_min_delta: float = 0.0
     log_every_n_steps: int = 10  # train loss and lrs to steps.jsonl (and trackers)
+    report_to: str = "none"  # experiment trackers, comma-separated: tensorboard, wandb, mlflow, comet_ml, aim, all
 
     def __post_init__(self) -> None:
         _require(self.max_epochs >= 1, f"max_epochs must be >= 1, got {self.max_epochs}")
@@ -150,6 +176,7 @@ class TrainerConfig:
                  "early_stopping_patience must be >= 1")
         _require(self.early_stopping_min_delta >= 0, "early_stopping_min_delta must be >= 0")
         _require(self.log_every_n_steps >= 1, "log_every_n_steps must be >= 1")
+        tracker_names(self.report_to)  # unknown names fail here; missing packages when training starts
 
 
 @dataclass

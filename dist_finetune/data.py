@@ -1,4 +1,9 @@
-"""Image-folder data: discovery with `datasets`' imagefolder builder, decoding, transforms, loaders.
+"""Training data: sources read into item lists, decoding, transforms, sample order, loaders.
+
+``ImageClassificationData`` holds train/val *items* (``train_paths``/``val_paths``: file paths for
+folders and csv files, ``"<part>[<row>]"`` for images inside a `datasets` dataset) with integer
+labels, class names, and the reader that opens an item (see ``sources``); everything downstream
+(splits, the bad-image scan, dedupe, feature caching, sample order) works on those strings alone.
 
 Loaders yield uint8 NCHW tensors; the model converts and normalises them on its own device (see
 ``task.ImageClassifier.forward``), so a batch crosses to the GPU at a quarter of the float32 size
@@ -8,17 +13,28 @@ and the normalisation constants travel with the checkpoint instead of the data p
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
-from .errors import DataError
-from .images import IMAGE_EXTENSIONS, list_image_files, load_rgb, scan_cache_file, scan_images
+from .errors import ConfigError, DataError
+from .images import FileImages, content_digests, load_rgb, scan, scan_cache_file
+from .sources import Labeled, Source, read_csv, read_datasets, read_folders, read_hub
+from .splits import (
+    balanced_class_weights,
+    class_count_lines,
+    duplicate_report,
+    identical_groups,
+    imbalance_warning,
+    later_duplicates,
+    stratified_split,
+)
 
+CLASS_WEIGHTS = ("none", "auto")
 EVAL_RESIZE_RATIO = 0.875  # resize to size/0.875, then center-crop size (the torchvision convention)
 
 
@@ -76,94 +92,73 @@ class EpochSampler(Sampler[int]):
         return (self.epoch * self.length + index for index in order)
 
 
+REPEAT_STRIDE = 1 << 20  # epochs apart: the k-th repeat of a sample in one epoch is seeded as epoch + k * this
+
+
+class BalancedSampler(Sampler[int]):
+    """Class-balanced sampling: each epoch draws ``len(labels)`` samples with replacement, a sample's
+    probability proportional to 1 / (images of its class): a class, uniformly, then one of its images.
+
+    The draw depends on (seed, epoch) only, so resume stays bit-exact, and its keys are
+    :class:`EpochSampler`'s ``epoch * len + index``, except that the k-th repeat of an index within an
+    epoch is yielded as if from epoch ``epoch + k * REPEAT_STRIDE``: each repeat gets its own
+    augmentation seed instead of the same crop. Under N processes every rank draws the same
+    sequence and accelerate hands each rank its own batches of it, as with :class:`EpochSampler`.
+    """
+
+    def __init__(self, labels: Sequence[int], seed: int):
+        self.length, self.seed, self.epoch = len(labels), seed, 0
+        labels = torch.as_tensor(list(labels), dtype=torch.long)
+        self.members = torch.argsort(labels, stable=True)  # indices grouped by class
+        _, self.counts = torch.unique(labels, return_counts=True)  # classes present, ascending
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        classes = torch.randint(len(self.counts), (self.length,), generator=generator)
+        offsets = (torch.rand(self.length, generator=generator, dtype=torch.float64) * self.counts[classes]).long()
+        draws = self.members[self.starts[classes] + offsets].tolist()
+        repeats: Counter = Counter()
+        for index in draws:
+            yield (self.epoch + repeats[index] * REPEAT_STRIDE) * self.length + index
+            repeats[index] += 1
+
+
 class ImageListDataset(Dataset):
-    """(path, label) pairs decoded on access into uint8 CHW tensors.
+    """(item, label) pairs decoded on access into uint8 CHW tensors.
 
     Keys are ``epoch * len + index`` (see :class:`EpochSampler`); random transforms draw from a
-    generator seeded per (seed, epoch, index) instead of the worker's global stream.
+    generator seeded per (seed, epoch, index) instead of the worker's global stream. ``reader``
+    opens an item (default: items are file paths).
     """
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], transform, min_side: int | None,
-                 random_transform: bool = False, seed: int = 0):
+                 random_transform: bool = False, seed: int = 0, reader=None):
         self.paths = list(paths)
         self.labels = list(labels)
         self.transform = transform
         self.min_side = min_side
         self.random_transform = random_transform
         self.seed = seed
+        self.reader = reader or FileImages()
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, key: int) -> tuple[torch.Tensor, int]:
         epoch, index = divmod(key, len(self.paths))
-        image = load_rgb(self.paths[index], self.min_side)
+        image = load_rgb(self.reader.open(self.paths[index]), self.min_side)
         if not self.random_transform:
             return self.transform(image), self.labels[index]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, index))
             return self.transform(image), self.labels[index]
-
-
-def _class_files(folder: str, role: str) -> dict[str, list[str]]:
-    """{class: its image files}; fails early, naming the path, on shapes imagefolder would mis-read."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise DataError(f"{role} folder {folder} does not exist (expected {role}/<class>/<image files>)")
-    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
-    if not classes:
-        raise DataError(f"{role} folder {folder} has no class subfolders: put images in {folder}/<class_name>/")
-    files = {name: list_image_files(root / name) for name in classes}
-    for name, found in files.items():
-        if not found:
-            raise DataError(
-                f"class folder {root / name} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
-                "add images or remove the folder"
-            )
-    return files
-
-
-def scan_folder(folder: str, role: str) -> tuple[list[str], list[int], list[str]]:
-    """Paths, integer labels and class names of an imagefolder tree, via `datasets`' builder."""
-    import datasets
-
-    class_files = _class_files(folder, role)
-    expected = list(class_files)
-    if len(expected) < 2:
-        raise DataError(f"{role} folder {folder} has one class ({expected[0]}): classification needs at least 2 "
-                        "class subfolders")
-    datasets.disable_progress_bars()
-    # list the files explicitly: given only data_dir, the builder guesses splits from file names
-    # ("train_0.jpg", "test_1.jpg") and silently drops or rejects files
-    files = sorted(path for found in class_files.values() for path in found)
-    table = datasets.load_dataset("imagefolder", data_files={"train": files}, split="train")
-    table = table.cast_column("image", datasets.Image(decode=False))
-    label_feature = table.features.get("label")
-    if label_feature is None:
-        raise DataError(f"{role} folder {folder}: no class labels found (expected {folder}/<class>/<images>)")
-    names = list(label_feature.names)
-    if names != expected:
-        raise DataError(f"{role} folder {folder}: classes {names} read, but folders are {expected}")
-    paths = [entry["path"] for entry in table["image"]]
-    return paths, list(table["label"]), names
-
-
-def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices (train, val): ``fraction`` of each class to val, at least one, seeded."""
-    generator = torch.Generator().manual_seed(seed)
-    by_class: dict[int, list[int]] = {}
-    for index, label in enumerate(labels):
-        by_class.setdefault(label, []).append(index)
-    train, val = [], []
-    for label in sorted(by_class):
-        members = by_class[label]
-        if len(members) < 2:
-            raise DataError(f"class {label} has {len(members)} image(s): a val split needs at least 2 per class")
-        order = torch.randperm(len(members), generator=generator).tolist()
-        n_val = min(len(members) - 1, max(1, round(len(members) * fraction)))
-        val += [members[i] for i in order[:n_val]]
-        train += [members[i] for i in order[n_val:]]
-    return sorted(train), sorted(val)
 
 
 def default_num_workers(local_processes: int) -> int:
@@ -174,7 +169,13 @@ def default_num_workers(local_processes: int) -> int:
 
 @dataclass
 class ImageClassificationData:
-    """Train/val image lists and loader settings; build with :meth:`from_folders`."""
+    """Train/val items and labels, class names and loader settings.
+
+    Build with :meth:`from_folders`, :meth:`from_datasets`, :meth:`from_hub` or :meth:`from_csv`.
+    ``dedupe``: :meth:`check_images` drops every byte-identical copy but the first (train before
+    val). ``class_weights="auto"``: inverse-frequency cross-entropy weights (:meth:`loss_weights`).
+    ``balanced_sampler``: training draws classes equally often (:class:`BalancedSampler`).
+    """
 
     train_paths: list[str]
     train_labels: list[int]
@@ -187,62 +188,133 @@ class ImageClassificationData:
     augment: bool = True
     skip_bad_images: bool = False
     source: dict = field(default_factory=dict)
+    reader: object = field(default_factory=FileImages, repr=False)  # opens an item (see ``sources``)
+    dedupe: bool = False
+    class_weights: str = "none"
+    balanced_sampler: bool = False
+    duplicates: list[list[str]] = field(default_factory=list, init=False, repr=False)  # set by check_images
+    summary: list[str] = field(default_factory=list, init=False, repr=False)  # set by check_images
+
+    def __post_init__(self) -> None:
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise ConfigError(f"class_weights must be one of {CLASS_WEIGHTS}, got {self.class_weights!r}")
 
     @classmethod
-    def from_folders(
-        cls,
-        train_folder: str,
-        valid_folder: str | None = None,
-        val_split: float = 0.2,
-        image_size: int = 224,
-        batch_size: int = 32,
-        num_workers: int | None = None,
-        augment: bool = True,
-        seed: int = 42,
-        skip_bad_images: bool = False,
-    ) -> "ImageClassificationData":
-        """Read ``train/<class>/*`` (and ``val/<class>/*``, else a stratified ``val_split`` of train)."""
-        train_paths, train_labels, classes = scan_folder(train_folder, "train")
-        if valid_folder is not None:
-            val_paths, val_labels, val_classes = scan_folder(valid_folder, "val")
-            if val_classes != classes:
-                raise DataError(
-                    f"val folder {valid_folder} has classes {val_classes} but train folder {train_folder} "
-                    f"has {classes}; missing in val: {sorted(set(classes) - set(val_classes))}, "
-                    f"extra in val: {sorted(set(val_classes) - set(classes))}"
-                )
-        else:
-            train_idx, val_idx = stratified_split(train_labels, val_split, seed)
-            val_paths, val_labels = [train_paths[i] for i in val_idx], [train_labels[i] for i in val_idx]
-            train_paths, train_labels = [train_paths[i] for i in train_idx], [train_labels[i] for i in train_idx]
-        source = {"train_folder": str(train_folder), "valid_folder": valid_folder, "val_split": val_split}
-        return cls(train_paths, train_labels, val_paths, val_labels, classes, image_size, batch_size,
-                   num_workers, augment, skip_bad_images, source)
+    def from_folders(cls, train_folder: str, valid_folder: str | None = None, val_split: float = 0.2,
+                     image_size: int = 224, batch_size: int = 32, num_workers: int | None = None,
+                     augment: bool = True, seed: int = 42, skip_bad_images: bool = False,
+                     **options) -> "ImageClassificationData":
+        """Read ``train/<class>/*`` (and ``val/<class>/*``, else a stratified ``val_split`` of train).
+
+        ``options``: ``dedupe``, ``class_weights``, ``balanced_sampler``.
+        """
+        return cls.from_source(read_folders(train_folder, valid_folder), val_split, seed, image_size=image_size,
+                               batch_size=batch_size, num_workers=num_workers, augment=augment,
+                               skip_bad_images=skip_bad_images, **options)
+
+    @classmethod
+    def from_datasets(cls, train_dataset, val_dataset=None, image_column: str = "image", label_column: str = "label",
+                      val_split: float = 0.2, seed: int = 42, **settings) -> "ImageClassificationData":
+        """`datasets.Dataset` objects with an image column (``datasets.Image``, encoded bytes or paths)
+        and a label column (ClassLabel, or strings: classes are the sorted labels). Items are
+        ``"train_dataset[i]"`` / ``"val_dataset[i]"``. ``settings``: this class's fields
+        (``image_size``, ``batch_size``, ``num_workers``, ``augment``, ``skip_bad_images``, ``dedupe``,
+        ``class_weights``, ``balanced_sampler``)."""
+        parts = {"train_dataset": train_dataset, **({"val_dataset": val_dataset} if val_dataset is not None else {})}
+        source = read_datasets(parts, image_column, label_column, {"datasets": list(parts)})
+        return cls.from_source(source, val_split, seed, **settings)
+
+    @classmethod
+    def from_hub(cls, name_or_path: str, image_column: str = "image", label_column: str = "label",
+                 train_split: str = "train", val_split_name: str | None = None, val_split: float = 0.2,
+                 seed: int = 42, **settings) -> "ImageClassificationData":
+        """A Hub dataset name (needs internet), a local folder of parquet/arrow files
+        (``datasets.load_dataset``) or a ``save_to_disk`` folder (``datasets.load_from_disk``).
+
+        Validation: the split ``val_split_name``; None takes "validation" when the dataset has one,
+        else a stratified ``val_split`` of train. Items are ``"<name_or_path>:<split>[i]"``;
+        ``settings`` as in :meth:`from_datasets`.
+        """
+        source = read_hub(name_or_path, image_column, label_column, train_split, val_split_name)
+        return cls.from_source(source, val_split, seed, **settings)
+
+    @classmethod
+    def from_csv(cls, csv_file: str, image_root: str | None = None, val_csv: str | None = None,
+                 val_split: float = 0.2, seed: int = 42, **settings) -> "ImageClassificationData":
+        """``path,label`` rows (optional ``path,label`` header); paths relative to ``image_root``
+        (default: the csv file's folder); classes are the sorted labels; without ``val_csv`` a
+        stratified ``val_split`` of train. ``settings`` as in :meth:`from_datasets`."""
+        return cls.from_source(read_csv(csv_file, image_root, val_csv), val_split, seed, **settings)
+
+    @classmethod
+    def from_source(cls, source: Source, val_split: float = 0.2, seed: int = 42,
+                    **settings) -> "ImageClassificationData":
+        """Data from a :class:`~dist_finetune.sources.Source`; one without val gets a stratified, seeded
+        ``val_split`` of train in which byte-identical images (content hashes from the image scan,
+        which therefore runs now) stay on one side."""
+        train, val = source.train, source.val
+        if val is None:
+            reader = source.reader
+            digests = content_digests(train.items, _cache_file(reader), reader)
+            train_idx, val_idx = stratified_split(train.labels, val_split, seed,
+                                                  [digests.get(item, item) for item in train.items])
+            val = Labeled([train.items[i] for i in val_idx], [train.labels[i] for i in val_idx])
+            train = Labeled([train.items[i] for i in train_idx], [train.labels[i] for i in train_idx])
+        data = cls(train.items, train.labels, val.items, val.labels, source.classes,
+                   source={**source.description, "val_split": val_split}, reader=source.reader, **settings)
+        data._require_every_class("")
+        return data
 
     def check_images(self) -> dict[str, str]:
         """Decode every image once (cached); drop the unreadable ones if ``skip_bad_images``, else raise.
 
-        Returns {path: problem} of what was skipped. Runs before training, so a bad file never stops
-        a run halfway.
+        Also groups byte-identical images (``duplicates``; with ``dedupe`` all but the first of each
+        are dropped) and writes ``summary``: images per class, leakage between train and val,
+        imbalance. Returns {item: problem} of what was skipped. Runs before training, so a bad file
+        never stops a run halfway.
         """
-        folders = [self.source.get("train_folder"), self.source.get("valid_folder")]
-        problems: dict[str, str] = {}
-        for folder, paths in zip(folders, (self.train_paths, self.val_paths)):
-            cache = scan_cache_file(folder) if folder else None
-            problems.update(scan_images(paths, cache))
+        everything = self.train_paths + self.val_paths
+        results = scan(everything, _cache_file(self.reader), self.reader)
+        problems = {item: problem for item, (problem, _) in results.items() if problem is not None}
         if problems and not self.skip_bad_images:
             path, problem = next(iter(sorted(problems.items())))
             others = f" ({len(problems) - 1} more unreadable)" if len(problems) > 1 else ""
             raise DataError(f"cannot read image {path}: {problem}{others}. Remove or replace it, or pass "
                             "skip_bad_images=True (--skip-bad-images) to train on the rest.")
+        digests = {item: digest for item, (problem, digest) in results.items() if problem is None and digest}
+        self.duplicates = identical_groups(everything, digests)
+        names = {item: self.classes[y] for item, y in zip(everything, self.train_labels + self.val_labels)}
+        duplicate_lines = duplicate_report(self.duplicates, set(self.val_paths), names, self.dedupe)
+        dropped = set(problems) | (later_duplicates(self.duplicates) if self.dedupe else set())
         for paths, labels in ((self.train_paths, self.train_labels), (self.val_paths, self.val_labels)):
-            kept = [(p, y) for p, y in zip(paths, labels) if p not in problems]
+            kept = [(p, y) for p, y in zip(paths, labels) if p not in dropped]
             paths[:], labels[:] = [p for p, _ in kept], [y for _, y in kept]
+        self._require_every_class("after dropping unreadable or duplicate images, ")
+        imbalance = imbalance_warning(self.classes, self.train_labels)
+        self.summary = [*class_count_lines(self.classes, self.train_labels, self.val_labels), *duplicate_lines,
+                        *([imbalance] if imbalance else [])]
+        return problems
+
+    def _require_every_class(self, context: str) -> None:
         for role, labels in (("train", self.train_labels), ("val", self.val_labels)):
             empty = sorted(set(self.classes) - {self.classes[y] for y in labels})
             if empty:
-                raise DataError(f"after skipping unreadable images, {role} has no images of class(es) {empty}")
-        return problems
+                raise DataError(f"{context}{role} has no images of class(es) {empty}: every class needs train and "
+                                "val images")
+
+    def loss_weights(self) -> list[float] | None:
+        """Per-class cross-entropy weights from the train split as it is now (``class_weights="auto"``:
+        N / (C x n_c)), else None."""
+        if self.class_weights == "none":
+            return None
+        return balanced_class_weights(self.train_labels, self.num_classes)
+
+    def signature(self) -> dict | None:
+        """The settings that change what training sees beyond the class list (None: the defaults), so a
+        resume with other ones is refused."""
+        settings = {"dedupe": self.dedupe, "class_weights": self.class_weights,
+                    "balanced_sampler": self.balanced_sampler}
+        return settings if settings != {"dedupe": False, "class_weights": "none", "balanced_sampler": False} else None
 
     @property
     def num_classes(self) -> int:
@@ -252,23 +324,29 @@ class ImageClassificationData:
         transform = train_transform(self.image_size) if self.augment else eval_transform(self.image_size)
         # RandomResizedCrop may keep only ~8% of the area; decode large enough that the crop is not upsampled
         min_side = self.image_size * 2 if self.augment else eval_resize_size(self.image_size)
-        return ImageListDataset(self.train_paths, self.train_labels, transform, min_side, self.augment, seed)
+        return ImageListDataset(self.train_paths, self.train_labels, transform, min_side, self.augment, seed,
+                                self.reader)
 
     def val_dataset(self) -> ImageListDataset:
         # draft-decode no smaller than eval_transform's resize target, which is then downsampled, never up
         return ImageListDataset(self.val_paths, self.val_labels, eval_transform(self.image_size),
-                                eval_resize_size(self.image_size))
+                                eval_resize_size(self.image_size), reader=self.reader)
 
     def dataloader(self, dataset: Dataset, shuffle: bool, local_processes: int = 1, pin_memory: bool = False,
                    drop_last: bool = False, seed: int = 0, num_workers: int | None = None,
                    persistent_workers: bool = True) -> DataLoader:
-        """A loader over ``dataset`` in :class:`EpochSampler` order, workers sized for the CPU cores."""
+        """A loader over ``dataset`` in :class:`EpochSampler` order (shuffled with ``balanced_sampler``:
+        :class:`BalancedSampler` over ``dataset.labels``), workers sized for the CPU cores."""
         workers = num_workers if num_workers is not None else self.num_workers
         workers = default_num_workers(local_processes) if workers is None else workers
+        if shuffle and self.balanced_sampler:
+            sampler = BalancedSampler(dataset.labels, seed)
+        else:
+            sampler = EpochSampler(len(dataset), seed, shuffle)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochSampler(len(dataset), seed, shuffle),
+            sampler=sampler,
             num_workers=workers,
             pin_memory=pin_memory,
             drop_last=drop_last,
@@ -276,3 +354,8 @@ class ImageClassificationData:
             prefetch_factor=4 if workers > 0 else None,
             generator=torch.Generator().manual_seed(seed),  # worker seeds; keeps the global RNG untouched
         )
+
+
+def _cache_file(reader):
+    """The scan cache of a reader's images, or None (in-memory datasets)."""
+    return scan_cache_file(reader.cache_key) if reader.cache_key else None

@@ -88,6 +88,7 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", max_epochs: int = 8,
     from .config import DataConfig, ModelConfig, RunConfig, StrategyConfig, TrainerConfig
     from .task import ImageClassifier
     from .recipe import finetune_from_config
+    from .plots import CURVES_FILENAME
     from .trainer import MODEL_FILENAME
 
     output_dir = Path(output_dir)
@@ -110,5 +111,14 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", max_epochs: int = 8,
     print(f"demo: saved {output_dir / MODEL_FILENAME}; predictions on held-out images:")
     for path, (label, score) in zip(holdout, model.predict_with_scores(holdout)):
         print(f"  {Path(path).parent.name:>9} -> {label:<9} ({score:.2f})")
-    print(f"demo: final val_acc {metrics[-1]['val_acc']:.3f} (chance 0.25)")
+    kept = next((record for record in reversed(metrics) if record.get("best")), metrics[-1])
+    print(f"demo: final val_acc {metrics[-1]['val_acc']:.3f}; {MODEL_FILENAME} is epoch {kept['epoch']}'s, "
+          f"val_acc {kept['val_acc']:.3f} (chance 0.25)")
+    shown = {"training curves": CURVES_FILENAME, "confusion matrix": "confusion_matrix.png",
+             "per-class report": "report.json"}
+    for what, name in shown.items():
+        if (output_dir / name).is_file():
+            print(f"demo: {what}: {output_dir / name}")
+    print(f"demo: the same for any run: dist-finetune plot RUN_DIR, dist-finetune evaluate --checkpoint "
+          f"{output_dir / MODEL_FILENAME} --data-folder {data_root / 'val'}")
     return metrics[-1]

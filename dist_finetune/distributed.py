@@ -62,16 +62,26 @@ def make_accelerator(mixed_precision: str | None = None, gradient_accumulation_s
     if AcceleratorState._shared_state:
         # a second Trainer in the same process may ask for another precision
         AcceleratorState._reset_state()
-    accelerator = Accelerator(
-        cpu=use_cpu,
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True)],
-        dynamo_backend="no",  # the trainer compiles itself (see launcher_compile_settings)
-        dataloader_config=DataLoaderConfiguration(non_blocking=True),  # async copies from pinned batches
-        log_with=log_with or None,
-        project_config=ProjectConfiguration(project_dir=project_dir) if project_dir else None,
-    )
+    try:
+        accelerator = Accelerator(
+            cpu=use_cpu,
+            mixed_precision=mixed_precision,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True)],
+            dynamo_backend="no",  # the trainer compiles itself (see launcher_compile_settings)
+            dataloader_config=DataLoaderConfiguration(non_blocking=True),  # async copies from pinned batches
+            log_with=log_with or None,
+            project_config=ProjectConfiguration(project_dir=project_dir) if project_dir else None,
+        )
+    except ValueError as error:  # accelerate refuses a world without a rendezvous address
+        if world_size == 1 or "MASTER_ADDR" not in str(error):
+            raise
+        raise DistributedSetupError(
+            f"WORLD_SIZE={world_size} is set but MASTER_ADDR is not: this process cannot find the other "
+            f"{world_size - 1} process(es). Start every process with `accelerate launch --multi_gpu "
+            "--num_processes N` or torchrun (they set the rendezvous variables), or unset WORLD_SIZE to train "
+            "in one process."
+        ) from error
     if accelerator.num_processes != world_size:
         raise DistributedSetupError(
             f"launched with WORLD_SIZE={world_size} but this process sees {accelerator.num_processes} "

@@ -297,6 +297,23 @@ def layer_index(model: nn.Module) -> tuple[dict[int, int], list[str]]:
     return index, [_layer_label(layer.names) for layer in layers]
 
 
+def build_optimizer(model: nn.Module, config) -> torch.optim.Optimizer:
+    """AdamW or SGD (``config``: a TrainerConfig) over what trains now; with ``layer_decay``, one group per
+    trainable backbone layer (the head's group first)."""
+    params = trainable_parameters(model)
+    if not params:
+        raise ConfigError("nothing to train: the strategy froze every parameter before training")
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.layer_decay is not None and config.layer_decay != 1.0:
+        index, names = layer_index(model)
+        if any(id(p) in index for p in params):
+            split_by_layer(optimizer, list(optimizer.param_groups), index, len(names), config.layer_decay)
+    return optimizer
+
+
 class StrategyCallback(Callback):
     """Runs a :class:`BaseFinetuning` strategy inside the trainer, as Lightning's BaseFinetuning is a callback.
 

@@ -1,18 +1,28 @@
-"""Image files: listing, decoding any file to RGB (fast draft decode for large JPEGs), and the
-up-front scan that finds every unreadable file before training, with a cache keyed by size+mtime.
+"""Images: listing files, decoding any image to RGB (fast draft decode for large JPEGs), and the
+up-front scan that finds every unreadable image before training, with a cache.
 
-The scan also records each file's SHA-256, so byte-identical copies (a photo in both train and val)
-can be found without reading the files again.
+The scan also records each image's SHA-256, so byte-identical copies (a photo in both train and val)
+can be found without reading the images again.
+
+Items: what the scan and the datasets handle is a list of string *items* plus a *reader* that opens
+one. :class:`FileImages` (the default) reads items that are file paths; a reader for images stored
+inside datasets lives in ``sources``. A reader has ``open(item)`` (a path or a named binary file for
+``load_rgb``), ``stamp(item)`` (what must be unchanged for a cached verdict to hold: size and mtime
+of a file, the SHA-256 of stored bytes), ``check(item)`` -> (problem or None, SHA-256) and
+``cache_key`` (what names its scan cache, or None for no cache).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import io
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
@@ -83,7 +93,7 @@ def image_problem(path: str) -> str | None:
     return None
 
 
-def _check_file(path: str) -> tuple[str | None, str | None]:
+def check_file(path: str) -> tuple[str | None, str | None]:
     """(problem, SHA-256 of the bytes) of one file."""
     problem = image_problem(path)
     try:
@@ -93,43 +103,107 @@ def _check_file(path: str) -> tuple[str | None, str | None]:
     return problem, digest
 
 
-def _stamp(path: str) -> list:
+def named_bytes(data: bytes, name: str) -> io.BytesIO:
+    """Encoded image bytes as a file object whose ``name`` error messages can show."""
+    handle = io.BytesIO(data)
+    handle.name = name
+    return handle
+
+
+def check_bytes(data: bytes, name: str) -> tuple[str | None, str]:
+    """(problem, SHA-256) of one encoded image held in memory (a dataset row), like :func:`check_file`."""
+    digest = hashlib.sha256(data).hexdigest()
+    if not data:
+        return "empty image (0 bytes)", digest
+    try:
+        load_rgb(named_bytes(data, name), min_side=SCAN_MIN_SIDE)
+    except DataError as error:
+        return str(error.__cause__ or error), digest
+    return None, digest
+
+
+def file_stamp(path: str) -> list:
     info = os.stat(path)
     return [info.st_size, info.st_mtime_ns]
 
 
-def _scan(paths: Sequence[str], cache_file: str | os.PathLike | None) -> dict[str, list]:
-    """{path: [size, mtime_ns, problem, sha256]}, decoding in threads what the cache does not hold."""
-    cache: dict[str, list] = {}
-    if cache_file and os.path.isfile(cache_file):
+class FileImages:
+    """The default reader: every item is an image file's path; ``root`` names the scan cache."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.cache_key = str(root) if root is not None else None
+
+    def open(self, item: str) -> str:
+        return item
+
+    def stamp(self, item: str) -> list:
+        return file_stamp(item)
+
+    def check(self, item: str) -> tuple[str | None, str | None]:
+        return check_file(item)
+
+
+@contextmanager
+def _locked(cache_file: str | os.PathLike | None) -> Iterator[None]:
+    """Hold an exclusive lock on ``cache_file``'s lock file: processes scanning the same images at once
+    (every rank of a job building its data) wait for the first, then read its verdicts."""
+    if not cache_file:
+        yield
+        return
+    Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{cache_file}.lock", "w") as lock:
         try:
-            cache = json.loads(Path(cache_file).read_text())
-        except ValueError:
-            cache = {}
-    todo = [p for p in paths if p not in cache or len(cache[p]) < 4 or cache[p][:2] != _stamp(p)]
-    workers = min(32, (os.cpu_count() or 1) * 2)
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL and hashlib release the GIL
-        for path, (problem, digest) in zip(todo, pool.map(_check_file, todo)):
-            cache[path] = [*_stamp(path), problem, digest]
-    if cache_file and todo:
-        Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
-        temporary = f"{cache_file}.{os.getpid()}.tmp"
-        Path(temporary).write_text(json.dumps(cache))
-        os.replace(temporary, cache_file)
-    return {p: cache[p] for p in paths}
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks: scan anyway (the cache is still replaced atomically)
+            pass
+        yield
 
 
-def scan_images(paths: Sequence[str], cache_file: str | os.PathLike | None = None) -> dict[str, str]:
-    """{path: problem} for every unreadable image, decoding in threads; verdicts cached by size+mtime."""
-    return {p: entry[2] for p, entry in _scan(paths, cache_file).items() if entry[2] is not None}
+def _scan(items: Sequence[str], cache_file: str | os.PathLike | None, reader) -> dict[str, list]:
+    """{item: [*stamp, problem, sha256]}, checking in threads what the cache does not hold."""
+    with _locked(cache_file):
+        cache: dict[str, list] = {}
+        if cache_file and os.path.isfile(cache_file):
+            try:
+                cache = json.loads(Path(cache_file).read_text())
+            except ValueError:
+                cache = {}
+        workers = min(32, (os.cpu_count() or 1) * 2)
+        with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL and hashlib release the GIL
+            stamps = dict(zip(items, pool.map(reader.stamp, items)))
+            todo = [i for i in items if i not in cache or len(cache[i]) < 3 or cache[i][:-2] != stamps[i]]
+            for item, (problem, digest) in zip(todo, pool.map(reader.check, todo)):
+                cache[item] = [*stamps[item], problem, digest]
+        if cache_file and todo:
+            temporary = f"{cache_file}.{os.getpid()}.tmp"
+            Path(temporary).write_text(json.dumps(cache))
+            os.replace(temporary, cache_file)
+    return {i: cache[i] for i in items}
 
 
-def content_digests(paths: Sequence[str], cache_file: str | os.PathLike | None = None) -> dict[str, str]:
-    """{path: SHA-256 of its bytes}, from the scan's cache where it is current."""
-    return {p: entry[3] for p, entry in _scan(paths, cache_file).items() if entry[3] is not None}
+def scan(items: Sequence[str], cache_file: str | os.PathLike | None = None,
+         reader=None) -> dict[str, tuple[str | None, str | None]]:
+    """{item: (problem or None, SHA-256 of its bytes)}, from the cache where its stamp is current.
+
+    ``reader``: opens the items (default :class:`FileImages`: items are file paths).
+    """
+    entries = _scan(items, cache_file, reader or FileImages())
+    return {item: (entry[-2], entry[-1]) for item, entry in entries.items()}
 
 
-def scan_cache_file(folder: str) -> Path:
-    """Where the scan verdicts of one image folder are cached (outside the data, which may be read-only)."""
+def scan_images(paths: Sequence[str], cache_file: str | os.PathLike | None = None, reader=None) -> dict[str, str]:
+    """{item: problem} for every unreadable image, decoding in threads; verdicts cached (see :func:`scan`)."""
+    return {p: problem for p, (problem, _) in scan(paths, cache_file, reader).items() if problem is not None}
+
+
+def content_digests(paths: Sequence[str], cache_file: str | os.PathLike | None = None,
+                    reader=None) -> dict[str, str]:
+    """{item: SHA-256 of its bytes}, from the scan's cache where it is current."""
+    return {p: digest for p, (_, digest) in scan(paths, cache_file, reader).items() if digest is not None}
+
+
+def scan_cache_file(key: str) -> Path:
+    """Where the scan verdicts of one image source (a folder, an image root, a dataset file) are cached
+    (outside the data, which may be read-only)."""
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dist_finetune" / "image_scans"
-    return base / (hashlib.sha1(str(Path(folder).resolve()).encode()).hexdigest()[:16] + ".json")
+    return base / (hashlib.sha1(str(Path(key).resolve()).encode()).hexdigest()[:16] + ".json")

@@ -10,26 +10,22 @@ from accelerate.utils import set_seed
 from .config import RunConfig
 from .errors import ConfigError
 from .data import ImageClassificationData
+from .evaluation import format_report
+from .reports import evaluation_data, save_report
+from .run_records import dry_run as plan_run
 from .task import ImageClassifier
 from .trainer import Trainer
 
 
-def finetune_from_config(config: RunConfig, resume: str | None = None) -> tuple[Trainer, ImageClassifier, list[dict]]:
-    """The three steps (data, task, finetune) driven by a :class:`RunConfig`; the CLI calls this."""
-    if not config.data.train_folder:
-        raise ConfigError("no training data: set data.train_folder (--train-folder)")
-    data_config, model_config, strategy_config = config.data, config.model, config.strategy
-    data = ImageClassificationData.from_folders(
-        train_folder=data_config.train_folder,
-        valid_folder=data_config.val_folder,
-        val_split=data_config.val_split,
-        image_size=data_config.image_size,
-        batch_size=data_config.batch_size,
-        num_workers=data_config.num_workers,
-        augment=data_config.augment,
-        seed=config.trainer.seed,
-        skip_bad_images=data_config.skip_bad_images,
-    )
+def finetune_from_config(config: RunConfig, resume: str | None = None,
+                         dry_run: bool = False) -> tuple[Trainer, ImageClassifier, list[dict] | str]:
+    """The three steps (data, task, finetune) driven by a :class:`RunConfig`; the CLI calls this.
+
+    ``dry_run``: build and check everything, train nothing; the third item is then the plan (text).
+    Written into the output dir besides the training's own files: ``config.yaml``, ``run_info.json``.
+    """
+    model_config, strategy_config = config.model, config.strategy
+    data = build_data(config)
     set_seed(config.trainer.seed)  # the new head's initialisation
     task = ImageClassifier(
         num_classes=data.num_classes,
@@ -39,7 +35,43 @@ def finetune_from_config(config: RunConfig, resume: str | None = None) -> tuple[
         head_hidden=model_config.head_hidden,
         head_dropout=model_config.head_dropout,
     )
-    trainer = Trainer(config.trainer)
+    trainer = Trainer(config)
+    if dry_run:
+        return trainer, task, plan_run(trainer, task, data, strategy_config.strategy(), strategy_config.train_bn, resume)
     metrics = trainer.finetune(task, data, strategy=strategy_config.strategy(), train_bn=strategy_config.train_bn,
                                resume=resume)
     return trainer, task, metrics
+
+
+def build_data(config: RunConfig) -> ImageClassificationData:
+    """The data section's one source (image folders, a `datasets` dataset, or csv files) as training data."""
+    data = config.data
+    settings = dict(val_split=data.val_split, seed=config.trainer.seed, image_size=data.image_size,
+                    batch_size=data.batch_size, num_workers=data.num_workers, augment=data.augment,
+                    skip_bad_images=data.skip_bad_images, dedupe=data.dedupe, class_weights=data.class_weights,
+                    balanced_sampler=data.balanced_sampler)
+    if data.dataset:
+        return ImageClassificationData.from_hub(data.dataset, data.image_column, data.label_column, data.train_split,
+                                                data.val_split_name, **settings)
+    if data.train_csv:
+        return ImageClassificationData.from_csv(data.train_csv, data.image_root, data.val_csv, **settings)
+    if data.train_folder:
+        return ImageClassificationData.from_folders(data.train_folder, data.val_folder, **settings)
+    raise ConfigError("no training data: set data.train_folder (--train-folder), data.dataset (--dataset) or "
+                      "data.train_csv (--train-csv)")
+
+
+def evaluate_checkpoint(checkpoint: str, source, output_dir: str | None = None, batch_size: int = 32,
+                        num_workers: int | None = None, top_losses: int = 10) -> dict:
+    """The evaluation report of a saved model on ``source`` (``reports.evaluation_source``), printed and
+    (main process) written to ``output_dir``; works under ``accelerate launch`` (each image counted once)."""
+    task = ImageClassifier.load_from_checkpoint(checkpoint)
+    data = evaluation_data(source, task.labels, task.image_size, batch_size, num_workers)
+    trainer = Trainer(progress_bar=False)
+    report = trainer.evaluate(task, data, top_losses)
+    report["model"], report["data"] = {"checkpoint": str(checkpoint)}, source.description
+    if trainer.accelerator.is_main_process and output_dir:
+        save_report(report, output_dir, print)
+    elif trainer.accelerator.is_main_process:
+        print(format_report(report))
+    return report

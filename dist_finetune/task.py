@@ -16,9 +16,10 @@ from torch import nn
 from . import __version__
 from .backbones import Backbone, build_backbone, layer_groups
 from .checkpoint import check_state_dict_matches, load_model, save_model
-from .data import eval_resize_size, eval_transform
-from .images import list_image_files, load_rgb
+from .errors import ConfigError
 from .finetuning import keep_frozen_norms_in_eval
+from .images import list_image_files
+from .prediction import predict_paths, select_device
 
 
 class ClassifierHead(nn.Module):
@@ -70,6 +71,7 @@ class ImageClassifier(nn.Module):
         self.head_dropout = head_dropout
         self.labels = list(labels) if labels is not None else [str(i) for i in range(num_classes)]
         self.image_size = image_size
+        self.class_weights: list[float] | None = None  # the training loss's class weights (Trainer sets them)
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
 
@@ -92,6 +94,14 @@ class ImageClassifier(nn.Module):
             keep_frozen_norms_in_eval(self)
         return self
 
+    def check_image_size(self, image_size: int) -> None:
+        """Refuse an input size the backbone cannot take (learned position embeddings), before training."""
+        if self.fixed_image_size is not None and image_size != self.fixed_image_size:
+            raise ConfigError(
+                f"backbone {self.backbone_name} takes {self.fixed_image_size}px images (learned position "
+                f"embeddings) but the data is set to image_size={image_size}; use image_size={self.fixed_image_size}"
+            )
+
     def backbone_layers(self) -> list[nn.Module]:
         """The backbone's coarse parameter-holding blocks, input to output (see ``backbones``)."""
         return layer_groups(self.backbone, self.layer_names)
@@ -108,6 +118,7 @@ class ImageClassifier(nn.Module):
             "std": self.std.flatten().tolist(),
             "head_hidden": self.head_hidden,
             "head_dropout": self.head_dropout,
+            "class_weights": self.class_weights,
             "library_version": __version__,
         }
 
@@ -121,7 +132,11 @@ class ImageClassifier(nn.Module):
 
     @classmethod
     def load_from_checkpoint(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "ImageClassifier":
-        """Rebuild the classifier from a file written by :meth:`save_checkpoint`; nothing else is needed."""
+        """Rebuild the classifier from a file written by :meth:`save_checkpoint`; nothing else is needed.
+
+        ``map_location``: where the weights go ("cpu", "cuda", "cuda:1", or "auto": the GPU if there is one).
+        """
+        map_location = select_device(map_location)
         state, meta = load_model(path, map_location)
         model = cls(
             num_classes=meta["num_classes"],
@@ -134,6 +149,7 @@ class ImageClassifier(nn.Module):
         )
         model.mean.copy_(torch.tensor(meta["mean"]).view(1, 3, 1, 1))
         model.std.copy_(torch.tensor(meta["std"]).view(1, 3, 1, 1))
+        model.class_weights = meta.get("class_weights")
         model.load_weights(state, str(path))
         return model.to(map_location).eval()
 
@@ -143,27 +159,23 @@ class ImageClassifier(nn.Module):
 
     # ------------------------------------------------------------------------- predict
 
-    @torch.inference_mode()
-    def predict_with_scores(self, paths: Sequence[str], batch_size: int = 32) -> list[tuple[str, float]]:
-        """(label, probability) for each image path, in order."""
-        was_training = self.training
-        self.eval()
-        transform, min_side = eval_transform(self.image_size), eval_resize_size(self.image_size)
-        device = self.mean.device
-        results: list[tuple[str, float]] = []
-        for start in range(0, len(paths), batch_size):
-            batch = torch.stack([transform(load_rgb(p, min_side)) for p in paths[start:start + batch_size]])
-            probabilities = self(batch.to(device)).float().softmax(dim=1)
-            scores, indices = probabilities.max(dim=1)
-            results += [(self.labels[i], s) for i, s in zip(indices.tolist(), scores.tolist())]
-        self.train(was_training)
-        return results
+    def predict_with_scores(self, paths: Sequence[str], batch_size: int = 32, device: str | torch.device | None = None,
+                            num_workers: int | None = None) -> list[tuple[str, float]]:
+        """(label, probability) for each image path, in order; an unreadable file raises ``DataError``.
 
-    def predict(self, source: str | os.PathLike | Sequence[str], batch_size: int = 32):
+        ``device``: None runs where the model is, or on the GPU (when there is one) if the model is on the
+        CPU; the model is moved there. Decoding is validation's (see :mod:`dist_finetune.prediction`).
+        """
+        rows = predict_paths(self, [str(p) for p in paths], batch_size=batch_size, device=device,
+                             num_workers=num_workers)
+        return [(row.label, row.probability) for row in rows]
+
+    def predict(self, source: str | os.PathLike | Sequence[str], batch_size: int = 32,
+                device: str | torch.device | None = None):
         """A label for a file, a list of labels for a list, ``{path: label}`` for a folder (recursive)."""
         if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
             paths = list_image_files(source)
-            return dict(zip(paths, (label for label, _ in self.predict_with_scores(paths, batch_size))))
+            return dict(zip(paths, (label for label, _ in self.predict_with_scores(paths, batch_size, device))))
         if isinstance(source, (str, os.PathLike)):
-            return self.predict_with_scores([str(source)], batch_size)[0][0]
-        return [label for label, _ in self.predict_with_scores([str(p) for p in source], batch_size)]
+            return self.predict_with_scores([str(source)], batch_size, device)[0][0]
+        return [label for label, _ in self.predict_with_scores(source, batch_size, device)]

@@ -11,7 +11,6 @@ stopping, trackers) is a callback; see ``callbacks.py``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -23,7 +22,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .callbacks import Callback, CallbackList, Position, RunState
-from .config import TrainerConfig
+from .config import RunConfig, TrainerConfig
 from .data import ImageClassificationData
 from .distributed import (
     DDPResync,
@@ -36,19 +35,23 @@ from .distributed import (
 )
 from .errors import ConfigError, NonFiniteLossError
 from .feature_cache import epoch_loader
-from .finetuning import BaseFinetuning, NoFreeze, StrategyCallback, layer_index, resolve_strategy, trainable_parameters
-from .inference import validation_metrics
+from .finetuning import BaseFinetuning, NoFreeze, StrategyCallback, build_optimizer, resolve_strategy, trainable_parameters
+from .inference import eval_loader, validation_metrics
 from .metrics import MetricsLogger
 from .model_selection import MODEL_FILENAME, BestModel, EarlyStopping
 from .preemption import Preemption
-from .schedule import WarmupSchedule, split_by_layer
+from .reports import validation_report
+from .run_records import run_outputs
+from .schedule import WarmupSchedule
 from .task import ImageClassifier
+from .trackers import check_trackers
 from .training_state import (
     CheckpointCadence,
     check_signature,
     checkpoint_to_resume,
     load_training_state,
     restore_training_state,
+    run_signature,
     write_training_state,
 )
 
@@ -62,8 +65,9 @@ class Trainer:
     strategy and before the built-in logging, model selection, checkpointing and preemption ones.
     """
 
-    def __init__(self, config: TrainerConfig | None = None, callbacks: list[Callback] | None = None, **settings):
-        base = dataclasses.asdict(config) if config is not None else {}
+    def __init__(self, config: TrainerConfig | RunConfig | None = None, callbacks: list | None = None, **settings):
+        self.run_config = config if isinstance(config, RunConfig) else None  # for config.yaml and trackers
+        base = dataclasses.asdict(getattr(config, "trainer", config)) if config is not None else {}
         self.config = TrainerConfig(**{**base, **settings})
         self.callbacks = list(callbacks or [])
         self.accelerator = None
@@ -84,21 +88,22 @@ class Trainer:
         config = self.config
         strategy = resolve_strategy(strategy, train_bn=train_bn)
         strategy.validate(config.max_epochs)
-        _check_image_size(task, data)
+        task.check_image_size(data.image_size)
         checkpoint = checkpoint_to_resume(resume, config.output_dir)
         refuse_freezing_under_sharding(freezes=not isinstance(strategy, NoFreeze))
-        accelerator = self._make_accelerator()
+        accelerator = self._make_accelerator(log_with=check_trackers(config.report_to, config.output_dir))
         refuse_freezing_under_sharding(not isinstance(strategy, NoFreeze), accelerator)
         set_seed(config.seed)
         self._check_images(data, accelerator)
-        task.labels, task.image_size = list(data.classes), data.image_size
+        # class weights (None unless data.class_weights='auto') weight the training loss and go into the model file
+        task.labels, task.image_size, task.class_weights = list(data.classes), data.image_size, data.loss_weights()
         run = RunState(config=config, accelerator=accelerator, task=task, data=data, strategy=strategy,
-                       signature=_run_signature(task, data, strategy))
+                       signature=run_signature(task, data, strategy))
         run.callbacks = callbacks = CallbackList(self._run_callbacks(strategy))
         self.run, self.task = run, task
         try:
             callbacks.call("setup", self, run)
-            run.optimizer = _build_optimizer(task, config)
+            run.optimizer = build_optimizer(task, config)
             saved = None
             if checkpoint is not None:
                 saved = load_training_state(checkpoint, accelerator.process_index)
@@ -134,10 +139,12 @@ class Trainer:
     def validate(self, task: ImageClassifier, data: ImageClassificationData) -> dict:
         """Validation loss and accuracy of ``task`` on ``data``'s val images (each counted once)."""
         accelerator = self.accelerator or self._make_accelerator()
-        loader = accelerator.prepare_data_loader(data.dataloader(data.val_dataset(), shuffle=False,
-                                                                 local_processes=accelerator.num_processes))
-        task.to(accelerator.device)
-        return validation_metrics(task, loader, accelerator)
+        return validation_metrics(task, eval_loader(task, data, accelerator), accelerator)
+
+    def evaluate(self, task: ImageClassifier, data: ImageClassificationData, top_losses: int = 10) -> dict:
+        """The report (``evaluation.build_report``) of ``task`` on ``data``'s val images (each once), on every rank."""
+        accelerator = self.accelerator or self._make_accelerator()
+        return validation_report(task, eval_loader(task, data, accelerator), accelerator, data, top_losses)
 
     def predict(self, task: ImageClassifier, paths, batch_size: int = 32):
         """Labels for a path, a list of paths, or a folder (see :meth:`ImageClassifier.predict`)."""
@@ -170,11 +177,12 @@ class Trainer:
         run.extras["saved_position"] = position
         return run.last_checkpoint
 
-    def check_training(self, run: RunState) -> None:
+    def check_training(self, run: RunState, periodic: bool = False) -> None:
         """One host sync: total the epoch's training loss over ranks into ``run.position``; stop on NaN.
 
         Under fp16 a non-finite loss is a step the GradScaler skips; training stops only when every
-        loss since the previous check was non-finite (scaling cannot repair a forward overflow).
+        loss of a whole window between two periodic checks (``check_every_n_steps`` steps) was
+        non-finite: scaling cannot repair a forward overflow.
         """
         totals = run.extras.get("train_totals")
         if totals is None:
@@ -184,10 +192,16 @@ class Trainer:
         loss_sum, seen, non_finite, batches = totals.tolist()
         position = run.position
         position.loss_sum, position.seen = loss_sum, int(seen)
-        new_non_finite, new_batches = non_finite - run.extras["checked"][0], batches - run.extras["checked"][1]
-        run.extras["checked"] = (non_finite, batches)
-        fp16 = run.accelerator.mixed_precision == "fp16"
-        if new_non_finite and (not fp16 or new_non_finite == new_batches >= run.config.check_every_n_steps):
+        run.extras["non_finite"] = int(non_finite)
+        if run.accelerator.mixed_precision == "fp16":
+            if not periodic:
+                return
+            window_start = run.extras["window_start"]
+            run.extras["window_start"] = (non_finite, batches)
+            lost, batches = non_finite - window_start[0], batches - window_start[1]
+            if not lost or lost < batches or batches < run.config.check_every_n_steps:
+                return
+        if non_finite:
             last = run.last_checkpoint or "none (no checkpoint written yet)"
             raise NonFiniteLossError(
                 f"non-finite training loss in epoch {position.epoch} by step {position.global_step} (checked every "
@@ -201,9 +215,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ setup
 
-    def _make_accelerator(self):
+    def _make_accelerator(self, log_with: list[str] | None = None):
         config = self.config
-        self.accelerator = make_accelerator(config.mixed_precision, config.gradient_accumulation_steps)
+        self.accelerator = make_accelerator(config.mixed_precision, config.gradient_accumulation_steps, log_with,
+                                            config.output_dir)
         if self.accelerator.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
         return self.accelerator
@@ -214,8 +229,8 @@ class Trainer:
         if config.early_stopping_patience is not None:
             built_in.append(EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta,
                                           config.metric_for_best))
-        built_in += [MetricsLogger(config.log_every_n_steps), CheckpointCadence(config.save_every_n_steps),
-                     Preemption(config.check_every_n_steps)]
+        built_in += [MetricsLogger(config.log_every_n_steps), *run_outputs(config, self.run_config),
+                     CheckpointCadence(config.save_every_n_steps), Preemption(config.check_every_n_steps)]
         return [StrategyCallback(strategy, config.layer_decay), *self.callbacks, *built_in]
 
     def _check_images(self, data: ImageClassificationData, accelerator) -> None:
@@ -226,6 +241,8 @@ class Trainer:
             self.announce(f"skipping {len(skipped)} unreadable image(s):")
             for path, problem in sorted(skipped.items()):
                 self.announce(f"  {path}: {problem}")
+        for line in data.summary:  # class counts, leakage and duplicates, imbalance
+            self.announce(line)
 
     def _prepare(self, run: RunState) -> None:
         """Loaders, memory format, ``accelerator.prepare``, and the schedule."""
@@ -321,10 +338,11 @@ class Trainer:
         params = trainable_parameters(run.model)
         forward = task.head if head_only else self._training_forward(run)
         channels_last = self._use_channels_last(task) and not head_only
+        class_weights = torch.tensor(task.class_weights, device=accelerator.device) if task.class_weights else None
         # [loss sum, images, non-finite losses, batches]; totals carried over a resume count once, on rank 0
         carried = [position.loss_sum, position.seen] if accelerator.is_main_process else [0.0, 0.0]
         running = torch.tensor([*carried, 0.0, 0.0], device=accelerator.device, dtype=torch.float64)
-        run.extras["train_totals"], run.extras["checked"] = running, (0.0, 0.0)
+        run.extras.update(train_totals=running, window_start=(0.0, 0.0), non_finite=0)
         seen_before = position.seen  # a resumed epoch's images/s counts only what this run trained
         global_batch = 0
         bar = tqdm(loader, desc=f"epoch {position.epoch}", leave=False, dynamic_ncols=True,
@@ -335,7 +353,8 @@ class Trainer:
                 images = images.contiguous(memory_format=torch.channels_last)
             with accelerator.accumulate(run.model):
                 logits = forward(images)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+                loss = F.cross_entropy(logits.float(), labels, weight=class_weights,
+                                       label_smoothing=config.label_smoothing)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and head_only:
                     average_gradients(accelerator, task.head)
@@ -358,44 +377,12 @@ class Trainer:
                 run.schedule.step()
             position.global_step += 1
             if position.global_step % config.check_every_n_steps == 0:
-                self.check_training(run)
+                self.check_training(run, periodic=True)
             run.callbacks.call("on_step_end", self, run)
         self.check_training(run)  # no NaN ever reaches the epoch's checkpoint
         run.extras["train_totals"] = None
         elapsed = time.perf_counter() - start
         return {"train_loss": position.loss_sum / max(1, position.seen), "train_images": position.seen,
                 "images_per_s": (position.seen - seen_before) / elapsed, "epoch_time_s": elapsed,
-                "nonfinite_losses": int(run.extras["checked"][0])}
+                "nonfinite_losses": run.extras["non_finite"]}
 
-
-def _build_optimizer(task: ImageClassifier, config: TrainerConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD over what trains now; with ``layer_decay``, one group per trainable backbone layer."""
-    params = trainable_parameters(task)
-    if not params:
-        raise ConfigError("nothing to train: the strategy froze every parameter before training")
-    if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    if config.layer_decay is not None and config.layer_decay != 1.0:
-        index, names = layer_index(task)
-        if any(id(p) in index for p in params):
-            split_by_layer(optimizer, list(optimizer.param_groups), index, len(names), config.layer_decay)
-    return optimizer
-
-
-def _run_signature(task: ImageClassifier, data: ImageClassificationData, strategy: BaseFinetuning) -> dict:
-    """What must not change between a checkpoint and the run that resumes it."""
-    return json.loads(json.dumps({
-        "backbone": task.backbone_name, "classes": list(data.classes), "image_size": data.image_size,
-        "head": [task.head_hidden, task.head_dropout], "strategy": strategy.describe(),
-    }))
-
-
-def _check_image_size(task: ImageClassifier, data: ImageClassificationData) -> None:
-    if task.fixed_image_size is not None and data.image_size != task.fixed_image_size:
-        raise ConfigError(
-            f"backbone {task.backbone_name} takes {task.fixed_image_size}px images (learned position "
-            f"embeddings) but the data is set to image_size={data.image_size}; use image_size="
-            f"{task.fixed_image_size}"
-        )

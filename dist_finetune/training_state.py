@@ -207,6 +207,14 @@ def load_training_state(checkpoint: Path, rank: int) -> dict:
     return state
 
 
+def run_signature(task, data, strategy) -> dict:
+    """What must not change between a checkpoint and the run that resumes it (JSON-able)."""
+    return json.loads(json.dumps({
+        "backbone": task.backbone_name, "classes": list(data.classes), "image_size": data.image_size,
+        "head": [task.head_hidden, task.head_dropout], "strategy": strategy.describe(), "data": data.signature(),
+    }))
+
+
 def check_signature(saved: dict, current: dict, checkpoint: Path) -> None:
     """Refuse to resume into another backbone, class set, image size or strategy."""
     different = {k: (saved.get(k), current.get(k)) for k in current if saved.get(k) != current.get(k)}

@@ -63,3 +63,20 @@ def tiny_trainer(**settings):
 
     defaults = {"max_epochs": 3, "lr": 1e-2, "progress_bar": False, "seed": 0}
     return Trainer(**{**defaults, **settings})
+
+
+def nan_head_from_epoch_1():
+    """A freeze_unfreeze strategy that also fills the head's last weight with NaN at epoch 1, so
+    every loss from then on is non-finite (for the tests of the non-finite-loss check)."""
+    import torch
+
+    from dist_finetune.finetuning import FreezeUnfreeze
+
+    class NanHeadFromEpoch1(FreezeUnfreeze):
+        def finetune_function(self, model, epoch, optimizer):
+            super().finetune_function(model, epoch, optimizer)
+            if epoch == 1:
+                with torch.no_grad():
+                    model.head.layers[-1].weight.fill_(float("nan"))
+
+    return NanHeadFromEpoch1(unfreeze_epoch=1)

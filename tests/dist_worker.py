@@ -3,7 +3,8 @@
     python dist_worker.py SCENARIO DATA_ROOT OUT_DIR [BATCH_SIZE]
 
 Scenarios: strategies (freeze_unfreeze, unfreeze_milestones, the guide's custom strategy, in turn),
-equivalence (one deterministic run), perturb (rank 1 alters a weight at a transition), no_resync
+equivalence (one deterministic run), mismatch (at a transition rank 1 alone alters a weight, adds its
+groups in another layout, or gives a group another lr; each rank writes the error it got), no_resync
 (a plain Accelerate loop that unfreezes after ``prepare`` without rebuilding DDP: the drift the
 trainer prevents), compiled (torch.compile, aot_eager backend, augmentation on so the compiled
 forward runs before and after the DDP rebuild).
@@ -23,6 +24,7 @@ from safetensors.torch import save_file
 from dist_finetune import ImageClassificationData, ImageClassifier, Trainer, seed_everything
 from dist_finetune.callbacks import Callback
 from dist_finetune.distributed import make_accelerator
+from dist_finetune.errors import RankMismatchError
 from dist_finetune.finetuning import BaseFinetuning, FreezeUnfreeze, UnfreezeMilestones
 from test_strategies import FeatureExtractorFreezeUnfreeze as GuideStrategy  # the Flash guide's example
 
@@ -37,6 +39,27 @@ class PerturbRankOne(FreezeUnfreeze):
         if epoch == self.unfreeze_epoch and torch.distributed.get_rank() == 1:
             with torch.no_grad():
                 model.head.layers[-1].weight[0, 0] += 1e-3
+
+
+class LayoutOnRankOne(FreezeUnfreeze):
+    """At the unfreeze the backbone joins as two param groups, the last layer and the rest; rank 1 alone
+    puts the last two layers in the second group: the same parameters, group count and lrs, other members."""
+
+    def finetune_function(self, model, epoch, optimizer):
+        if epoch == self.unfreeze_epoch:
+            layers = model.backbone_layers()
+            split = -2 if torch.distributed.get_rank() == 1 else -1
+            self.unfreeze_and_add_param_group(layers[:split], optimizer, train_bn=self.train_bn)
+            self.unfreeze_and_add_param_group(layers[split:], optimizer, train_bn=self.train_bn)
+
+
+class LrOnRankOne(FreezeUnfreeze):
+    """At the unfreeze rank 1 alone gives the backbone's group another lr."""
+
+    def finetune_function(self, model, epoch, optimizer):
+        if epoch != self.unfreeze_epoch or torch.distributed.get_rank() != 1:
+            return super().finetune_function(model, epoch, optimizer)
+        self.unfreeze_and_add_param_group(model.backbone, optimizer, lr=5e-4, train_bn=self.train_bn)
 
 
 class Snapshots(Callback):
@@ -135,8 +158,14 @@ def main() -> None:
     elif scenario == "eager_augmented":
         train(FreezeUnfreeze(unfreeze_epoch=1, train_bn=False), data_root, out, batch_size, augment=True,
               channels_last=False)
-    elif scenario == "perturb":
-        train(PerturbRankOne(unfreeze_epoch=1, train_bn=True), data_root, out, batch_size)
+    elif scenario == "mismatch":  # each rank records what the rank check told it
+        for name, strategy in (("perturb", PerturbRankOne), ("layout", LayoutOnRankOne), ("lr", LrOnRankOne)):
+            try:
+                train(strategy(unfreeze_epoch=1, train_bn=True), data_root, out / name, batch_size, epochs=2)
+                outcome = "no error"
+            except RankMismatchError as error:
+                outcome = str(error)
+            (out / name / f"rank{torch.distributed.get_rank()}_error.txt").write_text(outcome)
     elif scenario == "no_resync":
         train_without_resync(data_root, out, batch_size)
     else:

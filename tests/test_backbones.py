@@ -66,3 +66,69 @@ def test_failed_download_explains_the_offline_options(monkeypatch):
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
     with pytest.raises(BackboneError, match=r"--weights FILE.*pretrained=False"):
         build_backbone("resnet18", pretrained=True)
+
+
+class Payload:
+    """Pickles as a call to os.mkdir(marker): what a malicious .pth would run on a full unpickle."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.marker,)
+
+
+def test_pth_weights_are_read_with_weights_only(tmp_path):
+    """A .pth whose pickle calls a function is refused, and the function never runs."""
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "resnet18.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "evil": Payload(str(marker))}, path)
+    with pytest.raises(BackboneError) as refused:
+        build_backbone("resnet18", weights=str(path))
+    assert not marker.exists(), "the pickle's code ran"
+    assert f"cannot read weights file {path}" in str(refused.value)
+
+
+def test_register_backbone_makes_a_name_usable_everywhere(tmp_path):
+    """A backbone registered through the public decorator builds a task, trains, saves and loads by name."""
+    from conftest import tiny_trainer, write_image_folder
+
+    from dist_finetune import ImageClassificationData, ImageClassifier
+    from dist_finetune.backbones import Backbone, register_backbone
+
+    calls = []
+
+    @register_backbone("test_registered_mlp")
+    def build(pretrained, weights):
+        calls.append((pretrained, weights))
+        module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=4), torch.nn.AdaptiveAvgPool2d(1),
+                                     torch.nn.Flatten(), torch.nn.Linear(4, 6))
+        return Backbone(name="test_registered_mlp", module=module, num_features=6, layer_names=[["0"], ["3"]],
+                        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+    assert "test_registered_mlp" in available_backbones()
+    task = ImageClassifier(2, backbone="test_registered_mlp", pretrained=False)
+    assert calls == [(False, None)] and [len(list(layer.parameters())) for layer in task.backbone_layers()] == [2, 2]
+    root = write_image_folder(tmp_path / "train", classes=("a", "b"), per_class=4, size=16)
+    data = ImageClassificationData.from_folders(str(root), val_split=0.25, image_size=16, batch_size=2,
+                                                num_workers=0)
+    strategy = ("unfreeze_milestones", ((0, 1), 1))
+    tiny_trainer(max_epochs=2, output_dir=str(tmp_path / "out")).finetune(task, data, strategy)
+    loaded = ImageClassifier.load_from_checkpoint(tmp_path / "out" / "model.safetensors")
+    assert loaded.backbone_name == "test_registered_mlp" and loaded.mean.flatten().tolist() == [0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("name", ["vit_b_16", "timm:vit_tiny_patch16_224"])
+def test_vit_at_another_image_size_is_refused_before_training(tiny_data, name):
+    from conftest import tiny_trainer
+
+    from dist_finetune import ImageClassifier
+    from dist_finetune.errors import ConfigError
+
+    task = ImageClassifier(tiny_data.num_classes, backbone=name, pretrained=False)
+    trainer = tiny_trainer(max_epochs=1)
+    with pytest.raises(ConfigError, match=rf"backbone {name} takes 224px images .* image_size=32; use image_size=224"):
+        trainer.finetune(task, tiny_data, "freeze")
+    assert trainer.accelerator is None, "refused before anything was built"

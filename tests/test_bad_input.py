@@ -8,7 +8,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_trainer, write_image_folder
+from conftest import nan_head_from_epoch_1, tiny_trainer, write_image_folder
 from PIL import Image
 
 from dist_finetune import ImageClassificationData, ImageClassifier
@@ -16,7 +16,6 @@ from dist_finetune.checkpoint import read_metadata
 from dist_finetune import images as images_module
 from dist_finetune.errors import DataError
 from dist_finetune.images import scan_images
-from dist_finetune.finetuning import FreezeUnfreeze
 
 
 @pytest.fixture()
@@ -81,19 +80,12 @@ def test_decompression_bomb_is_a_bad_image(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("check_every, step", [(1, 7), (10, 10)])
 def test_non_finite_loss_stops_with_epoch_step_and_last_checkpoint(image_folders, tmp_path, check_every, step):
-    class Poison(FreezeUnfreeze):
-        def finetune_function(self, model, epoch, optimizer):
-            super().finetune_function(model, epoch, optimizer)
-            if epoch == 1:
-                with torch.no_grad():
-                    model.head.layers[-1].weight.fill_(float("nan"))
-
     data = ImageClassificationData.from_folders(str(image_folders / "train"), str(image_folders / "val"),
                                                 image_size=32, batch_size=4, num_workers=0)
     trainer = tiny_trainer(max_epochs=2, output_dir=str(tmp_path), check_every_n_steps=check_every)
     expected = rf"in epoch 1 by step {step} \(checked every {check_every} steps\); last good checkpoint: .*step-00000006"
     with pytest.raises(FloatingPointError, match=expected):
-        trainer.finetune(ImageClassifier(3, "tiny_resnet", pretrained=False), data, Poison(unfreeze_epoch=1))
+        trainer.finetune(ImageClassifier(3, "tiny_resnet", pretrained=False), data, nan_head_from_epoch_1())
     # the model file is the best finished epoch's (0), never a poisoned one
     kept = ImageClassifier.load_from_checkpoint(tmp_path / "model.safetensors")
     assert read_metadata(tmp_path / "model.safetensors")["training"]["epoch"] == 0
@@ -106,3 +98,33 @@ def test_batch_larger_than_the_data_is_refused(tmp_path):
     data = ImageClassificationData.from_folders(str(root), val_split=0.5, image_size=16, batch_size=8, num_workers=0)
     with pytest.raises(ValueError, match="3 training images but one step needs batch_size 8"):
         tiny_trainer(max_epochs=1).finetune(ImageClassifier(3, "tiny_resnet", pretrained=False), data, "freeze")
+
+
+def test_scan_cache_is_invalidated_by_size_or_mtime(tmp_path, monkeypatch):
+    """A cached verdict holds while the file's size and mtime are unchanged; either change rescans that file
+    (only that one): same-size garbage with a new mtime is found, a new image with the old mtime is cleared."""
+    import os
+
+    good, other = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("RGB", (16, 16), "red").save(good)
+    Image.new("RGB", (16, 16), "blue").save(other)
+    paths, cache = [str(good), str(other)], tmp_path / "scan.json"
+    real = images_module.image_problem
+    checked = []
+    monkeypatch.setattr(images_module, "image_problem", lambda path: checked.append(path) or real(path))
+    assert scan_images(paths, cache) == {} and sorted(checked) == sorted(paths)
+
+    stamp = good.stat()
+    good.write_bytes(b"x" * stamp.st_size)  # same size, other bytes
+    os.utime(good, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    checked.clear()
+    assert scan_images(paths, cache) == {} and checked == [], "size and mtime unchanged: the cached verdict holds"
+    os.utime(good, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1_000_000_000))
+    problems = scan_images(paths, cache)
+    assert list(problems) == [str(good)] and checked == [str(good)], "a new mtime rescans that file only"
+
+    garbage_mtime = good.stat().st_mtime_ns
+    Image.new("RGB", (40, 40), "green").save(good)  # another size
+    os.utime(good, ns=(stamp.st_atime_ns, garbage_mtime))
+    checked.clear()
+    assert scan_images(paths, cache) == {} and checked == [str(good)], "a new size rescans that file"

@@ -5,19 +5,38 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
+from conftest import write_image_folder
 
-from dist_finetune.cli import TRAIN_FLAGS, build_parser, train_config
+from dist_finetune.cli import TRAIN_FLAGS, build_parser, main, train_config
+from dist_finetune.config import load_yaml
+from dist_finetune.schedule import WarmupSchedule
 
 ENV = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "run.yaml"
+# the flags the README documents (its "Command line" section and the train flags of the config
+# sections), written out here: taking them from the code's own list would pass if one disappeared
+DOCUMENTED_TRAIN_FLAGS = """
+--config --resume --train-folder --val-folder --val-split --image-size --batch-size --num-workers --no-augment
+--skip-bad-images --backbone --no-pretrained --weights --head-hidden --head-dropout --strategy --unfreeze-epoch
+--milestones --num-layers --train-bn --no-train-bn --max-epochs --lr --optimizer --weight-decay --scheduler
+--warmup-epochs --label-smoothing --mixed-precision --gradient-accumulation-steps --max-grad-norm --seed
+--output-dir --no-feature-cache --save-every-n-steps --keep-last --no-rank-check --channels-last
+--no-channels-last --compile --compile-backend --compile-mode --check-every-n-steps --no-progress-bar
+--unfreeze-warmup-epochs --layer-decay --metric-for-best --keep-last-model --early-stopping-patience
+--early-stopping-min-delta --log-every-n-steps
+""".split()
 
 
-def cli(*args, check=True):
-    result = subprocess.run([sys.executable, "-m", "dist_finetune", *args], capture_output=True, text=True, env=ENV,
-                            timeout=600)
+def cli(*args, check=True, env=None):
+    result = subprocess.run([sys.executable, "-m", "dist_finetune", *args], capture_output=True, text=True,
+                            env={**ENV, **(env or {})}, timeout=600)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -34,11 +53,21 @@ def test_flags_override_yaml(tmp_path):
     assert config.strategy.train_bn is False and config.trainer.output_dir == "outputs"
 
 
-def test_help_documents_every_flag():
-    text = cli("train", "--help").stdout
-    for flag, _, _ in TRAIN_FLAGS:
-        assert flag in text
-    assert "--checkpoint" in cli("predict", "--help").stdout and "--output-dir" in cli("demo", "--help").stdout
+def help_flags(capsys, *command) -> set[str]:
+    """The options ``dist-finetune COMMAND --help`` lists (each with its help text)."""
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    return set(re.findall(r"(?<![\w-])--[a-z0-9][a-z0-9-]*", text))
+
+
+def test_help_documents_every_flag(capsys):
+    listed = help_flags(capsys, "train")
+    assert set(DOCUMENTED_TRAIN_FLAGS) <= listed, sorted(set(DOCUMENTED_TRAIN_FLAGS) - listed)
+    assert {flag for flag, _, _ in TRAIN_FLAGS} <= listed  # flags added since are documented too
+    assert {"--checkpoint", "--output", "--batch-size"} <= help_flags(capsys, "predict")
+    assert {"--output-dir", "--max-epochs"} <= help_flags(capsys, "demo")
 
 
 def test_train_then_predict(image_folders, tmp_path):
@@ -51,27 +80,101 @@ def test_train_then_predict(image_folders, tmp_path):
     assert [r["epoch"] for r in records] == [0, 1] and len(records[1]["lr"]) == 2
     printed = cli("predict", "--checkpoint", str(out / "model.safetensors"), str(image_folders / "val")).stdout
     rows = list(csv.reader(printed.splitlines()))
-    assert rows[0] == ["path", "label", "probability"] and len(rows) == 13
-    assert all(row[1] in ("blue", "green", "red") and 0 < float(row[2]) <= 1 for row in rows[1:])
+    assert rows[0] == ["path", "label", "probability", "error"] and len(rows) == 13
+    assert all(row[1] in ("blue", "green", "red") and 0 < float(row[2]) <= 1 and row[3] == "" for row in rows[1:])
     one = next(iter((image_folders / "val" / "red").iterdir()))
     cli("predict", "--checkpoint", str(out / "model.safetensors"), str(one), "--output", str(tmp_path / "p.csv"))
     assert list(csv.reader(open(tmp_path / "p.csv")))[1][0] == str(one)
 
 
-def test_user_errors_are_one_clear_line(tmp_path):
+def test_user_errors_are_one_clear_line(tmp_path, capsys):
     result = cli("train", "--train-folder", str(tmp_path / "nowhere"), "--no-pretrained", check=False)
     assert result.returncode == 2 and "train folder" in result.stderr and "Traceback" not in result.stderr
-    result = cli("train", "--train-folder", str(tmp_path), "--strategy", "freeze_unfreeze", "--unfreeze-epoch", "-1",
-                 "--max-epochs", "3", check=False)
-    assert result.returncode == 2 and "unfreeze_epoch must be >= 0" in result.stderr
-    result = cli("predict", "--checkpoint", str(tmp_path / "none.safetensors"), "x.jpg", check=False)
-    assert result.returncode == 2 and "does not exist" in result.stderr
+    for args, message in (
+        (["train", "--train-folder", str(tmp_path), "--strategy", "freeze_unfreeze", "--unfreeze-epoch", "-1",
+          "--max-epochs", "3"], "unfreeze_epoch must be >= 0"),
+        (["predict", "--checkpoint", str(tmp_path / "none.safetensors"), "x.jpg"], "does not exist"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main(args)
+        error = capsys.readouterr().err
+        assert exited.value.code == 2 and message in error and len(error.splitlines()) == 1, error
+
+
+def test_processes_that_cannot_form_the_launched_world_are_refused(image_folders, tmp_path):
+    """A stray WORLD_SIZE=2 without a launcher's rendezvous variables: one line naming the fix, not a
+    traceback, and never a run that trains alone believing it is one of two ranks."""
+    result = cli("train", "--train-folder", str(image_folders / "train"), "--backbone", "timm:test_resnet",
+                 "--no-pretrained", "--image-size", "32", "--batch-size", "4", "--max-epochs", "1",
+                 "--output-dir", str(tmp_path / "out"), env={"WORLD_SIZE": "2"}, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = [line for line in result.stderr.splitlines() if line.startswith("dist-finetune train: error:")]
+    assert len(error) == 1 and "Traceback" not in result.stderr
+    assert "WORLD_SIZE=2 is set but MASTER_ADDR is not" in error[0] and "accelerate launch" in error[0]
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+@pytest.fixture(scope="module")
+def example_run(tmp_path_factory):
+    """``examples/run.yaml`` as shipped (unfreeze_milestones, bf16, warmup 1 epoch, lr 1e-3), with only the
+    data, the model size and the length overridden, on a train folder holding three unreadable files."""
+    root = tmp_path_factory.mktemp("example")
+    train = write_image_folder(root / "train", per_class=8, size=40, seed=1)
+    write_image_folder(root / "val", per_class=4, size=40, seed=2)
+    bad = {train / "red" / "empty.png": b"", train / "green" / "notes.jpg": b"not a picture",
+           train / "blue" / "cut.png": (train / "blue" / "blue_0.png").read_bytes()[:60]}
+    for path, content in bad.items():
+        path.write_bytes(content)
+    out = root / "out"
+    result = cli("train", "--config", str(EXAMPLE), "--train-folder", str(train), "--val-folder", str(root / "val"),
+                 "--backbone", "timm:test_resnet", "--no-pretrained", "--image-size", "32", "--batch-size", "4",
+                 "--max-epochs", "3", "--milestones", "1", "2", "--num-workers", "0", "--output-dir", str(out),
+                 "--no-progress-bar", "--skip-bad-images", env={"XDG_CACHE_HOME": str(root / "cache")})
+    return out, result, sorted(str(path) for path in bad)
+
+
+def test_example_config_runs(example_run):
+    out, result, _ = example_run
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert [len(r["lr"]) for r in records] == [1, 2, 3]  # the YAML's unfreeze_milestones (2 layers, then the rest)
+    # the YAML's lr, warmup and schedule: the head's lr after the first epoch's 6 of 18 steps
+    example = load_yaml(EXAMPLE).trainer
+    schedule = WarmupSchedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=example.lr), total_steps=18,
+                              warmup_steps=round(example.warmup_epochs * 6), kind=example.scheduler)
+    assert records[0]["lr"][0] == pytest.approx(example.lr * schedule.factor(6))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000012", "step-00000018"]  # keep_last 2
+    assert (out / "model.safetensors").is_file() and (out / "last.safetensors").is_file()
+
+
+def test_skip_bad_images_from_the_command_line(example_run):
+    out, result, bad = example_run
+    printed = result.stdout
+    assert "skipping 3 unreadable image(s)" in printed and all(path in printed for path in bad)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["train_images"] == 24  # the 24 good images, none of the 3 bad ones
+
+
+def check_demo_output(result, output_dir: Path) -> None:
+    assert (output_dir / "model.safetensors").is_file()
+    assert "predictions on held-out images" in result.stdout
+    predictions = result.stdout.split("predictions on held-out images", 1)[1].split("final val_acc", 1)[0]
+    assert predictions.count(" -> ") == 8, result.stdout  # 2 held-out images per class
+    for name in ("curves.png", "confusion_matrix.png", "report.json"):
+        assert (output_dir / name).is_file() and str(output_dir / name) in result.stdout
+
+
+def test_demo_runs_every_step_in_two_epochs(tmp_path):
+    """The demo's pipeline (data, finetune through the unfreeze, save, predict, report, curves), short."""
+    result = cli("demo", "--output-dir", str(tmp_path), "--max-epochs", "2")
+    check_demo_output(result, tmp_path)
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1]
 
 
 @pytest.mark.slow
-def test_demo_end_to_end(tmp_path):
+def test_demo_as_shipped_learns(tmp_path):
+    """The demo with its defaults, as the README's first command runs it, reaches what README says."""
     result = cli("demo", "--output-dir", str(tmp_path))
-    assert (tmp_path / "model.safetensors").is_file()
+    check_demo_output(result, tmp_path)
     final = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["val_acc"] > 0.6, result.stdout  # chance is 0.25
-    assert "predictions on held-out images" in result.stdout and result.stdout.count(" -> ") == 8

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -140,11 +141,32 @@ def test_compiled_two_processes_stay_identical_and_match_eager(image_folders, tm
         assert start[2] > start[1], "the DDP wrapper rebuilt at the unfreeze was compiled again"
 
 
-def test_consistency_check_catches_a_rank_that_drifts(image_folders, tmp_path):
-    result = launch("perturb", image_folders, tmp_path, check=False)
-    assert result.returncode != 0
-    assert ("rank consistency check failed after the strategy transition at epoch 1: rank 1 differs from rank 0 - "
-            "first differing parameter 'head.layers.0.weight'") in result.stderr
+@pytest.fixture(scope="module")
+def mismatch_run(image_folders, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mismatch")
+    launch("mismatch", image_folders, out)
+    return out
+
+
+@pytest.mark.parametrize("case, difference", [
+    ("perturb", r"first differing parameter 'head\.layers\.0\.weight'\."),
+    # the backbone's 20 conv weights join (its BatchNorms train from the start: train_bn=True): as
+    # 15 + 5 on rank 0 and 10 + 10 on rank 1 ("layout"), in one group ("lr")
+    ("layout", r"optimizer param group 1 differs \(15 params lr=(\S+) vs 10 lr=(\S+)\)"),
+    ("lr", r"optimizer param group 1 differs \(20 params lr=(\S+) vs 20 lr=(\S+)\)"),
+], ids=["perturb", "layout", "lr"])
+def test_consistency_check_catches_a_rank_that_drifts_on_every_rank(mismatch_run, case, difference):
+    """Rank 1 alone nudges a weight, splits the new groups elsewhere, or gives the new group another lr at
+    the unfreeze: the check after the transition raises on both ranks, naming what differs."""
+    errors = [(mismatch_run / case / f"rank{rank}_error.txt").read_text() for rank in (0, 1)]
+    for error in errors:
+        found = re.match("rank consistency check failed after the strategy transition at epoch 1: rank 1 differs "
+                         f"from rank 0 - {difference}", error)
+        assert found, error
+        if case != "perturb":  # the layout differs in members only; the lr case in the lr only
+            assert (found[1] == found[2]) == (case == "layout")
+    assert errors[0] == errors[1]
+    assert not list((mismatch_run / case).glob("rank*_final.safetensors")), "training stopped at the check"
 
 
 def test_without_the_ddp_rebuild_ranks_drift(image_folders, tmp_path):
@@ -179,3 +201,25 @@ def test_freezing_strategies_are_refused_under_sharding(kind, tiny_data, monkeyp
     assert trainer.accelerator is None, "refused before an Accelerator was made"
     if kind == "FSDP":  # no_freeze is fine (DeepSpeed itself is not installed here)
         assert len(trainer.finetune(task, tiny_data, strategy="no_freeze")) == 1
+
+
+def test_a_process_outside_the_launched_world_is_refused(tiny_data, monkeypatch):
+    """Under a launcher on a CPU machine, code that set accelerate up before the trainer (``PartialState()``,
+    as any accelerate script does first) leaves the process "rank 0 of 1" while WORLD_SIZE says 2: finetune
+    stops with the fix instead of training alone on all the data."""
+    from accelerate import PartialState
+    from conftest import tiny_trainer
+
+    from dist_finetune import ImageClassifier
+    from dist_finetune.errors import DistributedSetupError
+
+    PartialState()  # this process's accelerate state: one process (nothing launched it yet)
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    task = ImageClassifier(tiny_data.num_classes, backbone="tiny_resnet", pretrained=False)
+    before = {n: p.clone() for n, p in task.named_parameters()}
+    trainer = tiny_trainer(max_epochs=1)
+    with pytest.raises(DistributedSetupError, match=r"launched with WORLD_SIZE=2 but this process sees 1 process\(es\)"
+                                                    r": each rank would train alone .* ACCELERATE_USE_CPU=1"):
+        trainer.finetune(task, tiny_data, "freeze")
+    assert all(torch.equal(before[n], p) for n, p in task.named_parameters())

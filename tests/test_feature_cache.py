@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_trainer
+from torchvision.ops import StochasticDepth
 
 from dist_finetune import ImageClassificationData, ImageClassifier, seed_everything
 from dist_finetune.feature_cache import backbone_is_static
@@ -45,3 +47,18 @@ def test_not_cacheable_while_batchnorm_or_dropout_trains():
     task.backbone.requires_grad_(False)
     assert not backbone_is_static(task.backbone.train())
     assert backbone_is_static(task.backbone.eval())
+
+
+@pytest.mark.parametrize("layer, static_in_train_mode", [
+    (torch.nn.Dropout(0.1), False), (torch.nn.Dropout2d(0.2), False), (StochasticDepth(0.1, "row"), False),
+    (torch.nn.Dropout(0.0), True), (StochasticDepth(0.0, "row"), True),
+])
+def test_not_cacheable_while_dropout_or_drop_path_is_active(layer, static_in_train_mode):
+    """A frozen backbone without BatchNorm: only its dropout / stochastic depth decides, and only in train mode."""
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), layer, torch.nn.Flatten())
+    backbone.requires_grad_(False)
+    assert backbone_is_static(backbone.train()) is static_in_train_mode
+    assert backbone_is_static(backbone.eval())
+    backbone[0].weight.requires_grad_(True)
+    assert not backbone_is_static(backbone.eval()), "a trainable parameter is never static"
+

@@ -14,13 +14,15 @@ from dist_finetune.schedule import WarmupSchedule
 def recording(strategy: BaseFinetuning) -> BaseFinetuning:
     """Wrap a strategy so every epoch start records the parameters, BN buffers and param groups."""
     original = strategy.finetune_function
-    strategy.params, strategy.buffers, strategy.groups = [], [], []
+    strategy.params, strategy.buffers, strategy.groups, strategy.members = [], [], [], []
 
     def finetune_function(model, epoch, optimizer):
         strategy.params.append({n: p.detach().clone() for n, p in model.named_parameters()})
         strategy.buffers.append({n: b.detach().clone() for n, b in model.named_buffers() if "running" in n})
         original(model, epoch, optimizer)
         strategy.groups.append([(len(g["params"]), g["lr"], g["initial_lr"]) for g in optimizer.param_groups])
+        names = {id(p): n for n, p in model.named_parameters()}
+        strategy.members.append([{names[id(p)] for p in g["params"]} for g in optimizer.param_groups])
 
     strategy.finetune_function = finetune_function
     return strategy
@@ -29,13 +31,20 @@ def recording(strategy: BaseFinetuning) -> BaseFinetuning:
 def run(strategy, data, epochs=3, **settings):
     task = ImageClassifier(data.num_classes, backbone="tiny_resnet", pretrained=False)
     strategy = recording(strategy)
-    tiny_trainer(max_epochs=epochs, **settings).finetune(task, data, strategy=strategy)
+    # the last epoch's weights stay in the task (not the best epoch's): they are what the strategy left
+    tiny_trainer(max_epochs=epochs, load_best_model_at_end=False, **settings).finetune(task, data, strategy=strategy)
     final = {n: p.detach().clone() for n, p in task.named_parameters()}
+    strategy.buffers.append({n: b.detach().clone() for n, b in task.named_buffers() if "running" in n})
     return task, strategy, strategy.params + [final]
 
 
 def changed(before: dict, after: dict, prefix: str = "") -> dict[str, bool]:
     return {n: not torch.equal(before[n], after[n]) for n in before if n.startswith(prefix)}
+
+
+def is_batchnorm(name: str) -> bool:
+    """tiny_resnet's BatchNorm parameters (bn1, bn2, and a downsample's norm)."""
+    return ".bn" in name or "downsample.1" in name
 
 
 def layer_prefixes(task) -> list[list[str]]:
@@ -57,6 +66,10 @@ def test_freeze_keeps_backbone_and_bn_stats_fixed(tiny_data):
         assert all(torch.equal(before[n], after[n]) for n in before), "frozen BN running stats moved"
     assert all(not p.requires_grad for p in task.backbone.parameters())
     assert [len(groups) for groups in strategy.groups] == [1, 1]
+    backbone = {n for n in snaps[0] if n.startswith("backbone.")}
+    for members in strategy.members:  # frozen parameters are in no param group at all
+        assert not backbone & set().union(*members)
+        assert set().union(*members) == {n for n in snaps[0] if n.startswith("head.")}
 
 
 def test_freeze_with_train_bn_trains_only_batchnorm_in_backbone(tiny_data):
@@ -71,11 +84,14 @@ def test_freeze_with_train_bn_trains_only_batchnorm_in_backbone(tiny_data):
 def test_freeze_unfreeze_adds_backbone_group_at_the_epoch(tiny_data):
     task, strategy, snaps = run(FreezeUnfreeze(unfreeze_epoch=1, train_bn=False), tiny_data, epochs=3)
     assert not any(changed(snaps[0], snaps[1], "backbone.").values())
-    conv_and_linear = {n: v for n, v in changed(snaps[1], snaps[2], "backbone.").items() if ".bn" not in n
-                       and "downsample.1" not in n}
-    assert all(conv_and_linear.values())
-    # BatchNorm stays frozen (train_bn=False) even after the unfreeze
-    assert not changed(snaps[1], snaps[3], "backbone.bn1.")["backbone.bn1.weight"]
+    conv_and_linear = {n: v for n, v in changed(snaps[1], snaps[2], "backbone.").items() if not is_batchnorm(n)}
+    assert conv_and_linear and all(conv_and_linear.values())
+    # BatchNorm stays frozen (train_bn=False) even after the unfreeze: its weights, and its running
+    # statistics (eval mode) from before the unfreeze to the end of training
+    assert not any(v for n, v in changed(snaps[1], snaps[3], "backbone.").items() if is_batchnorm(n))
+    at_unfreeze, final = strategy.buffers[1], strategy.buffers[-1]
+    assert "backbone.layer4.1.bn2.running_var" in at_unfreeze
+    assert all(torch.equal(at_unfreeze[n], final[n]) for n in at_unfreeze), "frozen BN statistics moved"
     head_group, backbone_group = strategy.groups[1]
     assert len(strategy.groups[0]) == 1 and len(strategy.groups[1]) == 2
     assert backbone_group[1] == pytest.approx(head_group[1] / 10) and backbone_group[2] == pytest.approx(1e-3)
@@ -91,8 +107,11 @@ def test_unfreeze_milestones_unfreezes_last_layers_then_the_rest(tiny_data):
 
     assert not any_changed(snaps[0], snaps[1], last + rest)
     assert any_changed(snaps[1], snaps[2], last) and not any_changed(snaps[1], snaps[2], rest)
-    assert all(changed(snaps[2], snaps[3], prefix + ".") for prefix in rest)
-    assert any_changed(snaps[2], snaps[3], rest)
+    # at the second milestone every weight of the remaining layers trains (BatchNorm stays frozen)
+    moved = {n: v for prefix in rest for n, v in changed(snaps[2], snaps[3], prefix + ".").items()
+             if not is_batchnorm(n)}
+    assert {n.split(".")[1] for n in moved} == {"conv1", "layer1", "layer2", "layer3"}
+    assert all(moved.values()), [n for n, v in moved.items() if not v]
     assert [len(groups) for groups in strategy.groups] == [1, 2, 3]
     assert layers[-1] == ["backbone.layer4"] and layers[0] == ["backbone.conv1", "backbone.bn1"]
 
@@ -111,7 +130,7 @@ class FeatureExtractorFreezeUnfreeze(BaseFinetuning):
 
 def test_guide_custom_strategy_and_schedule_after_group_added(tiny_data):
     task = ImageClassifier(tiny_data.num_classes, backbone="tiny_resnet", pretrained=False)
-    trainer = tiny_trainer(max_epochs=4, warmup_epochs=1)
+    trainer = tiny_trainer(max_epochs=4, warmup_epochs=1, unfreeze_warmup_epochs=1)  # the new group ramps in epoch 2
     metrics = trainer.finetune(task, tiny_data, strategy=FeatureExtractorFreezeUnfreeze(unfreeze_epoch=2))
     lrs = [record["lr"] for record in metrics]
     assert [len(lr) for lr in lrs] == [1, 1, 2, 2]

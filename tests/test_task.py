@@ -66,18 +66,27 @@ def test_predict_file_list_and_folder(tiny_data, image_folders, tmp_path):
     assert sorted(by_path) == sorted(tiny_data.val_paths) and by_path[one] == task.predict(one)
 
 
-def test_loading_into_another_architecture_names_the_keys(tiny_data, tmp_path):
-    finetuned(tiny_data, tmp_path)
-    state = dict(__import__("safetensors.torch", fromlist=["load_file"]).load_file(tmp_path / "model.safetensors"))
+def test_loading_into_another_architecture_names_the_keys(tmp_path):
+    """tiny_resnet with a hidden head layer into resnet34 with a plain head: resnet34's extra blocks are
+    missing, the hidden layer's tensors unexpected, and the 7x7 stem (vs 3x3) has another shape."""
+    path = tmp_path / "model.safetensors"
+    ImageClassifier(3, backbone="tiny_resnet", pretrained=False, head_hidden=16).save_checkpoint(path)
+    state = ImageClassifier.load_from_checkpoint(path).state_dict()
     other = ImageClassifier(3, backbone="resnet34", pretrained=False)
-    with pytest.raises(CheckpointError, match=r"missing: \['backbone.layer1.2"):
+    with pytest.raises(CheckpointError) as refused:
         other.load_weights(state, "model.safetensors")
+    message = str(refused.value)
+    assert "model.safetensors does not match this model" in message
+    assert "missing: ['backbone.layer1.2." in message
+    assert "unexpected: ['head.layers.2.bias', 'head.layers.2.weight']" in message
+    assert "; shape: [" in message and "'backbone.conv1.weight (8, 3, 3, 3) vs (64, 3, 7, 7)'" in message
 
 
 def test_plain_safetensors_without_metadata_is_refused(tmp_path):
     path = tmp_path / "plain.safetensors"
     save_file({"x": torch.zeros(1)}, path)
-    with pytest.raises(CheckpointError, match="not a model saved by dist_finetune"):
+    hint = r"not a model saved by dist_finetune .*pass it as weights=\.\.\. / --weights"
+    with pytest.raises(CheckpointError, match=hint):
         ImageClassifier.load_from_checkpoint(path)
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(path.read_bytes()[:20])
@@ -88,15 +97,26 @@ def test_plain_safetensors_without_metadata_is_refused(tmp_path):
 
 
 def test_head_options_and_top5(tmp_path):
+    """val_top5 (above 5 classes) equals a top-5 accuracy computed here from the model's own logits."""
     from conftest import write_image_folder
 
     from dist_finetune import ImageClassificationData
 
-    classes = tuple(f"c{i}" for i in range(6))
-    root = write_image_folder(tmp_path / "train", classes=classes, per_class=3, size=24)
-    data = ImageClassificationData.from_folders(str(root), val_split=0.34, image_size=32, batch_size=4, num_workers=0)
-    task = ImageClassifier(6, "tiny_resnet", pretrained=False, head_hidden=16, head_dropout=0.1)
+    classes = tuple(f"c{i}" for i in range(8))
+    root = write_image_folder(tmp_path / "train", classes=classes, per_class=4, size=24)
+    data = ImageClassificationData.from_folders(str(root), val_split=0.5, image_size=32, batch_size=4, num_workers=0)
+    seed_everything(0)
+    task = ImageClassifier(8, "tiny_resnet", pretrained=False, head_hidden=16, head_dropout=0.1)
     metrics = tiny_trainer(max_epochs=1, output_dir=str(tmp_path / "out")).finetune(task, data, "freeze")
-    assert "val_top5" in metrics[0] and metrics[0]["val_top5"] >= metrics[0]["val_acc"]
+    task.eval()
+    with torch.no_grad():
+        batches = [(task(images).float(), labels) for images, labels in
+                   torch.utils.data.DataLoader(data.val_dataset(), batch_size=5)]
+    logits, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    rank = (logits > logits.gather(1, labels[:, None])).sum(dim=1)  # how many classes score above the true one
+    top1, top5 = (rank == 0).double().mean().item(), (rank < 5).double().mean().item()
+    assert metrics[0]["val_images"] == len(labels) == 16
+    assert metrics[0]["val_acc"] == pytest.approx(top1) and metrics[0]["val_top5"] == pytest.approx(top5)
+    assert top1 < top5 < 1, "the data must tell top-5 apart from top-1 and from top-8"
     loaded = ImageClassifier.load_from_checkpoint(tmp_path / "out" / "model.safetensors")
     assert loaded.head_hidden == 16 and loaded.predict(data.val_paths) == task.eval().predict(data.val_paths)

@@ -1,0 +1,32 @@
+"""``scripts/benchmark.py --quick`` runs end to end: a smoke test of every job and the report, with no
+assertion on any timing (those depend on the machine and its load)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+ROWS = {"a_trainer_no_freeze", "b_bare", "c_plain_accelerate", "decode", "p_predict", "s_freeze", "s_freeze_train_bn",
+        "s_freeze_unfreeze", "f_cache", "f_no_cache"}
+
+
+@pytest.mark.slow  # about 2 minutes on 2 cores: six fresh job processes
+def test_benchmark_quick_runs_end_to_end(tmp_path):
+    output = tmp_path / "benchmark.json"
+    result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--data-dir", str(tmp_path / "data"),
+                             "--output", str(output)], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert set(report["results"]) == ROWS
+    assert report["settings"]["quick"] is True and report["settings"]["image_size"] == 64
+    trainer = report["results"]["a_trainer_no_freeze"]
+    assert trainer["strategy"] == "no_freeze" and trainer["finetune_wall_s"] > 0
+    assert report["results"]["f_cache"]["feature_cache_used"] is True
+    assert report["results"]["f_no_cache"]["feature_cache_used"] is False
+    assert {"a_over_b", "a_over_c", "freeze_speedup", "decode"} <= set(report["summary"])
+    assert report["table"] in result.stdout and f"wrote {output}" in result.stdout

@@ -16,6 +16,7 @@ What is synchronised, and when:
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -43,6 +44,19 @@ def shutdown() -> None:
     """Leave the process group, if one was joined: a clean exit for every rank (gloo can abort otherwise)."""
     if torch.distributed.is_initialized():
         AcceleratorState().destroy_process_group()
+
+
+_shutdown_at_exit = False
+
+
+def _leave_the_process_group_at_exit() -> None:
+    """A process that exits with its gloo group alive aborts now and then ("terminate called without an
+    active exception", exit -6) after everything it did succeeded: leave the group at exit, whatever
+    the script does (the CLI already calls :func:`shutdown`; Python scripts often do not)."""
+    global _shutdown_at_exit
+    if not _shutdown_at_exit:
+        atexit.register(shutdown)
+        _shutdown_at_exit = True
 
 
 def launched_world_size() -> int:
@@ -82,6 +96,8 @@ def make_accelerator(mixed_precision: str | None = None, gradient_accumulation_s
             "--num_processes N` or torchrun (they set the rendezvous variables), or unset WORLD_SIZE to train "
             "in one process."
         ) from error
+    if accelerator.num_processes > 1:
+        _leave_the_process_group_at_exit()
     if accelerator.num_processes != world_size:
         raise DistributedSetupError(
             f"launched with WORLD_SIZE={world_size} but this process sees {accelerator.num_processes} "

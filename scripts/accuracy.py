@@ -87,6 +87,9 @@ def parse_args() -> argparse.Namespace:
         args.seeds, args.epochs, args.image_size = args.seeds[:1], 2, 96
     data = Path(args.data)
     args.data = data if data.is_absolute() else (REPO / data).resolve()
+    if not (args.data / "train").is_dir() or not (args.data / "val").is_dir():
+        p.error(f"--data {args.data} has no train/ and val/ class folders (a relative --data is resolved "
+                "against the repository root)")
     args.weights = str(Path(args.weights).expanduser().resolve())
     args.c_unfreeze = args.unfreeze_epoch if args.unfreeze_epoch is not None else min(3, args.epochs - 1)
     if not 0 < args.c_unfreeze < args.epochs:

@@ -182,15 +182,20 @@ class Trainer:
 
         Under fp16 a non-finite loss is a step the GradScaler skips; training stops only when every
         loss of a whole window between two periodic checks (``check_every_n_steps`` steps) was
-        non-finite: scaling cannot repair a forward overflow.
+        non-finite: scaling cannot repair a forward overflow. Several checks at one position (a periodic
+        check, the step log, the trackers, a cadence save) share one reduction.
         """
         totals = run.extras.get("train_totals")
         if totals is None:
             return
-        if run.accelerator.num_processes > 1:
-            totals = run.accelerator.reduce(totals, reduction="sum")
-        loss_sum, seen, non_finite, batches = totals.tolist()
         position = run.position
+        here = (position.epoch, position.batch)
+        synced = run.extras.get("synced_totals")
+        if synced is None or synced[0] != here:
+            if run.accelerator.num_processes > 1:
+                totals = run.accelerator.reduce(totals, reduction="sum")
+            synced = run.extras["synced_totals"] = (here, totals.tolist())
+        loss_sum, seen, non_finite, batches = synced[1]
         position.loss_sum, position.seen = loss_sum, int(seen)
         run.extras["non_finite"] = int(non_finite)
         if run.accelerator.mixed_precision == "fp16":

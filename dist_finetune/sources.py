@@ -275,13 +275,19 @@ def _check_split(splits: dict, name_or_path: str, wanted: str | None, setting: s
         raise DataError(f"dataset {name_or_path} has no split {wanted!r} (splits: {sorted(splits)}); set {setting}")
 
 
+def _splits_with(name_or_path: str, wanted: str, setting: str) -> dict:
+    """:func:`load_splits`, with the ``wanted`` split checked; one unnamed split (a saved Dataset) is taken as it."""
+    splits = load_splits(name_or_path)
+    if len(splits) == 1 and wanted not in splits:
+        splits = {wanted: next(iter(splits.values()))}
+    _check_split(splits, name_or_path, wanted, setting)
+    return splits
+
+
 def read_hub(name_or_path: str, image_column: str = "image", label_column: str = "label", train_split: str = "train",
              val_split_name: str | None = None) -> Source:
     """A dataset's ``train_split`` and its val split: ``val_split_name``, or "validation" if it has one."""
-    splits = load_splits(name_or_path)
-    if len(splits) == 1 and train_split not in splits:  # one unnamed split (a saved Dataset): it is train
-        splits = {train_split: next(iter(splits.values()))}
-    _check_split(splits, name_or_path, train_split, "train_split (--train-split)")
+    splits = _splits_with(name_or_path, train_split, "train_split (--train-split)")
     _check_split(splits, name_or_path, val_split_name, "val_split_name (--val-split-name)")
     if val_split_name == train_split:
         raise DataError(f"dataset {name_or_path}: val_split_name and train_split are both {train_split!r}; "
@@ -297,10 +303,7 @@ def read_hub(name_or_path: str, image_column: str = "image", label_column: str =
 
 def dataset_images(name_or_path: str, split: str = "train", image_column: str = "image") -> tuple[list[str], DatasetImages]:
     """The items of one split of a dataset, and their reader: unlabelled images to predict."""
-    splits = load_splits(name_or_path)
-    if len(splits) == 1 and split not in splits:  # one unnamed split (a saved Dataset)
-        splits = {split: next(iter(splits.values()))}
-    _check_split(splits, name_or_path, split, "the split (--split)")
+    splits = _splits_with(name_or_path, split, "the split (--split)")
     name = f"{name_or_path}:{split}"
     reader = DatasetImages({name: splits[split]}, image_column)
     return reader.items(name), reader

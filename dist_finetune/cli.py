@@ -54,8 +54,10 @@ TRAIN_FLAGS: list[tuple[str, str, dict]] = [
     ("--train-bn", "strategy.train_bn", {"action": argparse.BooleanOptionalAction,
                                          "help": "train BatchNorm layers of frozen parts (default: no, they stay "
                                                  "in eval mode with their pretrained statistics)"}),
+    ("--initial-denom-lr", "strategy.initial_denom_lr", {"type": float, "help": "groups the strategy unfreezes "
+                                                         "train at lr / this (100)"}),
     ("--max-epochs", "trainer.max_epochs", {"type": int, "help": "epochs (10)"}),
-    ("--lr", "trainer.lr", {"type": float, "help": "head learning rate; unfrozen groups get lr/10"}),
+    ("--lr", "trainer.lr", {"type": float, "help": "head learning rate; unfrozen groups get lr / --initial-denom-lr"}),
     ("--optimizer", "trainer.optimizer", {"choices": OPTIMIZERS, "help": "adamw (default) or sgd"}),
     ("--weight-decay", "trainer.weight_decay", {"type": float, "help": "weight decay (1e-4)"}),
     ("--scheduler", "trainer.scheduler", {"choices": SCHEDULERS, "help": "lr schedule after warmup (cosine)"}),
@@ -77,6 +79,9 @@ TRAIN_FLAGS: list[tuple[str, str, dict]] = [
                                                            "help": "skip the cross-rank parameter checksum"}),
     ("--channels-last", "trainer.channels_last", {"action": argparse.BooleanOptionalAction,
                                                   "help": "channels_last memory format (default: on for conv nets)"}),
+    ("--tune-cpu-allocator", "trainer.tune_cpu_allocator",
+     {"action": argparse.BooleanOptionalAction, "help": "CPU runs: glibc malloc keeps freed memory for the next step "
+                                                        "instead of page-faulting it anew (default: on)"}),
     ("--compile", "trainer.compile", {"action": "store_true",
                                       "help": "torch.compile the training forward (recompiles at each unfreeze)"}),
     ("--compile-backend", "trainer.compile_backend", {"help": "torch.compile backend (inductor)"}),
@@ -143,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "under accelerate launch the launcher's")
     predict.add_argument("--mixed-precision", choices=MIXED_PRECISION,
                          help="bf16 or fp16 autocast for inference (default: no, or the accelerate config's)")
+    predict.add_argument("--tune-cpu-allocator", action=argparse.BooleanOptionalAction, default=True,
+                         help="on the CPU: glibc malloc keeps freed memory for the next batch (default: on)")
     predict.add_argument("--strict", action="store_true",
                          help=f"exit with code {UNREADABLE_EXIT_CODE} if any file was unreadable (rows still written)")
     predict.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", help="no tqdm bar")
@@ -222,7 +229,8 @@ def run_predict(args: argparse.Namespace) -> None:
             paths, reader = shared_inputs(accelerator, args.paths, args.paths_from), None
         summary = predict_to_file(task, paths, args.output, args.format, args.top_k, args.progress_bar,
                                   batch_size=args.batch_size, device=args.device, mixed_precision=args.mixed_precision,
-                                  num_workers=args.num_workers, accelerator=accelerator, reader=reader)
+                                  num_workers=args.num_workers, accelerator=accelerator, reader=reader,
+                                  tune_cpu_allocator=args.tune_cpu_allocator)
     finally:
         shutdown()
     if summary.images:

@@ -17,12 +17,15 @@ import yaml
 from .errors import ConfigError
 from .finetuning import (
     BUILTIN_TRAIN_BN,
+    DEFAULT_INITIAL_DENOM_LR,
     DEFAULT_MILESTONES,
     DEFAULT_NUM_LAYERS,
     DEFAULT_UNFREEZE_EPOCH,
     STRATEGY_NAMES,
+    check_initial_denom_lr,
     check_milestones,
     check_unfreeze_epoch,
+    resolve_strategy,
 )
 from .model_selection import METRICS_FOR_BEST
 from .trackers import tracker_names
@@ -101,23 +104,26 @@ class StrategyConfig:
     milestones: tuple[int, int] = DEFAULT_MILESTONES
     num_layers: int = DEFAULT_NUM_LAYERS
     train_bn: bool = BUILTIN_TRAIN_BN
+    initial_denom_lr: float = DEFAULT_INITIAL_DENOM_LR  # groups the strategy adds train at trainer.lr / this
 
     def __post_init__(self) -> None:
         self.milestones = tuple(self.milestones)
         _require(self.name in STRATEGIES, f"unknown strategy {self.name!r}; choose one of {', '.join(STRATEGIES)}")
         check_unfreeze_epoch(self.unfreeze_epoch)
         check_milestones(self.milestones, self.num_layers)
+        check_initial_denom_lr(self.initial_denom_lr)
 
     def strategy(self):
-        """The strategy this section describes, as ``Trainer.finetune`` takes it."""
+        """The strategy object this section describes, as ``Trainer.finetune`` takes it."""
         arguments = {"freeze_unfreeze": self.unfreeze_epoch, "unfreeze_milestones": (self.milestones, self.num_layers)}
-        return self.name, arguments.get(self.name)
+        return resolve_strategy((self.name, arguments.get(self.name)), train_bn=self.train_bn,
+                                initial_denom_lr=self.initial_denom_lr)
 
 
 @dataclass
 class TrainerConfig:
     max_epochs: int = 10
-    lr: float = 1e-2  # the head's; groups a strategy adds get lr / 10 (measured: README, Defaults)
+    lr: float = 1e-2  # the head's; groups a strategy adds get lr / strategy.initial_denom_lr (README, Defaults)
     optimizer: str = "adamw"
     weight_decay: float = 1e-4
     momentum: float = 0.9  # SGD only
@@ -134,6 +140,7 @@ class TrainerConfig:
     save_every_n_steps: int | None = None  # training-state checkpoints; one is always written per epoch
     keep_last: int = 2
     channels_last: bool | None = None  # None: on for conv nets (GPU and CPU)
+    tune_cpu_allocator: bool = True  # CPU runs: glibc malloc keeps freed memory for the next step (host_memory)
     compile: bool = False  # torch.compile the training forward; each strategy transition recompiles it
     compile_backend: str = "inductor"
     compile_mode: str | None = None  # torch.compile's mode: None (default), reduce-overhead, max-autotune, ...

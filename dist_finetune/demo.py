@@ -100,7 +100,8 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", max_epochs: int = 8,
         data=DataConfig(train_folder=str(data_root / "train"), val_folder=str(data_root / "val"),
                         image_size=64, batch_size=32),
         model=ModelConfig(backbone=backbone, pretrained=pretrained),
-        strategy=StrategyConfig(name="freeze_unfreeze", unfreeze_epoch=1, train_bn=True),
+        # offline the backbone is random: it must learn, not be preserved (lr / 10, BatchNorm training)
+        strategy=StrategyConfig(name="freeze_unfreeze", unfreeze_epoch=1, train_bn=True, initial_denom_lr=10),
         trainer=TrainerConfig(max_epochs=max_epochs, lr=3e-3, output_dir=str(output_dir), warmup_epochs=0.5),
     )
     trainer, _, metrics = finetune_from_config(config)

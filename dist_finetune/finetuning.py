@@ -32,6 +32,9 @@ STRATEGY_NAMES = ("no_freeze", "freeze", "freeze_unfreeze", "unfreeze_milestones
 DEFAULT_UNFREEZE_EPOCH = 3
 DEFAULT_MILESTONES = (2, 5)
 DEFAULT_NUM_LAYERS = 1
+# a group the built-in strategies add trains at the head's lr / this (Flash's ``initial_denom_lr``, whose
+# default 10 stays for BaseFinetuning subclasses; fastai's fine_tune uses 100): measured, README Defaults
+DEFAULT_INITIAL_DENOM_LR = 100.0
 # BatchNorm of frozen blocks in eval mode: running statistics stay as pretrained, and backward never
 # runs through a frozen backbone (Flash's train_bn=True keeps it running through every BatchNorm)
 BUILTIN_TRAIN_BN = False
@@ -40,6 +43,12 @@ BUILTIN_TRAIN_BN = False
 def check_unfreeze_epoch(unfreeze_epoch: int) -> None:
     if unfreeze_epoch < 0:
         raise ConfigError(f"unfreeze_epoch must be >= 0, got {unfreeze_epoch}")
+
+
+def check_initial_denom_lr(initial_denom_lr: float) -> None:
+    if not initial_denom_lr > 0:
+        raise ConfigError(f"initial_denom_lr must be > 0 (new groups train at lr / initial_denom_lr), "
+                          f"got {initial_denom_lr}")
 
 
 def check_milestones(milestones, num_layers: int) -> None:
@@ -205,10 +214,12 @@ class FreezeUnfreeze(BaseFinetuning):
     """Frozen for epochs 0..unfreeze_epoch-1; the whole backbone joins at ``unfreeze_epoch``."""
 
     def __init__(self, unfreeze_epoch: int = DEFAULT_UNFREEZE_EPOCH, train_bn: bool = BUILTIN_TRAIN_BN,
-                 attr_names="backbone"):
+                 attr_names="backbone", initial_denom_lr: float = DEFAULT_INITIAL_DENOM_LR):
         super().__init__(attr_names, train_bn)
         check_unfreeze_epoch(unfreeze_epoch)
+        check_initial_denom_lr(initial_denom_lr)
         self.unfreeze_epoch = unfreeze_epoch
+        self.initial_denom_lr = float(initial_denom_lr)
 
     def validate(self, max_epochs: int) -> None:
         if self.unfreeze_epoch >= max_epochs:
@@ -217,7 +228,8 @@ class FreezeUnfreeze(BaseFinetuning):
     def finetune_function(self, model: nn.Module, epoch: int, optimizer) -> None:
         if epoch == self.unfreeze_epoch:
             modules = [getattr(model, name) for name in self.attr_names]
-            self.unfreeze_and_add_param_group(modules, optimizer, train_bn=self.train_bn)
+            self.unfreeze_and_add_param_group(modules, optimizer, initial_denom_lr=self.initial_denom_lr,
+                                              train_bn=self.train_bn)
 
 
 class UnfreezeMilestones(BaseFinetuning):
@@ -227,11 +239,14 @@ class UnfreezeMilestones(BaseFinetuning):
     """
 
     def __init__(self, unfreeze_milestones: tuple[int, int] = DEFAULT_MILESTONES,
-                 num_layers: int = DEFAULT_NUM_LAYERS, train_bn: bool = BUILTIN_TRAIN_BN):
+                 num_layers: int = DEFAULT_NUM_LAYERS, train_bn: bool = BUILTIN_TRAIN_BN,
+                 initial_denom_lr: float = DEFAULT_INITIAL_DENOM_LR):
         super().__init__("backbone", train_bn)
         check_milestones(unfreeze_milestones, num_layers)
+        check_initial_denom_lr(initial_denom_lr)
         self.unfreeze_milestones = tuple(unfreeze_milestones)
         self.num_layers = num_layers
+        self.initial_denom_lr = float(initial_denom_lr)
 
     def validate(self, max_epochs: int) -> None:
         first, second = self.unfreeze_milestones
@@ -244,19 +259,21 @@ class UnfreezeMilestones(BaseFinetuning):
         layers = model.backbone_layers()
         if self.num_layers >= len(layers):
             raise ConfigError(f"num_layers={self.num_layers} but the backbone has only {len(layers)} layers")
-        if epoch == self.unfreeze_milestones[0]:
-            self.unfreeze_and_add_param_group(layers[-self.num_layers:], optimizer, train_bn=self.train_bn)
-        elif epoch == self.unfreeze_milestones[1]:
-            self.unfreeze_and_add_param_group(layers[: -self.num_layers], optimizer, train_bn=self.train_bn)
+        if epoch in self.unfreeze_milestones:
+            joining = layers[-self.num_layers:] if epoch == self.unfreeze_milestones[0] else layers[: -self.num_layers]
+            self.unfreeze_and_add_param_group(joining, optimizer, initial_denom_lr=self.initial_denom_lr,
+                                              train_bn=self.train_bn)
 
 
-def resolve_strategy(strategy, train_bn: bool | None = None) -> BaseFinetuning:
+def resolve_strategy(strategy, train_bn: bool | None = None,
+                     initial_denom_lr: float = DEFAULT_INITIAL_DENOM_LR) -> BaseFinetuning:
     """A strategy object from a name, a Flash-style tuple, or a ``BaseFinetuning`` instance.
 
     Names use the defaults above ("freeze_unfreeze": unfreeze at epoch ``DEFAULT_UNFREEZE_EPOCH``;
     "unfreeze_milestones": ``DEFAULT_MILESTONES`` with ``DEFAULT_NUM_LAYERS`` layer); tuples:
     ("freeze_unfreeze", N), ("unfreeze_milestones", ((a, b), k)). ``train_bn=None``: the built-in
-    strategies' default (frozen BatchNorm in eval mode). An instance is used as it is.
+    strategies' default (frozen BatchNorm in eval mode). ``initial_denom_lr``: new groups' lr divisor for
+    the strategies that add groups. An instance is used as it is.
     """
     if isinstance(strategy, BaseFinetuning):
         return strategy
@@ -267,10 +284,11 @@ def resolve_strategy(strategy, train_bn: bool | None = None) -> BaseFinetuning:
     if name == "freeze":
         return Freeze(train_bn=train_bn)
     if name == "freeze_unfreeze":
-        return FreezeUnfreeze(DEFAULT_UNFREEZE_EPOCH if argument is None else int(argument), train_bn=train_bn)
+        return FreezeUnfreeze(DEFAULT_UNFREEZE_EPOCH if argument is None else int(argument), train_bn=train_bn,
+                              initial_denom_lr=initial_denom_lr)
     if name == "unfreeze_milestones":
         milestones, layers = (DEFAULT_MILESTONES, DEFAULT_NUM_LAYERS) if argument is None else argument
-        return UnfreezeMilestones(tuple(milestones), int(layers), train_bn=train_bn)
+        return UnfreezeMilestones(tuple(milestones), int(layers), train_bn=train_bn, initial_denom_lr=initial_denom_lr)
     raise ConfigError(
         f"unknown strategy {strategy!r}: use 'no_freeze', 'freeze', 'freeze_unfreeze', "
         "'unfreeze_milestones', a (name, argument) tuple, or a BaseFinetuning subclass instance"

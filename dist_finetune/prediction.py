@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .data import default_num_workers, eval_resize_size, eval_transform
 from .distributed import from_main_process
 from .errors import ConfigError, DataError
+from .host_memory import keep_freed_memory
 from .images import IMAGE_EXTENSIONS, FileImages, list_image_files, load_rgb
 
 CSV_COLUMNS = ("path", "label", "probability", "error")
@@ -184,7 +185,8 @@ def effective_top_k(task, top_k: int) -> int:
 
 def predict_batches(task, paths: Sequence[str], batch_size: int = 32, top_k: int = 1,
                     device: str | torch.device | None = None, mixed_precision: str | None = None,
-                    num_workers: int | None = None, accelerator=None, reader=None) -> Iterator[list[Prediction]]:
+                    num_workers: int | None = None, accelerator=None, reader=None,
+                    tune_cpu_allocator: bool = True) -> Iterator[list[Prediction]]:
     """Predictions batch by batch in input order: the rows on the main process, ``[]`` on other ranks.
 
     ``paths``: image files, or the items ``reader`` opens (a dataset split, see ``sources.dataset_images``).
@@ -193,7 +195,8 @@ def predict_batches(task, paths: Sequence[str], batch_size: int = 32, top_k: int
     the batches over its processes, on its device (``device`` must agree); without it one process
     runs on ``device`` (see :func:`model_device`), moving ``task`` there. ``mixed_precision``:
     ``"bf16"``/``"fp16"`` autocast (None: the accelerator's setting, else float32). Settings are
-    checked on the call, before anything is decoded or written.
+    checked on the call, before anything is decoded or written. ``tune_cpu_allocator``: on the CPU,
+    let malloc keep freed memory for the next batch (see ``host_memory``).
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -205,6 +208,8 @@ def predict_batches(task, paths: Sequence[str], batch_size: int = 32, top_k: int
     else:
         target, precision, local = model_device(task, device), mixed_precision, 1
     dtype = autocast_dtype(precision)
+    if target.type == "cpu" and tune_cpu_allocator:
+        keep_freed_memory()
     loader = prediction_loader(paths, task.image_size, batch_size, num_workers, target.type == "cuda", local, reader)
     if accelerator is not None:
         loader = accelerator.prepare_data_loader(loader)
@@ -363,7 +368,7 @@ def predict_to_file(task, paths: Sequence[str], output: str | None = None, fmt: 
 
     Only the main process opens the output; every batch is written and flushed as it arrives.
     ``settings``: :func:`predict_batches`'s (batch_size, device, mixed_precision, num_workers, accelerator,
-    reader).
+    reader, tune_cpu_allocator).
     """
     accelerator = settings.get("accelerator")
     main = accelerator is None or accelerator.is_main_process

@@ -37,9 +37,8 @@ def finetune_from_config(config: RunConfig, resume: str | None = None,
     )
     trainer = Trainer(config)
     if dry_run:
-        return trainer, task, plan_run(trainer, task, data, strategy_config.strategy(), strategy_config.train_bn, resume)
-    metrics = trainer.finetune(task, data, strategy=strategy_config.strategy(), train_bn=strategy_config.train_bn,
-                               resume=resume)
+        return trainer, task, plan_run(trainer, task, data, strategy_config.strategy(), resume=resume)
+    metrics = trainer.finetune(task, data, strategy=strategy_config.strategy(), resume=resume)
     return trainer, task, metrics
 
 

@@ -36,6 +36,7 @@ from .distributed import (
 from .errors import ConfigError, NonFiniteLossError
 from .feature_cache import epoch_loader
 from .finetuning import BaseFinetuning, NoFreeze, StrategyCallback, build_optimizer, resolve_strategy, trainable_parameters
+from .host_memory import keep_freed_memory
 from .inference import eval_loader, validation_metrics
 from .metrics import MetricsLogger
 from .model_selection import MODEL_FILENAME, BestModel, EarlyStopping
@@ -226,6 +227,8 @@ class Trainer:
                                             config.output_dir)
         if self.accelerator.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+        elif config.tune_cpu_allocator:
+            self.announce(f"CPU run: malloc {keep_freed_memory()}")
         return self.accelerator
 
     def _run_callbacks(self, strategy: BaseFinetuning) -> list[Callback]:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
-ROWS = {"a_trainer_no_freeze", "b_bare", "c_plain_accelerate", "decode", "p_predict", "s_freeze", "s_freeze_train_bn",
-        "s_freeze_unfreeze", "f_cache", "f_no_cache"}
+ROWS = {"a_trainer_no_freeze", "a_default_malloc", "b_bare", "c_plain_accelerate", "decode", "p_predict", "s_freeze",
+        "s_freeze_train_bn", "s_freeze_unfreeze", "f_cache", "f_no_cache"}
 
 
 @pytest.mark.slow  # about 2 minutes on 2 cores: six fresh job processes
@@ -28,5 +28,6 @@ def test_benchmark_quick_runs_end_to_end(tmp_path):
     assert trainer["strategy"] == "no_freeze" and trainer["finetune_wall_s"] > 0
     assert report["results"]["f_cache"]["feature_cache_used"] is True
     assert report["results"]["f_no_cache"]["feature_cache_used"] is False
-    assert {"a_over_b", "a_over_c", "freeze_speedup", "decode"} <= set(report["summary"])
+    assert {"a_over_b", "a_over_c", "a_over_default_malloc", "freeze_speedup", "decode"} <= set(report["summary"])
+    assert report["results"]["a_default_malloc"]["strategy"] == "no_freeze"
     assert report["table"] in result.stdout and f"wrote {output}" in result.stdout

@@ -29,6 +29,7 @@ def test_yaml_then_overrides(tmp_path):
     ({"trainer": {"layer_decay": 1.5}}, "layer_decay must be in"),
     ({"trainer": {"mixed_precision": "fp8"}}, "mixed_precision"),
     ({"data": {"batch_size": 0}}, "batch_size"),
+    ({"strategy": {"initial_denom_lr": 0}}, "initial_denom_lr"),
 ])
 def test_invalid_configs_are_rejected(raw, message):
     with pytest.raises(ConfigError, match=message):
@@ -39,9 +40,11 @@ def test_schedules_past_the_last_epoch_are_valid_configs():
     """As in Flash, an unfreeze at or past max_epochs is allowed (the run warns and trains frozen)."""
     config = config_from_dict({"strategy": {"name": "freeze_unfreeze", "unfreeze_epoch": 10},
                                "trainer": {"max_epochs": 10}})
-    assert config.strategy.strategy() == ("freeze_unfreeze", 10)
+    strategy = config.strategy.strategy()
+    assert (type(strategy).__name__, strategy.unfreeze_epoch) == ("FreezeUnfreeze", 10)
     config = config_from_dict({"strategy": {"name": "unfreeze_milestones", "milestones": [1, 12]}})
-    assert config.strategy.strategy() == ("unfreeze_milestones", ((1, 12), config.strategy.num_layers))
+    strategy = config.strategy.strategy()
+    assert (strategy.unfreeze_milestones, strategy.num_layers) == ((1, 12), config.strategy.num_layers)
 
 
 def test_strategy_defaults_are_defined_once():
@@ -51,8 +54,9 @@ def test_strategy_defaults_are_defined_once():
 
     for name, cls in (("freeze_unfreeze", FreezeUnfreeze), ("unfreeze_milestones", UnfreezeMilestones)):
         section = StrategyConfig(name=name)
-        from_config = resolve_strategy(section.strategy(), train_bn=section.train_bn)
-        assert from_config.describe() == resolve_strategy(name).describe() == cls().describe()
+        assert section.strategy().describe() == resolve_strategy(name).describe() == cls().describe()
+    changed = StrategyConfig(name="freeze_unfreeze", initial_denom_lr=100, train_bn=True).strategy()
+    assert (changed.initial_denom_lr, changed.train_bn) == (100.0, True)
 
 
 def test_unknown_override_and_missing_file(tmp_path):

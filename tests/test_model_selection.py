@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from dist_finetune import ImageClassifier, seed_everything
 from dist_finetune.callbacks import Callback
 from dist_finetune.checkpoint import read_metadata
-from dist_finetune.finetuning import FreezeUnfreeze, UnfreezeMilestones
+from dist_finetune.finetuning import DEFAULT_INITIAL_DENOM_LR, FreezeUnfreeze, UnfreezeMilestones
 
 
 class Interrupt(Exception):
@@ -89,18 +89,18 @@ def test_new_groups_ramp_up_and_layers_decay(tiny_data, tmp_path):
     probe = StopAt()
     finetune(tiny_data, tmp_path, UnfreezeMilestones((1, 2), num_layers=1), callbacks=[probe], max_epochs=4,
              scheduler="constant", unfreeze_warmup_epochs=1.0, layer_decay=0.5)
-    head = 1e-2
+    head, joined = 1e-2, 1e-2 / DEFAULT_INITIAL_DENOM_LR  # a group the strategy adds: head lr / initial_denom_lr
     assert probe.lrs[1] == [head]
-    # layer4 (distance 1 from the head): head lr / 10 x 0.5, ramped (k+1)/7 over the 6 steps after it joins
+    # layer4 (distance 1 from the head): that lr x 0.5, ramped (k+1)/7 over the 6 steps after it joins
     for k in range(6):
-        assert probe.lrs[7 + k][1] == pytest.approx(head / 10 * 0.5 * min(1, (k + 2) / 7))
-    assert probe.lrs[12][1] == pytest.approx(head / 10 * 0.5)
+        assert probe.lrs[7 + k][1] == pytest.approx(joined * 0.5 * min(1, (k + 2) / 7))
+    assert probe.lrs[12][1] == pytest.approx(joined * 0.5)
     # the rest joins at step 12 as one group per layer: conv1+bn1, layer1, layer2, layer3 (distances 5..2)
     after = probe.lrs[24]
     assert len(after) == 6 and after[0] == head
-    assert after[2:] == pytest.approx([head / 10 * 0.5 ** d for d in (5, 4, 3, 2)])
+    assert after[2:] == pytest.approx([joined * 0.5 ** d for d in (5, 4, 3, 2)])
     first_step = probe.lrs[13]
-    assert first_step[2:] == pytest.approx([head / 10 * 0.5 ** d * 2 / 7 for d in (5, 4, 3, 2)])
+    assert first_step[2:] == pytest.approx([joined * 0.5 ** d * 2 / 7 for d in (5, 4, 3, 2)])
 
 
 @pytest.mark.parametrize("stop_at", [8, 12])

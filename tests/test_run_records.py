@@ -23,14 +23,16 @@ def train_args(image_folders, out, *extra) -> list[str]:
 def test_dry_run_plans_what_train_then_does(image_folders, tmp_path, capsys):
     out = tmp_path / "run"
     args = train_args(image_folders, out, "--strategy", "freeze_unfreeze", "--unfreeze-epoch", "1",
-                      "--report-to", "tensorboard")
+                      "--initial-denom-lr", "20", "--report-to", "tensorboard")
     main([*args, "--dry-run"])
     plan = capsys.readouterr().out
     assert not out.exists()  # nothing trained, nothing written
+    assert "CPU run: malloc " in plan  # the allocator setting is announced (tests/test_host_memory.py: its effect)
     for line in ("train: 24 images from", "blue 8, green 8, red 8", "val: 12 images from", "blue 4, green 4, red 4",
                  "effective batch 8 = batch 4 x 1 process(es) x 2 accumulation step(s)",
                  "3 steps per epoch x 2 epochs = 6 optimizer steps",
-                 "epoch 1: conv1+bn1, layer1, layer2, layer3, layer4 joined training", "starts fresh",
+                 "epoch 1: conv1+bn1, layer1, layer2, layer3, layer4 joined training",
+                 "(1 param group(s), target lr 5.00e-04)", "starts fresh",
                  f"trackers: tensorboard (TensorBoard: tensorboard --logdir {out})"):
         assert line in plan, line
     assert "never unfreeze" not in plan
@@ -43,6 +45,7 @@ def test_dry_run_plans_what_train_then_does(image_folders, tmp_path, capsys):
     config = load_yaml(out / "config.yaml")
     assert config == train_config(build_parser().parse_args(args))
     assert config.trainer.gradient_accumulation_steps == 2 and config.trainer.report_to == "tensorboard"
+    assert config.strategy.initial_denom_lr == 20
     info = json.loads((out / "run_info.json").read_text())
     assert {"torch", "accelerate", "datasets", "timm", "dist_finetune"} <= set(info["versions"])
     assert info["versions"]["dist_finetune"] and info["world_size"] == 1 and info["device"] == "cpu"
@@ -58,8 +61,9 @@ def test_dry_run_plans_what_train_then_does(image_folders, tmp_path, capsys):
 
 def test_dry_run_warns_about_layers_that_never_unfreeze(image_folders, tmp_path, capsys):
     main([*train_args(image_folders, tmp_path / "run", "--strategy", "unfreeze_milestones", "--milestones", "1", "5",
-                      "--num-layers", "2"), "--dry-run"])
+                      "--num-layers", "2", "--no-tune-cpu-allocator"), "--dry-run"])
     plan = capsys.readouterr().out
+    assert "CPU run: malloc" not in plan
     assert "epoch 1: layer3, layer4 joined training" in plan
     assert "warning: 3 backbone layer(s) never unfreeze in 2 epochs: conv1+bn1, layer1, layer2" in plan
 

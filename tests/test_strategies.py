@@ -7,7 +7,14 @@ import torch
 from conftest import tiny_trainer
 
 from dist_finetune import ImageClassifier
-from dist_finetune.finetuning import BaseFinetuning, Freeze, FreezeUnfreeze, NoFreeze, UnfreezeMilestones
+from dist_finetune.finetuning import (
+    DEFAULT_INITIAL_DENOM_LR,
+    BaseFinetuning,
+    Freeze,
+    FreezeUnfreeze,
+    NoFreeze,
+    UnfreezeMilestones,
+)
 from dist_finetune.schedule import WarmupSchedule
 
 
@@ -94,11 +101,13 @@ def test_freeze_unfreeze_adds_backbone_group_at_the_epoch(tiny_data):
     assert all(torch.equal(at_unfreeze[n], final[n]) for n in at_unfreeze), "frozen BN statistics moved"
     head_group, backbone_group = strategy.groups[1]
     assert len(strategy.groups[0]) == 1 and len(strategy.groups[1]) == 2
-    assert backbone_group[1] == pytest.approx(head_group[1] / 10) and backbone_group[2] == pytest.approx(1e-3)
+    assert backbone_group[1] == pytest.approx(head_group[1] / DEFAULT_INITIAL_DENOM_LR)
+    assert backbone_group[2] == pytest.approx(1e-2 / DEFAULT_INITIAL_DENOM_LR)
 
 
 def test_unfreeze_milestones_unfreezes_last_layers_then_the_rest(tiny_data):
-    task, strategy, snaps = run(UnfreezeMilestones((1, 2), num_layers=1, train_bn=False), tiny_data, epochs=3)
+    strategy = UnfreezeMilestones((1, 2), num_layers=1, train_bn=False, initial_denom_lr=4)
+    task, strategy, snaps = run(strategy, tiny_data, epochs=3)
     layers = layer_prefixes(task)
     last, rest = layers[-1], [p for layer in layers[:-1] for p in layer]
 
@@ -113,6 +122,8 @@ def test_unfreeze_milestones_unfreezes_last_layers_then_the_rest(tiny_data):
     assert {n.split(".")[1] for n in moved} == {"conv1", "layer1", "layer2", "layer3"}
     assert all(moved.values()), [n for n, v in moved.items() if not v]
     assert [len(groups) for groups in strategy.groups] == [1, 2, 3]
+    # both groups it added train at the head's base lr / initial_denom_lr
+    assert [group[2] for group in strategy.groups[2]] == pytest.approx([1e-2, 1e-2 / 4, 1e-2 / 4])
     assert layers[-1] == ["backbone.layer4"] and layers[0] == ["backbone.conv1", "backbone.bn1"]
 
 

@@ -4,9 +4,13 @@
     python scripts/accuracy.py                                  # 3 methods x seeds 0 1 2, 8 epochs, 224 px
     python scripts/accuracy.py --quick                          # smoke test: 1 seed, 2 epochs, 96 px
     python scripts/accuracy.py --methods a --extra-args "--lr 3e-3 --no-train-bn" --unfreeze-epoch 3
+    python scripts/accuracy.py --folds 4 --seeds 0 1                # 4-fold cross-validation x 2 seeds
 
 Dataset: flowers5-small (150 train / 50 val photos, 5 classes); backbone timm efficientnet_lite0
 from a local ImageNet safetensors file (made with ../shared/tools/lite0_weights.py if missing).
+One val image is 2 points there; ``--folds K`` pools train and val and runs every method on K
+stratified folds (each image is a val image exactly once per seed), so a seed's mean over the folds
+scores every photo; the folds are the same for every method and seed.
 
   (a) dist_finetune as a user runs it: ``python -m dist_finetune train`` in a subprocess, giving only
       data, backbone, weights, strategy, epochs, seed and output dir (plus --image-size when it is not
@@ -28,8 +32,13 @@ from a local ImageNet safetensors file (made with ../shared/tools/lite0_weights.
       eval: resize size/0.875 + center crop; ImageNet mean/std. DataLoader in-process (no workers),
       default memory format. img/s: training images / training wall time of the phase's epochs.
 
+(b) and (c) run in this process with the allocator setting (a) uses on a CPU (glibc malloc keeps
+freed memory, ``dist_finetune.host_memory``; without it their speed depends on what ran before in
+the process), so the speeds compare the loops, not the allocators.
 (b) and (c) keep the last epoch's weights, so their final model is the last epoch. Every method is
-seeded per run (init, order, augmentation). Results go to --output (JSON) and a table is printed.
+seeded per run (init, order, augmentation). Results go to --output (JSON) and a table is printed,
+with each method's mean curve (val acc per epoch averaged over the runs, the drop target read on
+it) and (a) against (c) run by run on the same fold and seed.
 """
 
 from __future__ import annotations
@@ -77,6 +86,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--extra-args", default="", help="appended to the (a) command (shlex-split)")
     p.add_argument("--work-dir", default=None, help="keep (a)'s output dirs here (default: temporary)")
     p.add_argument("--output", default="accuracy.json")
+    p.add_argument("--folds", type=int, default=0, help="K >= 2: K-fold cross-validation over train+val pooled")
     p.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, 96 px")
     argv, rest = [], sys.argv[1:]  # "--extra-args --no-train-bn" would read as an option: glue it on
     while rest:
@@ -94,7 +104,27 @@ def parse_args() -> argparse.Namespace:
     args.c_unfreeze = args.unfreeze_epoch if args.unfreeze_epoch is not None else min(3, args.epochs - 1)
     if not 0 < args.c_unfreeze < args.epochs:
         p.error(f"--unfreeze-epoch must be in 1..{args.epochs - 1}")
+    if args.folds == 1 or args.folds < 0:
+        p.error("--folds must be 0 (the dataset's own split) or at least 2")
     return args
+
+
+def make_folds(data: Path, k: int, root: str) -> list[Path]:
+    """K imagefolder copies (symlinks) of ``data``'s train+val photos: fold i's val is every k-th photo
+    of each class from offset i, after a fixed shuffle of the class's sorted file names."""
+    import random
+
+    folds = [Path(root) / f"fold{i}" for i in range(k)]
+    for class_dir in sorted(p for p in (data / "train").iterdir() if p.is_dir()):
+        photos = sorted(f for split in ("train", "val") for f in (data / split / class_dir.name).iterdir()
+                        if f.is_file())
+        random.Random(f"{class_dir.name}-{k}").shuffle(photos)
+        for index, photo in enumerate(photos):
+            for i, fold in enumerate(folds):
+                target = fold / ("val" if index % k == i else "train") / class_dir.name / photo.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.symlink_to(photo.resolve())
+    return folds
 
 
 def ensure_weights(path: str) -> None:
@@ -122,8 +152,11 @@ def phase_rate(epochs: list[dict], frozen: bool) -> float | None:
     return sum(e["images_per_s"] for e in chosen) / len(chosen)
 
 
-def summarise_run(run: dict) -> dict:
-    """Last/best accuracy, unfreeze epoch, phase speeds and the worst dip after the unfreeze."""
+def summarise_run(run: dict, control_split: int | None = None) -> dict:
+    """Last/best accuracy, unfreeze epoch, phase speeds and the worst dip after the unfreeze.
+
+    ``control_split``: for a run that never unfreezes, the same dip measured as if it had at that
+    epoch: what the measure gives when nothing changes but the head (a noise control)."""
     epochs = run["epochs"]
     if not epochs:
         return run
@@ -135,19 +168,20 @@ def summarise_run(run: dict) -> dict:
     run["unfreeze_epoch"] = unfrozen[0] if unfrozen else None
     run["frozen_img_s"] = run.get("frozen_img_s") or phase_rate(epochs, True)
     run["unfrozen_img_s"] = phase_rate(epochs, False)
-    before = [e["val_acc"] for e in epochs if e["frozen"]]
-    after = [e["val_acc"] for e in epochs if not e["frozen"]]
+    split = run["unfreeze_epoch"] if run["unfreeze_epoch"] is not None else control_split
+    before = [e["val_acc"] for e in epochs if split is not None and e["epoch"] < split]
+    after = [e["val_acc"] for e in epochs if split is not None and e["epoch"] >= split]
     run["max_drop_after_unfreeze"] = max(0.0, max(before) - min(after)) if before and after else None
     return run
 
 
 # --------------------------------------------------------------------------------- (a) dist_finetune
 
-def run_cli(args: argparse.Namespace, seed: int, work_dir: str) -> dict:
+def run_cli(args: argparse.Namespace, data: Path, seed: int, work_dir: str) -> dict:
     """Train through the CLI as a user would; read metrics.jsonl; never raise on a failed run."""
     out = tempfile.mkdtemp(prefix=f"a-seed{seed}-", dir=work_dir)
     cmd = [sys.executable, "-m", "dist_finetune", "train",
-           "--train-folder", str(args.data / "train"), "--val-folder", str(args.data / "val"),
+           "--train-folder", str(data / "train"), "--val-folder", str(data / "val"),
            "--backbone", "timm:efficientnet_lite0", "--weights", args.weights,
            "--strategy", args.strategy, "--max-epochs", str(args.epochs),
            "--output-dir", out, "--seed", str(seed), "--no-progress-bar"]
@@ -201,10 +235,10 @@ def transforms(size: int, train: bool):
     return v2.Compose([v2.PILToTensor(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
 
-def loader(args: argparse.Namespace, split: str, train: bool, seed: int, augment: bool | None = None):
+def loader(args: argparse.Namespace, data: Path, split: str, train: bool, seed: int, augment: bool | None = None):
     from torchvision.datasets import ImageFolder
     augment = train if augment is None else augment
-    dataset = ImageFolder(str(args.data / split), transform=transforms(args.image_size, augment), loader=load_image)
+    dataset = ImageFolder(str(data / split), transform=transforms(args.image_size, augment), loader=load_image)
     gen = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=train, generator=gen)
 
@@ -235,10 +269,10 @@ def evaluate(forward, batches) -> tuple[float, float]:
     return correct / n, loss / n
 
 
-def run_probe(args: argparse.Namespace, seed: int) -> dict:
+def run_probe(args: argparse.Namespace, data: Path, seed: int) -> dict:
     """(b): features once from the frozen eval-mode backbone, then a Linear head on them."""
     torch.manual_seed(seed)
-    train_dl, val_dl = loader(args, "train", False, seed), loader(args, "val", False, seed)
+    train_dl, val_dl = loader(args, data, "train", False, seed), loader(args, data, "val", False, seed)
     backbone, head = build_model(args, len(train_dl.dataset.classes))
     backbone.eval()
     start = time.perf_counter()
@@ -267,13 +301,13 @@ def run_probe(args: argparse.Namespace, seed: int) -> dict:
     run = {"method": "b", "seed": seed, "status": "ok", "epochs": epochs, "feature_s": feat_s,
            "head_train_s": head_s, "frozen_img_s": args.epochs * len(ys) / (feat_s + head_s),
            "wall_s": time.perf_counter() - start}
-    return summarise_run(run)
+    return summarise_run(run, control_split=args.c_unfreeze)
 
 
-def run_plain(args: argparse.Namespace, seed: int) -> dict:
+def run_plain(args: argparse.Namespace, data: Path, seed: int) -> dict:
     """(c): head only with BN eval for U epochs, then the whole backbone at lr 1e-4, cosine schedule."""
     torch.manual_seed(seed)
-    train_dl, val_dl = loader(args, "train", True, seed), loader(args, "val", False, seed)
+    train_dl, val_dl = loader(args, data, "train", True, seed), loader(args, data, "val", False, seed)
     backbone, head = build_model(args, len(train_dl.dataset.classes))
     model = nn.Sequential(backbone, head)
     backbone.requires_grad_(False)
@@ -325,7 +359,7 @@ def fmt(st: dict | None) -> str:
     return f.format(st["mean"]) + (f" ({f.format(st['min'])}-{f.format(st['max'])})" if st["min"] != st["max"] else "")
 
 
-def summary_table(runs: list[dict], methods: list[str]) -> tuple[dict, str]:
+def summary_table(runs: list[dict], methods: list[str], control_split: int | None = None) -> tuple[dict, str]:
     """Per method, mean and min-max over seeds; returns (dict for the JSON, printable table)."""
     cols = ["final_acc", "last_acc", "best_acc", "frozen_img_s", "unfrozen_img_s", "max_drop_after_unfreeze"]
     heads = ["final acc", "last acc", "best acc", "frozen img/s", "unfrozen img/s", "drop after unfreeze"]
@@ -337,7 +371,45 @@ def summary_table(runs: list[dict], methods: list[str]) -> tuple[dict, str]:
         summary[m] = {c: stats([r.get(c) for r in ok]) for c in cols}
         lines.append(f"{m:<8}{f'{len(ok)}/{len(mine)}':<9}" + "".join(f"{fmt(summary[m][c]):<21}" for c in cols))
         summary[m]["runs_ok"], summary[m]["runs"] = len(ok), len(mine)
+        summary[m]["mean_curve"] = mean_curve(ok, control_split)
+    lines.append("mean curve (val acc per epoch averaged over the runs, * frozen; drop = best frozen minus worst after;"
+                 " (b) never unfreezes: its drop is measured at (c)'s unfreeze epoch, a noise control):")
+    for m in methods:
+        curve = summary[m]["mean_curve"]
+        if curve:
+            accs = " ".join(f"{a:.3f}{'*' if f else ''}" for a, f in zip(curve["val_acc"], curve["frozen"]))
+            drop = "-" if curve["drop_after_unfreeze"] is None else f"{curve['drop_after_unfreeze']:.3f}"
+            lines.append(f"  {m}: {accs}  drop {drop}")
+    if "a" in methods and "c" in methods:
+        summary["a_vs_c"] = paired(runs, "a", "c")
+        lines.append("(a) vs (c) on the same fold and seed, final acc: {wins} ahead, {ties} level, {losses} behind; "
+                     "mean difference {mean_difference:+.3f}".format(**summary["a_vs_c"]))
     return summary, "\n".join(lines)
+
+
+def mean_curve(runs: list[dict], control_split: int | None = None) -> dict | None:
+    """Val accuracy per epoch averaged over runs of equal length, the frozen flags of the first run, and
+    the drop target read on that curve (its resolution is the runs' val images together, not one run's);
+    ``control_split`` as in :func:`summarise_run`."""
+    epochs = min((len(r["epochs"]) for r in runs), default=0)
+    if not epochs:
+        return None
+    accs = [sum(r["epochs"][e]["val_acc"] for r in runs) / len(runs) for e in range(epochs)]
+    frozen = [runs[0]["epochs"][e]["frozen"] for e in range(epochs)]
+    split = runs[0].get("unfreeze_epoch")
+    split = control_split if split is None else split
+    before, after = (accs[:split], accs[split:]) if split is not None else ([], [])
+    drop = max(0.0, max(before) - min(after)) if before and after else None
+    return {"val_acc": accs, "frozen": frozen, "drop_after_unfreeze": drop}
+
+
+def paired(runs: list[dict], first: str, second: str) -> dict:
+    """``first`` against ``second`` on each (fold, seed) both finished: ahead / level / behind in final acc."""
+    finals = {(r["method"], r.get("fold"), r["seed"]): r.get("final_acc") for r in runs if r["status"] == "ok"}
+    diffs = [finals[(first, f, s)] - finals[(second, f, s)] for (m, f, s) in finals
+             if m == first and finals.get((second, f, s)) is not None and finals[(m, f, s)] is not None]
+    return {"pairs": len(diffs), "wins": sum(d > 1e-9 for d in diffs), "ties": sum(abs(d) <= 1e-9 for d in diffs),
+            "losses": sum(d < -1e-9 for d in diffs), "mean_difference": sum(diffs) / len(diffs) if diffs else 0.0}
 
 
 def main() -> None:
@@ -355,39 +427,54 @@ def main() -> None:
     print(f"(b) {RECIPES['b']}\n(c) {RECIPES['c']}; U = {args.c_unfreeze}"
           f"{'' if args.unfreeze_epoch is not None else ' (default: min(3, epochs-1))'}", flush=True)
     ensure_weights(args.weights)
+    from dist_finetune.host_memory import keep_freed_memory
+    print(f"(b), (c): malloc {keep_freed_memory()}", flush=True)
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="accuracy-")
     os.makedirs(work_dir, exist_ok=True)
-    runners = {"a": lambda s: run_cli(args, s, work_dir), "b": lambda s: run_probe(args, s),
-               "c": lambda s: run_plain(args, s)}
+    runners = {"a": lambda d, s: run_cli(args, d, s, work_dir), "b": lambda d, s: run_probe(args, d, s),
+               "c": lambda d, s: run_plain(args, d, s)}
+    folds = list(enumerate(make_folds(args.data, args.folds, os.path.join(work_dir, "folds")))) if args.folds \
+        else [(None, args.data)]
     runs = []
     try:
         for method in args.methods:
-            for seed in args.seeds:
-                print(f"== ({method}) seed {seed}", flush=True)
-                try:
-                    run = runners[method](seed)
-                except Exception as error:  # noqa: BLE001 - report and go on with the other methods
-                    run = {"method": method, "seed": seed, "status": "failed", "epochs": [], "error": repr(error)}
-                    print(f"  FAILED: {error!r}", flush=True)
-                runs.append(run)
-                accs = " ".join(f"{e['val_acc']:.2f}{'*' if e['frozen'] else ''}" for e in run["epochs"])
-                print(f"  val acc per epoch (* frozen): {accs}\n  final {run.get('final_acc')} "
-                      f"({run.get('final_is', 'last epoch')}), last {run.get('last_acc')}, best "
-                      f"{run.get('best_acc')} (epoch {run.get('best_epoch')}), unfreeze epoch "
-                      f"{run.get('unfreeze_epoch')}, {run.get('wall_s', 0):.0f} s", flush=True)
+            for fold, data in folds:
+                for seed in args.seeds:
+                    where = "" if fold is None else f" fold {fold}"
+                    print(f"== ({method}){where} seed {seed}", flush=True)
+                    try:
+                        run = runners[method](data, seed)
+                    except Exception as error:  # noqa: BLE001 - report and go on with the other methods
+                        run = {"method": method, "seed": seed, "status": "failed", "epochs": [], "error": repr(error)}
+                        print(f"  FAILED: {error!r}", flush=True)
+                    run["fold"] = fold
+                    runs.append(run)
+                    accs = " ".join(f"{e['val_acc']:.2f}{'*' if e['frozen'] else ''}" for e in run["epochs"])
+                    print(f"  val acc per epoch (* frozen): {accs}\n  final {run.get('final_acc')} "
+                          f"({run.get('final_is', 'last epoch')}), last {run.get('last_acc')}, best "
+                          f"{run.get('best_acc')} (epoch {run.get('best_epoch')}), unfreeze epoch "
+                          f"{run.get('unfreeze_epoch')}, {run.get('wall_s', 0):.0f} s", flush=True)
+                    write_result(args, command, machine, runs)  # a long benchmark keeps what it finished
     finally:
         if args.work_dir is None:
             shutil.rmtree(work_dir, ignore_errors=True)
-    summary, table = summary_table(runs, args.methods)
-    print(f"\n{table}\n(mean (min-max) over seeds; accuracies on {args.data / 'val'}; "
-          "drop = best frozen-epoch acc minus worst acc from the unfreeze on, 0 if none)")
     machine["loadavg_end"] = os.getloadavg()
+    table = write_result(args, command, machine, runs)
+    where = f"{args.folds} folds of {args.data} (train+val)" if args.folds else args.data / "val"
+    print(f"\n{table}\n(mean (min-max) over {'folds and ' if args.folds else ''}seeds; accuracies on {where}; "
+          "drop = best frozen-epoch acc minus worst acc from the unfreeze on, 0 if none)")
     print(f"load average at start {machine['loadavg_start']}, at end {machine['loadavg_end']}")
+    print(f"wrote {args.output}")
+
+
+def write_result(args: argparse.Namespace, command: str, machine: dict, runs: list[dict]) -> str:
+    """Write the JSON for the runs so far; returns the printable summary table."""
+    summary, table = summary_table(runs, args.methods, args.c_unfreeze)
     result = {"command": command, "machine": machine, "recipes": RECIPES,
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "summary": summary, "runs": runs}
     Path(args.output).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.output}")
+    return table
 
 
 if __name__ == "__main__":

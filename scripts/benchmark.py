@@ -20,7 +20,11 @@ model, batch size, image size and precision for every row, it measures:
   (p) the prediction pipeline (``prediction.predict_to_file``, in the job process: what
       ``dist-finetune predict`` runs after its imports and model load) over the train JPEGs, vs (q) a
       bare inference loop over the same images pre-decoded on the device;
-  the ratios a/b, a/c and p/q; epoch time and peak RSS (peak GPU memory on GPU) of no_freeze,
+  (a') the Trainer as (a) but with glibc's default malloc (``tune_cpu_allocator=False``): on a CPU
+      every other row runs with malloc keeping freed memory (``dist_finetune.host_memory``, the
+      Trainer's default; the bare and plain loops get the same setting so the ratios compare loops,
+      not allocators; ``--default-malloc`` runs every row without it);
+  the ratios a/b, a/c, a/a' and p/q; epoch time and peak RSS (peak GPU memory on GPU) of no_freeze,
   freeze and both phases of freeze_unfreeze, each configuration in a fresh process; the per-epoch
   speedup of the frozen-feature cache (augment=False); and draft-mode ``load_rgb`` vs a full decode
   of the large JPEGs + the eval transform in a persistent DataLoader worker, as training decodes, at
@@ -135,6 +139,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--plain-workers", type=int, default=None,
                         help="loader workers of (c); default: the Trainer's own default, for the same work")
     parser.add_argument("--decode-reps", type=int, default=None, help="timed passes over the large JPEGs (default 5)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="every row with glibc's default malloc (the Trainer's tune_cpu_allocator=False)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--data-dir", default=None,
@@ -204,7 +210,7 @@ def main(argv=None) -> int:
     common = {
         "device": device, "mixed_precision": args.mixed_precision, "compile": args.compile, "backbone": args.backbone,
         "image_size": args.image_size, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": 1e-4,
-        "seed": args.seed, "num_classes": len(CLASSES),
+        "seed": args.seed, "num_classes": len(CLASSES), "tune_cpu_allocator": not args.default_malloc,
         "train_dir": str(root / "train"), "val_dir": str(root / "val"),
         "train_paths": [str(root / e["path"]) for e in train], "train_labels": [e["label"] for e in train],
         "large_paths": [str(root / e["path"]) for e in train if e["large"]],
@@ -214,6 +220,8 @@ def main(argv=None) -> int:
         "decode": {"kind": "decode", "reps": args.decode_reps},
         "p_predict": {"kind": "predict"},
         "a_trainer_no_freeze": {"kind": "trainer", "strategy": "no_freeze", "train_bn": True, "epochs": w + t},
+        "a_default_malloc": {"kind": "trainer", "strategy": "no_freeze", "train_bn": True, "epochs": w + t,
+                             "tune_cpu_allocator": False},
         "b_bare": {"kind": "bare", "warmup_steps": 2, "epochs": t},
         "c_plain_accelerate": {"kind": "plain", "epochs": w + t, "num_workers": args.plain_workers},
         "s_freeze": {"kind": "trainer", "strategy": "freeze", "train_bn": False, "epochs": w + t},
@@ -228,7 +236,8 @@ def main(argv=None) -> int:
     # one process per configuration (peak RSS per configuration); --quick groups the non-Trainer rows
     # and the two feature-cache rows
     if args.quick:
-        groups = [["b_bare", "c_plain_accelerate", "decode", "p_predict"], ["a_trainer_no_freeze"], ["s_freeze"],
+        groups = [["b_bare", "c_plain_accelerate", "decode", "p_predict"], ["a_trainer_no_freeze"],
+                  ["a_default_malloc"], ["s_freeze"],
                   ["s_freeze_train_bn"], ["s_freeze_unfreeze"], ["f_cache", "f_no_cache"]]
     else:
         groups = [[name] for name in jobs]

@@ -168,6 +168,7 @@ def job_trainer(job: dict, common: dict) -> dict:
     trainer = Trainer(max_epochs=job["epochs"], lr=common["lr"], progress_bar=False,
                       mixed_precision=common["mixed_precision"], seed=common["seed"],
                       cache_frozen_features=job.get("cache_frozen_features", True), compile=common["compile"],
+                      tune_cpu_allocator=job.get("tune_cpu_allocator", common["tune_cpu_allocator"]),
                       load_best_model_at_end=False, callbacks=[probe])
     rss_before_finetune = current_rss_mib()
     if device.type == "cuda":
@@ -364,6 +365,12 @@ JOBS = {"trainer": job_trainer, "bare": job_bare, "plain": job_plain, "decode": 
 def main(argv: list[str]) -> int:
     spec_path, result_path = argv
     spec = json.loads(Path(spec_path).read_text())
+    common = spec["common"]
+    if all(job.get("tune_cpu_allocator", common["tune_cpu_allocator"]) for job in spec["jobs"]):
+        from dist_finetune.host_memory import keep_freed_memory  # process-wide: the same for every job here
+
+        if pick_device(common["device"]).type == "cpu":
+            keep_freed_memory()
     results = {}
     for job in spec["jobs"]:
         start = time.perf_counter()

@@ -32,7 +32,7 @@ def job_predict(job: dict, common: dict) -> dict:
                            image_size=size)
     workers = default_num_workers(1)  # what `dist-finetune predict` uses in one process
     settings = {"batch_size": batch, "device": device, "mixed_precision": common["mixed_precision"],
-                "num_workers": workers}
+                "num_workers": workers, "tune_cpu_allocator": common["tune_cpu_allocator"]}
     with tempfile.TemporaryDirectory(prefix="benchmark_predict_") as folder:
         output = os.path.join(folder, "predictions.csv")
         predict_to_file(task, paths[:2 * batch], output, progress=False, **settings)  # warm-up

@@ -32,7 +32,8 @@ def summarize(results: dict, args) -> dict:
     c["first_epoch_images_per_s"] = c_run["epochs"][0]["images_per_s"]
     c["num_workers"] = c_run["num_workers"]
     b["predecode_s"] = b_run["predecode_s"]
-    throughput = {"a_trainer": a, "b_bare": b, "c_plain_accelerate": c}
+    a_default = aggregate(results["a_default_malloc"]["epochs"][w:w + t])
+    throughput = {"a_trainer": a, "b_bare": b, "c_plain_accelerate": c, "a_default_malloc": a_default}
     a_over_b = a["images_per_s"] / b["images_per_s"]
     a_over_c = a["images_per_s"] / c["images_per_s"]
 
@@ -84,7 +85,8 @@ def summarize(results: dict, args) -> dict:
          "target": f">= {TARGETS['draft_speedup']:.1f}x", "pass": decode["speedup"] >= TARGETS["draft_speedup"],
          "by": decode["speedup"] - TARGETS["draft_speedup"]},
     ]
-    return {"throughput": throughput, "a_over_b": a_over_b, "a_over_c": a_over_c, "predict": results["p_predict"],
+    return {"throughput": throughput, "a_over_b": a_over_b, "a_over_c": a_over_c,
+            "a_over_default_malloc": a["images_per_s"] / a_default["images_per_s"], "predict": results["p_predict"],
             "strategies": strategies,
             "freeze_speedup": freeze_speedup, "freeze_train_bn_speedup": freeze_bn_speedup,
             "freeze_unfreeze_phase_speedup": phase_speedup, "freeze_rss_saving_mib": rss_saving,
@@ -114,6 +116,11 @@ def format_report(report: dict) -> str:
     a, b, c = tp["a_trainer"], tp["b_bare"], tp["c_plain_accelerate"]
     add(f"{'(a) dist_finetune Trainer, no_freeze':<46}{a['images_per_s']:>9.2f}{a['epoch_time_s']:>10.2f}   "
         f"{spread(a):<17}epoch 0: {a['first_epoch_images_per_s']:.2f} img/s; {a['num_workers']} loader worker(s)")
+    ad = tp["a_default_malloc"]
+    label = "(a') the same, glibc's default malloc"
+    add(f"{label:<46}{ad['images_per_s']:>9.2f}{ad['epoch_time_s']:>10.2f}   "
+        f"{spread(ad):<17}a/a' = {summary['a_over_default_malloc']:.2f} (tune_cpu_allocator=False; "
+        f"{'every row is so' if s['default_malloc'] else 'the other rows keep freed memory'})")
     add(f"{'(b) bare PyTorch, in-memory uint8 tensors':<46}{b['images_per_s']:>9.2f}{b['epoch_time_s']:>10.2f}   "
         f"{spread(b):<17}upper bound: no decoding, no loader")
     add(f"{'(c) plain Accelerate (cv_example style)':<46}{c['images_per_s']:>9.2f}{c['epoch_time_s']:>10.2f}   "

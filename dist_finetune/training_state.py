@@ -217,6 +217,9 @@ def run_signature(task, data, strategy) -> dict:
 
 def check_signature(saved: dict, current: dict, checkpoint: Path) -> None:
     """Refuse to resume into another backbone, class set, image size or strategy."""
+    strategy = saved.get("strategy")
+    if isinstance(strategy, dict) and strategy.get("name") in ("FreezeUnfreeze", "UnfreezeMilestones"):
+        strategy.setdefault("initial_denom_lr", 10.0)  # written before it was a setting: groups joined at lr / 10
     different = {k: (saved.get(k), current.get(k)) for k in current if saved.get(k) != current.get(k)}
     if different:
         details = "; ".join(f"{k}: checkpoint has {a!r}, this run has {b!r}" for k, (a, b) in different.items())

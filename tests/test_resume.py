@@ -299,3 +299,17 @@ def test_resume_refuses_another_run(image_folders, tmp_path):
     broken.mkdir()
     with pytest.raises(CheckpointError, match="incomplete"):
         find_checkpoint(str(broken), None)
+
+
+def test_a_checkpoint_from_before_initial_denom_lr_is_read_as_lr_over_10(tmp_path):
+    """Built-in strategies' checkpoints written before ``initial_denom_lr`` was a setting added groups at
+    lr / 10: they resume with --initial-denom-lr 10 and are refused, naming the setting, under the new 100."""
+    from dist_finetune.finetuning import FreezeUnfreeze, UnfreezeMilestones
+    from dist_finetune.training_state import check_signature
+
+    for strategy in (FreezeUnfreeze, UnfreezeMilestones):
+        old = {k: v for k, v in strategy().describe().items() if k != "initial_denom_lr"}
+        check_signature({"strategy": dict(old)}, {"strategy": strategy(initial_denom_lr=10).describe()}, tmp_path)
+        with pytest.raises(CheckpointError, match=r"'initial_denom_lr': 10.0\}, this run has \{.*'initial_denom_lr'"
+                                                  r": 100.0\}"):
+            check_signature({"strategy": dict(old)}, {"strategy": strategy().describe()}, tmp_path)

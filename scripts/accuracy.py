@@ -152,6 +152,13 @@ def phase_rate(epochs: list[dict], frozen: bool) -> float | None:
     return sum(e["images_per_s"] for e in chosen) / len(chosen)
 
 
+def drop_after(accs: list[float], split: int | None) -> float | None:
+    """Best accuracy of epochs 0..split-1 minus the worst from ``split`` on (0 if none is lower; None
+    without epochs on both sides). ``accs`` is indexed by epoch."""
+    before, after = (accs[:split], accs[split:]) if split is not None else ([], [])
+    return max(0.0, max(before) - min(after)) if before and after else None
+
+
 def summarise_run(run: dict, control_split: int | None = None) -> dict:
     """Last/best accuracy, unfreeze epoch, phase speeds and the worst dip after the unfreeze.
 
@@ -169,9 +176,7 @@ def summarise_run(run: dict, control_split: int | None = None) -> dict:
     run["frozen_img_s"] = run.get("frozen_img_s") or phase_rate(epochs, True)
     run["unfrozen_img_s"] = phase_rate(epochs, False)
     split = run["unfreeze_epoch"] if run["unfreeze_epoch"] is not None else control_split
-    before = [e["val_acc"] for e in epochs if split is not None and e["epoch"] < split]
-    after = [e["val_acc"] for e in epochs if split is not None and e["epoch"] >= split]
-    run["max_drop_after_unfreeze"] = max(0.0, max(before) - min(after)) if before and after else None
+    run["max_drop_after_unfreeze"] = drop_after(accs, split)
     return run
 
 
@@ -398,9 +403,7 @@ def mean_curve(runs: list[dict], control_split: int | None = None) -> dict | Non
     frozen = [runs[0]["epochs"][e]["frozen"] for e in range(epochs)]
     split = runs[0].get("unfreeze_epoch")
     split = control_split if split is None else split
-    before, after = (accs[:split], accs[split:]) if split is not None else ([], [])
-    drop = max(0.0, max(before) - min(after)) if before and after else None
-    return {"val_acc": accs, "frozen": frozen, "drop_after_unfreeze": drop}
+    return {"val_acc": accs, "frozen": frozen, "drop_after_unfreeze": drop_after(accs, split)}
 
 
 def paired(runs: list[dict], first: str, second: str) -> dict:

@@ -227,7 +227,7 @@ class Trainer:
                                             config.output_dir)
         if self.accelerator.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
-        elif config.tune_cpu_allocator:
+        elif self.accelerator.device.type == "cpu" and config.tune_cpu_allocator:
             self.announce(f"CPU run: malloc {keep_freed_memory()}")
         return self.accelerator
 

@@ -219,7 +219,8 @@ def check_signature(saved: dict, current: dict, checkpoint: Path) -> None:
     """Refuse to resume into another backbone, class set, image size or strategy."""
     strategy = saved.get("strategy")
     if isinstance(strategy, dict) and strategy.get("name") in ("FreezeUnfreeze", "UnfreezeMilestones"):
-        strategy.setdefault("initial_denom_lr", 10.0)  # written before it was a setting: groups joined at lr / 10
+        # written before initial_denom_lr was a setting: its groups joined at lr / 10
+        saved = {**saved, "strategy": {**strategy, "initial_denom_lr": strategy.get("initial_denom_lr", 10.0)}}
     different = {k: (saved.get(k), current.get(k)) for k in current if saved.get(k) != current.get(k)}
     if different:
         details = "; ".join(f"{k}: checkpoint has {a!r}, this run has {b!r}" for k, (a, b) in different.items())

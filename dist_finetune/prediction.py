@@ -104,9 +104,10 @@ def expand_inputs(items: Sequence[str | os.PathLike], list_file: str | os.PathLi
         paths += list_image_files(item) if Path(item).is_dir() else [str(item)]
     if list_file is not None:
         try:
-            lines = Path(list_file).read_text().splitlines()
-        except OSError as error:
-            raise DataError(f"cannot read the list of paths {list_file}: {error}") from error
+            lines = Path(list_file).read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM is not a path
+        except (OSError, UnicodeDecodeError) as error:
+            raise DataError(f"cannot read the list of paths {list_file} (UTF-8 text, one path a line): {error}"
+                            ) from error
         paths += [line.strip() for line in lines if line.strip()]
     if not paths:
         raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {[str(i) for i in items]}"

@@ -94,12 +94,20 @@ class ImageClassifier(nn.Module):
             keep_frozen_norms_in_eval(self)
         return self
 
-    def check_image_size(self, image_size: int) -> None:
-        """Refuse an input size the backbone cannot take (learned position embeddings), before training."""
-        if self.fixed_image_size is not None and image_size != self.fixed_image_size:
+    def check_data(self, data) -> None:
+        """Refuse data this model cannot take, before any step: another class count than its outputs (a label
+        past the outputs fails deep in the loss, a device assert on GPU; extra outputs give a model file that
+        cannot be loaded), or an input size the backbone cannot take (learned position embeddings)."""
+        if data.num_classes != self.num_classes:
+            raise ConfigError(
+                f"the model has num_classes={self.num_classes} outputs but the data has {data.num_classes} classes "
+                f"({', '.join(data.classes)}); build it with ImageClassifier(num_classes=data.num_classes, ...)"
+            )
+        if self.fixed_image_size is not None and data.image_size != self.fixed_image_size:
             raise ConfigError(
                 f"backbone {self.backbone_name} takes {self.fixed_image_size}px images (learned position "
-                f"embeddings) but the data is set to image_size={image_size}; use image_size={self.fixed_image_size}"
+                f"embeddings) but the data is set to image_size={data.image_size}; use "
+                f"image_size={self.fixed_image_size}"
             )
 
     def backbone_layers(self) -> list[nn.Module]:

@@ -89,7 +89,7 @@ class Trainer:
         config = self.config
         strategy = resolve_strategy(strategy, train_bn=train_bn)
         strategy.validate(config.max_epochs)
-        task.check_image_size(data.image_size)
+        task.check_data(data)
         checkpoint = checkpoint_to_resume(resume, config.output_dir)
         refuse_freezing_under_sharding(freezes=not isinstance(strategy, NoFreeze))
         accelerator = self._make_accelerator(log_with=check_trackers(config.report_to, config.output_dir))

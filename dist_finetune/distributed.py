@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .errors import DistributedSetupError, RankMismatchError
+from .sharding import full_tensor
 
 
 def shutdown() -> None:
@@ -192,8 +193,10 @@ def _bit_checksum(tensor: torch.Tensor) -> int:
 
 
 def rank_fingerprint(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Checksums of the trainable parameters (whole: a sharded one is gathered, so every rank calls
+    this) and the optimizer's group layout."""
     names = {id(p): n for n, p in model.named_parameters()}
-    params = [(n, _bit_checksum(p)) for n, p in model.named_parameters() if p.requires_grad]
+    params = [(n, _bit_checksum(full_tensor(p))) for n, p in model.named_parameters() if p.requires_grad]
     layout = [
         (tuple(names.get(id(p), "?") for p in group["params"]), float(group["lr"]))
         for group in optimizer.param_groups

@@ -44,6 +44,7 @@ from .preemption import Preemption
 from .reports import validation_report
 from .run_records import run_outputs
 from .schedule import WarmupSchedule
+from .sharding import full_state_dict
 from .task import ImageClassifier
 from .trackers import check_trackers
 from .training_state import (
@@ -160,8 +161,9 @@ class Trainer:
             raise RuntimeError("save_checkpoint needs a model: call finetune first")
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
+        weights = full_state_dict(self.task.state_dict())  # on every rank: gathering sharded (FSDP2) ones is collective
         if accelerator.is_main_process:
-            self.task.save_checkpoint(path, training=training)
+            self.task.save_checkpoint(path, training=training, weights=weights)
         accelerator.wait_for_everyone()
 
     def save_training_state(self, run: RunState) -> Path | None:

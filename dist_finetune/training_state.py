@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .callbacks import Callback, Position, RunState
 from .errors import CheckpointError
+from .sharding import full_state_dict, full_tensor, shard_optimizer_state
 
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "manifest.json"
@@ -65,12 +66,13 @@ def restore_rng(tensors: dict[str, torch.Tensor], extra: dict) -> None:
 
 
 def split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer ``state_dict`` -> (tensors for safetensors, JSON-able structure)."""
+    """Optimizer ``state_dict`` -> (whole tensors for safetensors, JSON-able structure); every rank calls it
+    (sharded state is gathered)."""
     tensors, scalars = {}, {}
     for index, values in state["state"].items():
         for key, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{index}.{key}"] = full_tensor(value.detach()).cpu().contiguous()
             else:
                 scalars[f"{index}.{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -102,7 +104,8 @@ def _write_json(path: Path, payload) -> None:
 
 def write_training_state(accelerator, output_dir: Path, model_state: dict, optimizer, schedule, position: Position,
                         signature: dict, keep_last: int, callback_states: dict) -> Path:
-    """Write one checkpoint (every rank takes part: each saves its own RNG) and prune old ones."""
+    """Write one checkpoint (every rank takes part: each saves its own RNG and gathers sharded tensors)
+    and prune old ones."""
     root = Path(output_dir) / CHECKPOINTS_DIR
     final = root / f"step-{position.global_step:08d}"
     partial = root / f".{final.name}.partial"
@@ -114,10 +117,11 @@ def write_training_state(accelerator, output_dir: Path, model_state: dict, optim
     rng_tensors, rng_extra = capture_rng()
     save_file(rng_tensors, partial / f"rng_rank{accelerator.process_index}.safetensors",
               metadata={"extra": json.dumps(rng_extra)})
+    model_tensors = full_state_dict(model_state)
+    optimizer_tensors, optimizer_structure = split_optimizer_state(optimizer.state_dict())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, partial / "model.safetensors")
-        optimizer_tensors, optimizer_structure = split_optimizer_state(optimizer.state_dict())
+        save_file({k: v.cpu().contiguous() for k, v in model_tensors.items()}, partial / "model.safetensors")
         save_file(optimizer_tensors, partial / "optimizer.safetensors")
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         _write_json(partial / "state.json", {
@@ -244,7 +248,7 @@ def restore_training_state(accelerator, saved: dict, optimizer, schedule, batch_
                            checkpoint: Path) -> Position:
     """Load optimizer, schedule, scaler and RNG; map the epoch position onto this process count."""
     position = saved["position"]
-    optimizer.load_state_dict(saved["optimizer"])
+    optimizer.load_state_dict(shard_optimizer_state(saved["optimizer"], optimizer))
     schedule.load_state_dict(saved["schedule"])
     if accelerator.scaler is not None and saved["scaler"]:
         accelerator.scaler.load_state_dict(saved["scaler"])

@@ -140,6 +140,36 @@ def train_without_resync(data_root: Path, out: Path, batch_size: int) -> None:
     accelerator.end_training()
 
 
+def train_fully_sharded(data_root: Path, out: Path, batch_size: int, resume: str | None) -> None:
+    """no_freeze on a task whose parameters are DTensors (what FSDP2 makes of it): each backbone stage and
+    then the whole task ``fully_shard``-ed on a CPU mesh of every rank, before finetune."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from dist_finetune.distributed import rank_fingerprint
+
+    data = ImageClassificationData.from_folders(str(data_root / "train"), str(data_root / "val"), image_size=32,
+                                                batch_size=batch_size, num_workers=0, augment=False)
+    make_accelerator("no")  # the process group the mesh is built on
+    seed_everything(0)
+    task = ImageClassifier(data.num_classes, backbone=BACKBONE, pretrained=False)
+    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        fully_shard(getattr(task.backbone, stage), mesh=mesh)
+    fully_shard(task, mesh=mesh)
+    trainer = Trainer(max_epochs=2, lr=1e-2, seed=0, progress_bar=False, output_dir=str(out), channels_last=False,
+                      load_best_model_at_end=False)
+    trainer.finetune(task, data, strategy="no_freeze", resume=resume)
+    rank = trainer.accelerator.process_index
+    gathered = {n: t.full_tensor().contiguous() for n, t in task.state_dict().items() if isinstance(t, DTensor)}
+    save_file(gathered, out / f"rank{rank}_gathered.safetensors")
+    report = {"sharded": [n for n, p in task.named_parameters() if isinstance(p, DTensor)],
+              "parameters": [n for n, _ in task.named_parameters()],
+              "fingerprint": rank_fingerprint(task, trainer.run.optimizer)}
+    (out / f"rank{rank}_report.json").write_text(json.dumps(report))
+
+
 def main() -> None:
     scenario, data_root, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     batch_size = int(sys.argv[4]) if len(sys.argv) > 4 else 4
@@ -166,6 +196,10 @@ def main() -> None:
             except RankMismatchError as error:
                 outcome = str(error)
             (out / name / f"rank{torch.distributed.get_rank()}_error.txt").write_text(outcome)
+    elif scenario == "fully_sharded":
+        train_fully_sharded(data_root, out / "uninterrupted", batch_size, resume=None)
+        first_epoch = sorted((out / "uninterrupted" / "checkpoints").glob("step-*"))[0]
+        train_fully_sharded(data_root, out / "resumed", batch_size, resume=str(first_epoch))
     elif scenario == "no_resync":
         train_without_resync(data_root, out, batch_size)
     else:

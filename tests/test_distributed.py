@@ -223,3 +223,35 @@ def test_a_process_outside_the_launched_world_is_refused(tiny_data, monkeypatch)
                                                     r": each rank would train alone .* ACCELERATE_USE_CPU=1"):
         trainer.finetune(task, tiny_data, "freeze")
     assert all(torch.equal(before[n], p) for n, p in task.named_parameters())
+
+
+def test_fully_sharded_no_freeze_writes_whole_tensors_and_resumes(image_folders, tmp_path):
+    """FSDP2 on CPU: every parameter (and its optimizer state) is a DTensor after ``fully_shard`` on a gloo
+    mesh. The model files and the training-state checkpoint hold whole tensors, equal to the gathered
+    state; the rank check's checksums are those of the same weights unsharded; a run resumed from the
+    first epoch's checkpoint ends exactly where the uninterrupted one does."""
+    from dist_finetune import ImageClassifier
+    from dist_finetune.distributed import rank_fingerprint
+
+    launch("fully_sharded", image_folders, tmp_path, processes=1, launcher="torchrun")
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    report = json.loads((uninterrupted / "rank0_report.json").read_text())
+    assert report["sharded"] == report["parameters"], "fully_shard made every parameter a DTensor"
+    gathered, last = load_file(uninterrupted / "rank0_gathered.safetensors"), load_file(uninterrupted / "last.safetensors")
+    assert set(gathered) == set(report["parameters"]) and set(gathered) < set(last)
+    for name, tensor in gathered.items():
+        torch.testing.assert_close(last[name], tensor, rtol=0, atol=1e-7)
+    assert last["head.layers.0.weight"].shape == (3, 64)  # whole: 3 classes x tiny_resnet's 64 features
+    checkpoint = max((uninterrupted / "checkpoints").glob("step-*"))
+    moments = load_file(checkpoint / "optimizer.safetensors")
+    parameter_count = sum(last[name].numel() for name in report["parameters"])
+    assert sum(t.numel() for k, t in moments.items() if k.endswith(".exp_avg")) == parameter_count
+    assert sum(t.numel() for k, t in load_file(checkpoint / "model.safetensors").items()) == \
+        sum(t.numel() for t in last.values())
+    plain = ImageClassifier.load_from_checkpoint(uninterrupted / "last.safetensors")
+    unsharded = rank_fingerprint(plain, torch.optim.SGD(plain.parameters(), lr=1.0))["params"]
+    assert report["fingerprint"]["params"] == [list(entry) for entry in unsharded]
+    first_epoch = min((uninterrupted / "checkpoints").glob("step-*")).name  # kept: keep_last=2, 2 epochs
+    assert json.loads((resumed / "run_info.json").read_text())["resumed_from"].endswith(first_epoch)
+    resumed_last = load_file(resumed / "last.safetensors")
+    assert [n for n in last if not torch.equal(last[n], resumed_last[n])] == [], "resume is bit-exact"

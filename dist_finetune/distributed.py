@@ -17,6 +17,7 @@ What is synchronised, and when:
 from __future__ import annotations
 
 import atexit
+import math
 import os
 
 import torch
@@ -32,7 +33,6 @@ from accelerate.utils import (
     broadcast_object_list,
     gather,
     gather_object,
-    pad_across_processes,
 )
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -255,15 +255,43 @@ def from_main_process(accelerator: Accelerator, value):
     return broadcast_object_list([value], from_process=0)[0]
 
 
-def gather_rows(accelerator: Accelerator, rows: torch.Tensor) -> list[torch.Tensor]:
-    """Every rank's ``rows`` (first dimension may differ by rank), in rank order, on every rank."""
+GATHER_CHUNK_BYTES = 64 << 20  # what one rank contributes to one collective of gather_rows
+
+
+def gather_rows(accelerator: Accelerator, rows: torch.Tensor, out: list[torch.Tensor] | None = None,
+                chunk_bytes: int = GATHER_CHUNK_BYTES) -> list[torch.Tensor]:
+    """Every rank's ``rows`` (first dimension may differ by rank), in rank order, on every rank, on the host.
+
+    Gathered a chunk of rows at a time on the collective's device (NCCL needs the GPU), each chunk
+    copied into host tensors and freed: the device holds at most (world size + 1) x ``chunk_bytes``,
+    never the whole result. ``out``: the host tensors to fill, one per rank with its row count
+    (views of one preallocated tensor avoid a second host copy); allocated here when None.
+    """
     if accelerator.num_processes == 1:
-        return [rows]
-    rows = rows.to(accelerator.device)
-    counts = gather(torch.tensor([rows.shape[0]], device=accelerator.device)).tolist()
-    padded = gather(pad_across_processes(rows, dim=0)).cpu()
-    width = max(counts)
-    return [padded[rank * width: rank * width + count] for rank, count in enumerate(counts)]
+        counts = [rows.shape[0]]
+    else:
+        counts = [int(c) for c in gather(torch.tensor([rows.shape[0]], device=accelerator.device)).tolist()]
+    if out is None:
+        out = [torch.empty((count, *rows.shape[1:]), dtype=rows.dtype) for count in counts]
+    elif [block.shape[0] for block in out] != counts:
+        raise ValueError(f"gather_rows: out holds {[block.shape[0] for block in out]} rows per rank, "
+                         f"the ranks have {counts}")
+    if accelerator.num_processes == 1:
+        out[0].copy_(rows)
+        return out
+    chunk_rows = max(1, chunk_bytes // max(1, math.prod(rows.shape[1:]) * rows.element_size()))
+    for start in range(0, max(counts), chunk_rows):
+        stop = min(start + chunk_rows, max(counts))
+        piece = torch.zeros((stop - start, *rows.shape[1:]), dtype=rows.dtype, device=accelerator.device)
+        mine = rows[start:stop]
+        piece[:len(mine)] = mine
+        gathered = gather(piece)  # [world size x (stop - start), ...] on the device
+        for rank, count in enumerate(counts):
+            taken = max(0, min(count, stop) - start)
+            offset = rank * (stop - start)
+            out[rank][start:start + taken] = gathered[offset:offset + taken]
+        del piece, gathered
+    return out
 
 
 def average_gradients(accelerator: Accelerator, module: nn.Module) -> None:

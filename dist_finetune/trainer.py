@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .callbacks import Callback, CallbackList, Position, RunState
 from .config import RunConfig, TrainerConfig
 from .data import ImageClassificationData
+from .determinism import configure_determinism
 from .distributed import (
     DDPResync,
     average_gradients,
@@ -225,9 +226,10 @@ class Trainer:
 
     def _make_accelerator(self, log_with: list[str] | None = None):
         config = self.config
+        configure_determinism(config.deterministic)  # before the accelerator starts CUDA
         self.accelerator = make_accelerator(config.mixed_precision, config.gradient_accumulation_steps, log_with,
                                             config.output_dir)
-        if self.accelerator.device.type == "cuda":
+        if self.accelerator.device.type == "cuda" and not config.deterministic:
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
         elif self.accelerator.device.type == "cpu" and config.tune_cpu_allocator:
             self.announce(f"CPU run: malloc {keep_freed_memory()}")

@@ -151,15 +151,15 @@ def train_fully_sharded(data_root: Path, out: Path, batch_size: int, resume: str
 
     data = ImageClassificationData.from_folders(str(data_root / "train"), str(data_root / "val"), image_size=32,
                                                 batch_size=batch_size, num_workers=0, augment=False)
-    make_accelerator("no")  # the process group the mesh is built on
+    accelerator = make_accelerator("no")  # the process group the mesh is built on
     seed_everything(0)
     task = ImageClassifier(data.num_classes, backbone=BACKBONE, pretrained=False)
-    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    mesh = init_device_mesh(accelerator.device.type, (torch.distributed.get_world_size(),))  # gloo here
     for stage in ("layer1", "layer2", "layer3", "layer4"):
         fully_shard(getattr(task.backbone, stage), mesh=mesh)
     fully_shard(task, mesh=mesh)
     trainer = Trainer(max_epochs=2, lr=1e-2, seed=0, progress_bar=False, output_dir=str(out), channels_last=False,
-                      load_best_model_at_end=False)
+                      load_best_model_at_end=False, deterministic=True)  # a resume is bit-exact on a GPU too
     trainer.finetune(task, data, strategy="no_freeze", resume=resume)
     rank = trainer.accelerator.process_index
     gathered = {n: t.full_tensor().contiguous() for n, t in task.state_dict().items() if isinstance(t, DTensor)}

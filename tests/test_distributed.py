@@ -226,8 +226,9 @@ def test_a_process_outside_the_launched_world_is_refused(tiny_data, monkeypatch)
 
 
 def test_fully_sharded_no_freeze_writes_whole_tensors_and_resumes(image_folders, tmp_path):
-    """FSDP2 on CPU: every parameter (and its optimizer state) is a DTensor after ``fully_shard`` on a gloo
-    mesh. The model files and the training-state checkpoint hold whole tensors, equal to the gathered
+    """FSDP2 in one torchrun process (gloo on CPU): every parameter and its optimizer state is a DTensor
+    after ``fully_shard`` on the process's mesh. (Two ranks would need the trainer to leave a sharded
+    model out of the DDP wrapper accelerate puts around it on CPU: the FSDP2 issue's work.) The model files and the training-state checkpoint hold whole tensors, equal to the gathered
     state; the rank check's checksums are those of the same weights unsharded; a run resumed from the
     first epoch's checkpoint ends exactly where the uninterrupted one does."""
     from dist_finetune import ImageClassifier

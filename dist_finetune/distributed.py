@@ -258,27 +258,22 @@ def from_main_process(accelerator: Accelerator, value):
 GATHER_CHUNK_BYTES = 64 << 20  # what one rank contributes to one collective of gather_rows
 
 
-def gather_rows(accelerator: Accelerator, rows: torch.Tensor, out: list[torch.Tensor] | None = None,
-                chunk_bytes: int = GATHER_CHUNK_BYTES) -> list[torch.Tensor]:
-    """Every rank's ``rows`` (first dimension may differ by rank), in rank order, on every rank, on the host.
+def gather_rows(accelerator: Accelerator, rows: torch.Tensor, out: list[torch.Tensor],
+                chunk_bytes: int = GATHER_CHUNK_BYTES) -> None:
+    """Fill ``out[r]`` with rank r's ``rows`` on every rank: ``out`` holds one host tensor per rank with
+    that rank's row count (views of one preallocated tensor, so the result is never copied again).
 
     Gathered a chunk of rows at a time on the collective's device (NCCL needs the GPU), each chunk
-    copied into host tensors and freed: the device holds at most (world size + 1) x ``chunk_bytes``,
-    never the whole result. ``out``: the host tensors to fill, one per rank with its row count
-    (views of one preallocated tensor avoid a second host copy); allocated here when None.
+    copied into ``out`` and freed: the device holds at most (world size + 1) x ``chunk_bytes``, never
+    the whole result.
     """
-    if accelerator.num_processes == 1:
-        counts = [rows.shape[0]]
-    else:
-        counts = [int(c) for c in gather(torch.tensor([rows.shape[0]], device=accelerator.device)).tolist()]
-    if out is None:
-        out = [torch.empty((count, *rows.shape[1:]), dtype=rows.dtype) for count in counts]
-    elif [block.shape[0] for block in out] != counts:
-        raise ValueError(f"gather_rows: out holds {[block.shape[0] for block in out]} rows per rank, "
-                         f"the ranks have {counts}")
+    counts = [block.shape[0] for block in out]
+    if rows.shape[0] != counts[accelerator.process_index]:
+        raise ValueError(f"gather_rows: rank {accelerator.process_index} has {rows.shape[0]} rows, "
+                         f"out expects {counts[accelerator.process_index]}")
     if accelerator.num_processes == 1:
         out[0].copy_(rows)
-        return out
+        return
     chunk_rows = max(1, chunk_bytes // max(1, math.prod(rows.shape[1:]) * rows.element_size()))
     for start in range(0, max(counts), chunk_rows):
         stop = min(start + chunk_rows, max(counts))
@@ -291,7 +286,6 @@ def gather_rows(accelerator: Accelerator, rows: torch.Tensor, out: list[torch.Te
             offset = rank * (stop - start)
             out[rank][start:start + taken] = gathered[offset:offset + taken]
         del piece, gathered
-    return out
 
 
 def average_gradients(accelerator: Accelerator, module: nn.Module) -> None:

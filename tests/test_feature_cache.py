@@ -104,28 +104,21 @@ class ThreadRanks:
 
 
 def test_the_cache_is_gathered_in_chunks_into_its_rows(monkeypatch):
-    """3 ranks holding 7, 6 and 6 rows of 5 features; a chunk of 2 rows (40 bytes): every rank gets every
-    rank's rows, and sample i (encoded by rank i % 3 as its row i // 3) lands in row i of the cache,
-    while no rank puts more than one chunk into any collective."""
+    """3 ranks holding 7, 6 and 6 rows of 5 features (sample i encoded by rank i % 3 as its row i // 3);
+    a chunk of 2 rows (40 bytes): every rank's cache equals the whole gather, every sample in its row,
+    and no rank ever puts more than one chunk into a collective."""
     ranks = ThreadRanks(3)
     monkeypatch.setattr(distributed, "gather", ranks.gather)
     rows = [torch.arange(count * 5, dtype=torch.float32).reshape(count, 5) + 1000 * rank
             for rank, count in enumerate((7, 6, 6))]
-    chunk_bytes = 2 * 5 * 4
-
-    everything = ranks.run(lambda rank, accelerator: distributed.gather_rows(accelerator, rows[rank],
-                                                                             chunk_bytes=chunk_bytes))
-    for blocks in everything:
-        assert [block.tolist() for block in blocks] == [r.tolist() for r in rows]
-    assert max(size for _, size in ranks.sent) <= chunk_bytes
-    # the row counts (one int64), then the longest share's 7 rows as 2 + 2 + 2 + 1
-    assert [size for rank, size in ranks.sent if rank == 0] == [8, 40, 40, 40, 20]
 
     def into_the_cache(rank, accelerator):
         cache = torch.empty(19, 5)
-        distributed.gather_rows(accelerator, rows[rank], out=[cache[r::3] for r in range(3)], chunk_bytes=chunk_bytes)
+        distributed.gather_rows(accelerator, rows[rank], [cache[r::3] for r in range(3)], chunk_bytes=40)
         return cache
 
     expected = torch.stack([rows[i % 3][i // 3] for i in range(19)])
     for cache in ranks.run(into_the_cache):
         assert torch.equal(cache, expected)
+    assert max(size for _, size in ranks.sent) <= 40
+    assert [size for rank, size in ranks.sent if rank == 0] == [40, 40, 40, 20]  # 7 rows as 2 + 2 + 2 + 1

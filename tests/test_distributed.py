@@ -256,3 +256,26 @@ def test_fully_sharded_no_freeze_writes_whole_tensors_and_resumes(image_folders,
     assert json.loads((resumed / "run_info.json").read_text())["resumed_from"].endswith(first_epoch)
     resumed_last = load_file(resumed / "last.safetensors")
     assert [n for n in last if not torch.equal(last[n], resumed_last[n])] == [], "resume is bit-exact"
+
+
+def test_sharded_state_is_gathered_whole_and_loaded_back_into_each_ranks_slice(tmp_path):
+    """Two gloo ranks, the task fully_shard-ed over both (its 3-class head splits 2 + 1 rows): every rank
+    gathers the whole initial weights; the rank check sums the same bits as on the unsharded task;
+    whole weights load back into the slices; Adam's moments go into a checkpoint whole and come back
+    into each rank's slice unchanged."""
+    launch("sharded_state", Path("unused"), tmp_path)
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank{rank}_report.json").read_text())
+        assert report["head_local_rows"] == (2, 1)[rank]
+        assert report["fingerprints"]["sharded"] == report["fingerprints"]["plain"]
+        whole = load_file(tmp_path / f"rank{rank}_whole.safetensors")
+        for name in ("gathered", "reloaded"):
+            held = load_file(tmp_path / f"rank{rank}_{name}.safetensors")
+            assert held.keys() == whole.keys() and all(torch.equal(held[k], whole[k]) for k in whole), name
+        moments = load_file(tmp_path / f"rank{rank}_moments.safetensors")
+        assert moments["head_moment_in_checkpoint"].shape == (3, 64)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(moments[f"saved.{key}"], moments[f"restored.{key}"]) and moments[f"saved.{key}"].any()
+    whole_moment = load_file(tmp_path / "rank0_moments.safetensors")["head_moment_in_checkpoint"]
+    assert torch.equal(whole_moment[:2], load_file(tmp_path / "rank0_moments.safetensors")["saved.exp_avg"])
+    assert torch.equal(whole_moment[2:], load_file(tmp_path / "rank1_moments.safetensors")["saved.exp_avg"])

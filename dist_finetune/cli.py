@@ -88,6 +88,8 @@ TRAIN_FLAGS: list[tuple[str, str, dict]] = [
     ("--compile-mode", "trainer.compile_mode", {"choices": COMPILE_MODES, "help": "torch.compile mode"}),
     ("--check-every-n-steps", "trainer.check_every_n_steps",
      {"type": int, "help": "how often stop signals and a NaN loss are checked (10; each check syncs the GPU)"}),
+    ("--deterministic", "trainer.deterministic", {"action": "store_true", "help": "GPU: deterministic kernels, no "
+                                                  "TF32, no cuDNN benchmark: reruns and resumes bit-exact, slower"}),
     ("--no-progress-bar", "trainer.progress_bar", {"action": "store_false", "help": "no tqdm bar"}),
     ("--unfreeze-warmup-epochs", "trainer.unfreeze_warmup_epochs",
      {"type": float, "help": "a newly unfrozen param group ramps its lr up from ~0 over this many epochs"}),

@@ -145,6 +145,7 @@ class TrainerConfig:
     compile_backend: str = "inductor"
     compile_mode: str | None = None  # torch.compile's mode: None (default), reduce-overhead, max-autotune, ...
     check_every_n_steps: int = 10  # stop signals and a non-finite loss are checked this often (a host sync)
+    deterministic: bool = False  # CUDA: deterministic kernels, no TF32, no cuDNN benchmark (bit-exact, slower)
     progress_bar: bool = True
     unfreeze_warmup_epochs: float = 2.0  # a param group added mid-run ramps its lr up from ~0 over this span
     layer_decay: float | None = None  # lr x layer_decay ** (distance from the head) per backbone layer

@@ -17,6 +17,7 @@ What is synchronised, and when:
 from __future__ import annotations
 
 import atexit
+import math
 import os
 
 import torch
@@ -32,12 +33,12 @@ from accelerate.utils import (
     broadcast_object_list,
     gather,
     gather_object,
-    pad_across_processes,
 )
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .errors import DistributedSetupError, RankMismatchError
+from .sharding import full_tensor
 
 
 def shutdown() -> None:
@@ -192,8 +193,10 @@ def _bit_checksum(tensor: torch.Tensor) -> int:
 
 
 def rank_fingerprint(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Checksums of the trainable parameters (whole: a sharded one is gathered, so every rank calls
+    this) and the optimizer's group layout."""
     names = {id(p): n for n, p in model.named_parameters()}
-    params = [(n, _bit_checksum(p)) for n, p in model.named_parameters() if p.requires_grad]
+    params = [(n, _bit_checksum(full_tensor(p))) for n, p in model.named_parameters() if p.requires_grad]
     layout = [
         (tuple(names.get(id(p), "?") for p in group["params"]), float(group["lr"]))
         for group in optimizer.param_groups
@@ -252,15 +255,37 @@ def from_main_process(accelerator: Accelerator, value):
     return broadcast_object_list([value], from_process=0)[0]
 
 
-def gather_rows(accelerator: Accelerator, rows: torch.Tensor) -> list[torch.Tensor]:
-    """Every rank's ``rows`` (first dimension may differ by rank), in rank order, on every rank."""
+GATHER_CHUNK_BYTES = 64 << 20  # what one rank contributes to one collective of gather_rows
+
+
+def gather_rows(accelerator: Accelerator, rows: torch.Tensor, out: list[torch.Tensor],
+                chunk_bytes: int = GATHER_CHUNK_BYTES) -> None:
+    """Fill ``out[r]`` with rank r's ``rows`` on every rank: ``out`` holds one host tensor per rank with
+    that rank's row count (views of one preallocated tensor, so the result is never copied again).
+
+    Gathered a chunk of rows at a time on the collective's device (NCCL needs the GPU), each chunk
+    copied into ``out`` and freed: the device holds at most (world size + 1) x ``chunk_bytes``, never
+    the whole result.
+    """
+    counts = [block.shape[0] for block in out]
+    if rows.shape[0] != counts[accelerator.process_index]:
+        raise ValueError(f"gather_rows: rank {accelerator.process_index} has {rows.shape[0]} rows, "
+                         f"out expects {counts[accelerator.process_index]}")
     if accelerator.num_processes == 1:
-        return [rows]
-    rows = rows.to(accelerator.device)
-    counts = gather(torch.tensor([rows.shape[0]], device=accelerator.device)).tolist()
-    padded = gather(pad_across_processes(rows, dim=0)).cpu()
-    width = max(counts)
-    return [padded[rank * width: rank * width + count] for rank, count in enumerate(counts)]
+        out[0].copy_(rows)
+        return
+    chunk_rows = max(1, chunk_bytes // max(1, math.prod(rows.shape[1:]) * rows.element_size()))
+    for start in range(0, max(counts), chunk_rows):
+        stop = min(start + chunk_rows, max(counts))
+        piece = torch.zeros((stop - start, *rows.shape[1:]), dtype=rows.dtype, device=accelerator.device)
+        mine = rows[start:stop]
+        piece[:len(mine)] = mine
+        gathered = gather(piece)  # [world size x (stop - start), ...] on the device
+        for rank, count in enumerate(counts):
+            taken = max(0, min(count, stop) - start)
+            offset = rank * (stop - start)
+            out[rank][start:start + taken] = gathered[offset:offset + taken]
+        del piece, gathered
 
 
 def average_gradients(accelerator: Accelerator, module: nn.Module) -> None:

@@ -14,6 +14,7 @@ import torch
 
 from .callbacks import Callback, RunState
 from .distributed import any_rank
+from .sharding import full_state_dict
 
 MODEL_FILENAME = "model.safetensors"
 LAST_MODEL_FILENAME = "last.safetensors"
@@ -53,7 +54,7 @@ class BestModel(Callback):
             return
         record["best"] = True
         self.best = {k: record[k] for k in ("epoch", "val_acc", "val_loss", "val_top5") if k in record}
-        self._weights = {k: v.detach().to("cpu", copy=True) for k, v in run.task.state_dict().items()}
+        self._weights = {k: v.to("cpu", copy=True) for k, v in full_state_dict(run.task.state_dict()).items()}
         if run.output_dir is not None:  # written before the epoch's training state, so never behind it
             trainer.save_checkpoint(run.output_dir / MODEL_FILENAME, training=self.best)
 

@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .finetuning import keep_frozen_norms_in_eval
 from .images import list_image_files
 from .prediction import predict_paths, select_device
+from .sharding import shard_state_dict
 
 
 class ClassifierHead(nn.Module):
@@ -130,13 +131,15 @@ class ImageClassifier(nn.Module):
             "library_version": __version__,
         }
 
-    def save_checkpoint(self, path: str | os.PathLike, training: dict | None = None) -> None:
+    def save_checkpoint(self, path: str | os.PathLike, training: dict | None = None,
+                        weights: dict[str, torch.Tensor] | None = None) -> None:
         """Write weights + metadata as one safetensors file (atomically).
 
         ``training``: what to record of the epoch the weights come from (its number and metrics).
+        ``weights``: whole tensors to write instead of ``state_dict()`` (the Trainer gathers sharded ones).
         """
         metadata = self.metadata() if training is None else {**self.metadata(), "training": training}
-        save_model(path, self.state_dict(), metadata)
+        save_model(path, self.state_dict() if weights is None else weights, metadata)
 
     @classmethod
     def load_from_checkpoint(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "ImageClassifier":
@@ -162,8 +165,10 @@ class ImageClassifier(nn.Module):
         return model.to(map_location).eval()
 
     def load_weights(self, state: dict[str, torch.Tensor], source: str) -> None:
-        check_state_dict_matches(self.state_dict(), state, source)
-        self.load_state_dict(state)
+        """Load whole tensors (a model file, a checkpoint), each rank keeping its slice of sharded ones."""
+        current = self.state_dict()
+        check_state_dict_matches(current, state, source)
+        self.load_state_dict(shard_state_dict(state, current))
 
     # ------------------------------------------------------------------------- predict
 

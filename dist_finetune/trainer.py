@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .callbacks import Callback, CallbackList, Position, RunState
 from .config import RunConfig, TrainerConfig
 from .data import ImageClassificationData
+from .determinism import configure_determinism
 from .distributed import (
     DDPResync,
     average_gradients,
@@ -44,6 +45,7 @@ from .preemption import Preemption
 from .reports import validation_report
 from .run_records import run_outputs
 from .schedule import WarmupSchedule
+from .sharding import full_state_dict
 from .task import ImageClassifier
 from .trackers import check_trackers
 from .training_state import (
@@ -160,8 +162,9 @@ class Trainer:
             raise RuntimeError("save_checkpoint needs a model: call finetune first")
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
+        weights = full_state_dict(self.task.state_dict())  # on every rank: gathering sharded (FSDP2) ones is collective
         if accelerator.is_main_process:
-            self.task.save_checkpoint(path, training=training)
+            self.task.save_checkpoint(path, training=training, weights=weights)
         accelerator.wait_for_everyone()
 
     def save_training_state(self, run: RunState) -> Path | None:
@@ -223,9 +226,10 @@ class Trainer:
 
     def _make_accelerator(self, log_with: list[str] | None = None):
         config = self.config
+        configure_determinism(config.deterministic)  # before the accelerator starts CUDA
         self.accelerator = make_accelerator(config.mixed_precision, config.gradient_accumulation_steps, log_with,
                                             config.output_dir)
-        if self.accelerator.device.type == "cuda":
+        if self.accelerator.device.type == "cuda" and not config.deterministic:
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
         elif self.accelerator.device.type == "cpu" and config.tune_cpu_allocator:
             self.announce(f"CPU run: malloc {keep_freed_memory()}")

@@ -77,6 +77,9 @@ TRAIN_FLAGS: list[tuple[str, str, dict]] = [
     ("--keep-last", "trainer.keep_last", {"type": int, "help": "training-state checkpoints to keep (2)"}),
     ("--no-rank-check", "trainer.check_rank_consistency", {"action": "store_false",
                                                            "help": "skip the cross-rank parameter checksum"}),
+    ("--process-group-timeout", "trainer.process_group_timeout_s",
+     {"type": float, "metavar": "SECONDS", "help": "how long a rank waits for the others in any collective before "
+                                                   "the job fails (1800; NCCL's own default is 600)"}),
     ("--channels-last", "trainer.channels_last", {"action": argparse.BooleanOptionalAction,
                                                   "help": "channels_last memory format (default: on for conv nets)"}),
     ("--tune-cpu-allocator", "trainer.tune_cpu_allocator",

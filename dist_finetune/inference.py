@@ -19,8 +19,7 @@ def eval_loader(task: nn.Module, data, accelerator):
     to their device)."""
     task.check_data(data)
     task.to(accelerator.device)
-    return accelerator.prepare_data_loader(data.dataloader(data.val_dataset(), shuffle=False,
-                                                           local_processes=accelerator.num_processes))
+    return accelerator.prepare_data_loader(data.dataloader(data.val_dataset(), shuffle=False))
 
 
 def _gathered_batches(task: nn.Module, loader, accelerator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .data import default_num_workers, eval_resize_size, eval_transform
-from .distributed import from_main_process
+from .distributed import from_main_process, launcher_mixed_precision, local_world_size
 from .errors import ConfigError, DataError
 from .host_memory import keep_freed_memory
 from .images import IMAGE_EXTENSIONS, FileImages, list_image_files, load_rgb
@@ -205,9 +205,11 @@ def predict_batches(task, paths: Sequence[str], batch_size: int = 32, top_k: int
     if accelerator is not None:
         target = launcher_device(accelerator, device)
         precision = mixed_precision or accelerator.mixed_precision
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        local = local_world_size(accelerator)
     else:
-        target, precision, local = model_device(task, device), mixed_precision, 1
+        target, precision, local = model_device(task, device), mixed_precision or launcher_mixed_precision(), 1
+        if target.type == "cuda" and target.index is not None:
+            torch.cuda.set_device(target)  # pinned batches go to this GPU's context, not a new one on cuda:0
     dtype = autocast_dtype(precision)
     if target.type == "cpu" and tune_cpu_allocator:
         keep_freed_memory()

@@ -31,6 +31,7 @@ from .distributed import (
     broadcast_buffers,
     check_rank_consistency,
     launcher_compile_settings,
+    local_world_size,
     make_accelerator,
     refuse_freezing_under_sharding,
 )
@@ -228,7 +229,7 @@ class Trainer:
         config = self.config
         configure_determinism(config.deterministic)  # before the accelerator starts CUDA
         self.accelerator = make_accelerator(config.mixed_precision, config.gradient_accumulation_steps, log_with,
-                                            config.output_dir)
+                                            config.output_dir, config.process_group_timeout_s)
         if self.accelerator.device.type == "cuda" and not config.deterministic:
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
         elif self.accelerator.device.type == "cpu" and config.tune_cpu_allocator:
@@ -246,9 +247,8 @@ class Trainer:
         return [StrategyCallback(strategy, config.layer_decay), *self.callbacks, *built_in]
 
     def _check_images(self, data: ImageClassificationData, accelerator) -> None:
-        """Scan all images before any training, once per node (its first process fills the cache)."""
-        with accelerator.local_main_process_first():
-            skipped = data.check_images()
+        """Scan all images before any training, split over all ranks (none waits for another), one verdict for all."""
+        skipped = data.check_images(accelerator)
         if skipped:
             self.announce(f"skipping {len(skipped)} unreadable image(s):")
             for path, problem in sorted(skipped.items()):
@@ -271,8 +271,7 @@ class Trainer:
                                  else launcher_compile_settings())
 
     def _loaders(self, data: ImageClassificationData, accelerator):
-        processes = accelerator.num_processes
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
+        processes, local = accelerator.num_processes, local_world_size(accelerator)
         global_batch = data.batch_size * processes
         if len(data.train_paths) < global_batch:
             raise ConfigError(

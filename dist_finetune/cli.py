@@ -77,8 +77,9 @@ TRAIN_FLAGS: list[tuple[str, str, dict]] = [
     ("--keep-last", "trainer.keep_last", {"type": int, "help": "training-state checkpoints to keep (2)"}),
     ("--no-rank-check", "trainer.check_rank_consistency", {"action": "store_false",
                                                            "help": "skip the cross-rank parameter checksum"}),
-    ("--channels-last", "trainer.channels_last", {"action": argparse.BooleanOptionalAction,
-                                                  "help": "channels_last memory format (default: on for conv nets)"}),
+    ("--channels-last", "trainer.channels_last",
+     {"action": argparse.BooleanOptionalAction, "help": "channels_last memory format (default: on for conv nets on "
+                                                        "GPU, off on CPU, where asking for it runs a check first)"}),
     ("--tune-cpu-allocator", "trainer.tune_cpu_allocator",
      {"action": argparse.BooleanOptionalAction, "help": "CPU runs: glibc malloc keeps freed memory for the next step "
                                                         "instead of page-faulting it anew (default: on)"}),

@@ -51,7 +51,7 @@ def test_checkpoint_round_trip_predictions_and_metadata(tiny_data, tmp_path):
     paths = tiny_data.val_paths
     task.eval()
     assert loaded.predict(paths) == task.predict(paths)
-    ours, theirs = loaded.predict_with_scores(paths), task.predict_with_scores(paths)  # channels_last vs not
+    ours, theirs = loaded.predict_with_scores(paths), task.predict_with_scores(paths)
     assert [label for label, _ in ours] == [label for label, _ in theirs]
     assert [score for _, score in ours] == pytest.approx([score for _, score in theirs], abs=1e-5)
     assert trainer.validate(loaded, tiny_data)["val_acc"] == pytest.approx(metrics[-1]["val_acc"])

@@ -3,8 +3,9 @@
 
 Lines are written as soon as they are known, so a crash or a preemption never loses what came
 before; a resumed run keeps the lines up to the checkpoint it resumes from and drops the rest (the
-resumed run writes them again), so neither file ever holds an epoch or a step twice. Only the main
-process touches the files; the others receive its records.
+resumed run writes them again), so neither file ever holds an epoch or a step twice. That rewrite
+replaces the file atomically: a kill during it leaves the old file whole. Only the main process
+touches the files; the others receive its records.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from .callbacks import Callback, RunState
 from .distributed import from_main_process
-from .run_files import read_jsonl
+from .run_files import read_jsonl, write_atomic
 
 METRICS_FILENAME = "metrics.jsonl"
 STEPS_FILENAME = "steps.jsonl"
@@ -22,7 +23,7 @@ STEPS_FILENAME = "steps.jsonl"
 
 def _rewrite(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in records).encode())
 
 
 def _append(path: Path, record: dict) -> None:

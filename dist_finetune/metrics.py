@@ -11,6 +11,7 @@ touches the files; the others receive its records.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .callbacks import Callback, RunState
@@ -29,6 +30,10 @@ def _rewrite(path: Path, records: list[dict]) -> None:
 def _append(path: Path, record: dict) -> None:
     with open(path, "a") as handle:
         handle.write(json.dumps(record) + "\n")
+
+
+def _totals(position) -> tuple[float, int, int]:
+    return position.loss_sum, position.seen, position.seen - position.lost_images
 
 
 def format_record(record: dict) -> str:
@@ -50,10 +55,10 @@ class LossWindow:
 
     def __init__(self, every: int):
         self.every = every
-        self._start = (0.0, 0)  # (loss sum, images) of the epoch at the previous record
+        self._start = (0.0, 0, 0)  # (loss sum, images, images with a finite loss) of the epoch at the previous record
 
     def start(self, position=None) -> None:
-        self._start = (position.loss_sum, position.seen) if position is not None else (0.0, 0)
+        self._start = _totals(position) if position is not None else (0.0, 0, 0)
 
     def step_record(self, trainer, run: RunState) -> dict | None:
         """The record of step ``run.position.global_step``, or None when no record is due (every rank calls this)."""
@@ -61,12 +66,13 @@ class LossWindow:
         if position.global_step % self.every:
             return None
         trainer.check_training(run)  # one sync of the loss totals (every rank reaches this step)
-        loss_sum, seen = self._start
-        self._start = (position.loss_sum, position.seen)
+        loss_sum, seen, finite = self._start
+        self._start = _totals(position)
         if position.seen == seen:
             return None
+        finite = self._start[2] - finite
         return {"step": position.global_step, "epoch": position.epoch,
-                "train_loss": (position.loss_sum - loss_sum) / (position.seen - seen),
+                "train_loss": (position.loss_sum - loss_sum) / finite if finite else math.nan,
                 "lr": [group["lr"] for group in run.optimizer.param_groups]}
 
 

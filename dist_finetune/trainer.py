@@ -32,6 +32,7 @@ from .distributed import (
     launcher_compile_settings,
     make_accelerator,
     refuse_freezing_under_sharding,
+    release_wrappers,
 )
 from .errors import ConfigError
 from .feature_cache import epoch_loader
@@ -131,6 +132,8 @@ class Trainer:
             callbacks.call("on_fit_end", self, run)
         finally:
             callbacks.teardown(self, run)
+            run.model, run.extras["compiled"] = task, None  # no DDP wrapper (it holds the process group) outlives
+            release_wrappers(accelerator)  # the run: see distributed.shutdown
         return run.history
 
     @property

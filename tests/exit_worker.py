@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -51,6 +52,7 @@ def train_a_little() -> None:
 
 
 def rank(index: int, port: int, report: Path) -> None:
+    signal.alarm(300)  # a rank that hangs is killed (SIGALRM) and counted, instead of stalling the test
     atexit.register(lambda: report.write_text(json.dumps(gloo_threads())))  # runs after shutdown
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(index), LOCAL_RANK=str(index),
                       WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
@@ -58,19 +60,24 @@ def rank(index: int, port: int, report: Path) -> None:
     sys.exit(0)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
+def free_ports(count: int) -> list[int]:
+    """``count`` different ports nothing listens on (all held open while choosing, so none repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
 
 
 def main(runs: int, out: Path, at_once: int = 3) -> None:
     """``at_once`` jobs run side by side (each on its own port)."""
     summary = []
     for first in range(0, runs, at_once):
-        jobs = []
-        for run in range(first, min(runs, first + at_once)):
-            port, reports, children = free_port(), [out / f"run{run}_rank{index}.json" for index in range(2)], []
+        jobs, batch = [], range(first, min(runs, first + at_once))
+        for run, port in zip(batch, free_ports(len(batch))):
+            reports, children = [out / f"run{run}_rank{index}.json" for index in range(2)], []
             for index in range(2):
                 pid = os.fork()
                 if pid == 0:

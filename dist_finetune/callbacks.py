@@ -37,8 +37,9 @@ class Position:
     batch: int = 0
     global_step: int = 0
     samples_done: int = 0  # of this epoch, over all ranks (resume with another process count)
-    loss_sum: float = 0.0  # this epoch's training loss so far over all ranks, as of the last check
+    loss_sum: float = 0.0  # this epoch's finite training losses so far over all ranks, as of the last check
     seen: int = 0
+    lost_images: int = 0  # of ``seen``: images whose batch loss was not finite (left out of loss_sum)
 
 
 @dataclass
@@ -60,6 +61,7 @@ class RunState:
     steps_per_epoch: int = 0
     epoch_batches: int = 0  # batches of the current epoch on this process
     position: Position = field(default_factory=Position)
+    loss_guard: Any = None  # the LossGuard: loss totals on the device and the non-finite checks
     resumed_from: Path | None = None
     last_checkpoint: Path | None = None
     history: list[dict] = field(default_factory=list)  # one record per finished epoch

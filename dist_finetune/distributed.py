@@ -20,6 +20,7 @@ What is synchronised, and when:
 from __future__ import annotations
 
 import atexit
+import gc
 import hashlib
 import json
 import math
@@ -55,9 +56,25 @@ DEFAULT_PROCESS_GROUP_TIMEOUT_S = 1800.0  # NCCL's own default, 10 min, is short
 
 
 def shutdown() -> None:
-    """Leave the process group, if one was joined: a clean exit for every rank (gloo can abort otherwise)."""
+    """Leave the process group, if one was joined, and end its threads while Python is still whole.
+
+    ``destroy_process_group`` only unregisters a gloo group (gloo has no shutdown): its two worker
+    threads and its transport loop run until the C++ group is freed. A DDP wrapper holds the group,
+    and wrappers sit in reference cycles (accelerate's patched ``forward``), so without a collection
+    here the group lived on into the interpreter's final garbage collection and its threads were
+    stopped during finalisation, where a rank now and then aborted after a successful run
+    ("terminate called without an active exception", SIGABRT). The trainer drops its wrappers when
+    a run ends (:func:`release_wrappers`); collecting here frees the group and joins its threads.
+    """
     if torch.distributed.is_initialized():
         AcceleratorState().destroy_process_group()
+    gc.collect()
+
+
+def release_wrappers(accelerator: Accelerator) -> None:
+    """Forget the DDP wrappers, optimizers and loaders accelerate tracks, once a run is over (each
+    wrapper holds the process group; see :func:`shutdown`)."""
+    accelerator.free_memory()
 
 
 _shutdown_at_exit = False

@@ -3,18 +3,20 @@
 
 Lines are written as soon as they are known, so a crash or a preemption never loses what came
 before; a resumed run keeps the lines up to the checkpoint it resumes from and drops the rest (the
-resumed run writes them again), so neither file ever holds an epoch or a step twice. Only the main
-process touches the files; the others receive its records.
+resumed run writes them again), so neither file ever holds an epoch or a step twice. That rewrite
+replaces the file atomically: a kill during it leaves the old file whole. Only the main process
+touches the files; the others receive its records.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .callbacks import Callback, RunState
 from .distributed import from_main_process
-from .run_files import read_jsonl
+from .run_files import read_jsonl, write_atomic
 
 METRICS_FILENAME = "metrics.jsonl"
 STEPS_FILENAME = "steps.jsonl"
@@ -22,12 +24,16 @@ STEPS_FILENAME = "steps.jsonl"
 
 def _rewrite(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in records).encode())
 
 
 def _append(path: Path, record: dict) -> None:
     with open(path, "a") as handle:
         handle.write(json.dumps(record) + "\n")
+
+
+def _totals(position) -> tuple[float, int, int]:
+    return position.loss_sum, position.seen, position.seen - position.lost_images
 
 
 def format_record(record: dict) -> str:
@@ -49,10 +55,10 @@ class LossWindow:
 
     def __init__(self, every: int):
         self.every = every
-        self._start = (0.0, 0)  # (loss sum, images) of the epoch at the previous record
+        self._start = (0.0, 0, 0)  # (loss sum, images, images with a finite loss) of the epoch at the previous record
 
     def start(self, position=None) -> None:
-        self._start = (position.loss_sum, position.seen) if position is not None else (0.0, 0)
+        self._start = _totals(position) if position is not None else (0.0, 0, 0)
 
     def step_record(self, trainer, run: RunState) -> dict | None:
         """The record of step ``run.position.global_step``, or None when no record is due (every rank calls this)."""
@@ -60,12 +66,13 @@ class LossWindow:
         if position.global_step % self.every:
             return None
         trainer.check_training(run)  # one sync of the loss totals (every rank reaches this step)
-        loss_sum, seen = self._start
-        self._start = (position.loss_sum, position.seen)
+        loss_sum, seen, finite = self._start
+        self._start = _totals(position)
         if position.seen == seen:
             return None
+        finite = self._start[2] - finite
         return {"step": position.global_step, "epoch": position.epoch,
-                "train_loss": (position.loss_sum - loss_sum) / (position.seen - seen),
+                "train_loss": (position.loss_sum - loss_sum) / finite if finite else math.nan,
                 "lr": [group["lr"] for group in run.optimizer.param_groups]}
 
 

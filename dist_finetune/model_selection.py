@@ -10,6 +10,8 @@ decision that ends training is still taken through a collective so no rank can g
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .callbacks import Callback, RunState
@@ -22,7 +24,10 @@ METRICS_FOR_BEST = ("val_acc", "val_loss")
 
 
 def score(record: dict, metric: str) -> tuple[float, ...]:
-    """A key where larger is better: (val_acc, -val_loss) or (-val_loss,)."""
+    """A key where larger is better: (val_acc, -val_loss) or (-val_loss,); a non-finite validation
+    (NaN compares as neither better nor worse) is the worst of all, never an improvement."""
+    if not all(math.isfinite(record[name]) for name in ("val_acc", "val_loss")):
+        return (-math.inf,)
     if metric == "val_acc":
         return (record["val_acc"], -record["val_loss"])
     return (-record["val_loss"],)
@@ -50,7 +55,8 @@ class BestModel(Callback):
         self._weights: dict[str, torch.Tensor] | None = None
 
     def on_validation_end(self, trainer, run: RunState, record: dict) -> None:
-        if self.best is not None and score(record, self.metric) <= score(self.best, self.metric):
+        best = score(self.best, self.metric) if self.best is not None else (-math.inf,)
+        if score(record, self.metric) <= best:
             return
         record["best"] = True
         self.best = {k: record[k] for k in ("epoch", "val_acc", "val_loss", "val_top5") if k in record}
@@ -103,15 +109,16 @@ class EarlyStopping(Callback):
         run.stop_reason = run.stop_reason or self.reason  # a resumed run that had already stopped stays stopped
 
     def on_validation_end(self, trainer, run: RunState, record: dict) -> None:
-        value = record[self.metric] if self.metric == "val_acc" else -record[self.metric]
-        if self.best is None or value > self.best + self.min_delta:
+        value = score(record, self.metric)[0]
+        if value > (-math.inf if self.best is None else self.best + self.min_delta):
             self.best, self.best_epoch, self.waited = value, record["epoch"], 0
         else:
             self.waited += 1
         if any_rank(run.accelerator, self.waited >= self.patience):
-            shown = self.best if self.metric == "val_acc" else -self.best
+            best = "no finite value yet" if self.best is None else \
+                f"best {self.best if self.metric == 'val_acc' else -self.best:.4f} at epoch {self.best_epoch}"
             self.reason = (f"early stopping after epoch {record['epoch']}: {self.metric} did not improve by more than "
-                           f"{self.min_delta} for {self.patience} epoch(s) (best {shown:.4f} at epoch {self.best_epoch})")
+                           f"{self.min_delta} for {self.patience} epoch(s) ({best})")
             run.stop_reason = self.reason
             trainer.announce(self.reason)
 

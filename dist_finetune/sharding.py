@@ -19,6 +19,11 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``tensor``: its shard for a DTensor (no communication), ``tensor`` itself otherwise."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def full_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` with every tensor whole and detached (collective: every rank calls it)."""
     return {name: full_tensor(tensor.detach()) for name, tensor in state.items()}

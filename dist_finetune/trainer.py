@@ -35,12 +35,14 @@ from .distributed import (
     local_world_size,
     make_accelerator,
     refuse_freezing_under_sharding,
+    release_wrappers,
 )
-from .errors import ConfigError, NonFiniteLossError
+from .errors import ConfigError
 from .feature_cache import epoch_loader
 from .finetuning import BaseFinetuning, NoFreeze, StrategyCallback, build_optimizer, resolve_strategy, trainable_parameters
 from .host_memory import keep_freed_memory
 from .inference import eval_loader, validation_metrics
+from .loss_guard import LossGuard, refuse_non_finite_weights
 from .memory_format import resolve_channels_last
 from .metrics import MetricsLogger
 from .model_selection import MODEL_FILENAME, BestModel, EarlyStopping
@@ -135,6 +137,8 @@ class Trainer:
             callbacks.call("on_fit_end", self, run)
         finally:
             callbacks.teardown(self, run)
+            run.model, run.extras["compiled"] = task, None  # no DDP wrapper (it holds the process group) outlives
+            release_wrappers(accelerator)  # the run: see distributed.shutdown
         return run.history
 
     @property
@@ -165,6 +169,7 @@ class Trainer:
             raise RuntimeError("save_checkpoint needs a model: call finetune first")
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
+        refuse_non_finite_weights(accelerator, self.task.state_dict(), path, self.run and self.run.last_checkpoint)
         weights = full_state_dict(self.task.state_dict())  # on every rank: gathering sharded (FSDP2) ones is collective
         if accelerator.is_main_process:
             self.task.save_checkpoint(path, training=training, weights=weights)
@@ -178,47 +183,18 @@ class Trainer:
         position = dataclasses.asdict(run.position)
         if run.extras.get("saved_position") == position:
             return run.last_checkpoint  # this exact state is saved already: never rewrite it in place
+        refuse_non_finite_weights(run.accelerator, run.task.state_dict(), "a checkpoint", run.last_checkpoint)
         run.last_checkpoint = write_training_state(
             run.accelerator, run.output_dir, run.task.state_dict(), run.optimizer, run.schedule, run.position,
             run.signature, run.config.keep_last, run.callbacks.state_dict())
         run.extras["saved_position"] = position
         return run.last_checkpoint
 
-    def check_training(self, run: RunState, periodic: bool = False) -> None:
-        """One host sync: total the epoch's training loss over ranks into ``run.position``; stop on NaN.
-
-        Under fp16 a non-finite loss is a step the GradScaler skips; training stops only when every
-        loss of a whole window between two periodic checks (``check_every_n_steps`` steps) was
-        non-finite: scaling cannot repair a forward overflow. Several checks at one position (a periodic
-        check, the step log, the trackers, a cadence save) share one reduction.
-        """
-        totals = run.extras.get("train_totals")
-        if totals is None:
-            return
-        position = run.position
-        here = (position.epoch, position.batch)
-        synced = run.extras.get("synced_totals")
-        if synced is None or synced[0] != here:
-            if run.accelerator.num_processes > 1:
-                totals = run.accelerator.reduce(totals, reduction="sum")
-            synced = run.extras["synced_totals"] = (here, totals.tolist())
-        loss_sum, seen, non_finite, batches = synced[1]
-        position.loss_sum, position.seen = loss_sum, int(seen)
-        run.extras["non_finite"] = int(non_finite)
-        if run.accelerator.mixed_precision == "fp16":
-            if not periodic:
-                return
-            window_start = run.extras["window_start"]
-            run.extras["window_start"] = (non_finite, batches)
-            lost, batches = non_finite - window_start[0], batches - window_start[1]
-            if not lost or lost < batches or batches < run.config.check_every_n_steps:
-                return
-        if non_finite:
-            last = run.last_checkpoint or "none (no checkpoint written yet)"
-            raise NonFiniteLossError(
-                f"non-finite training loss in epoch {position.epoch} by step {position.global_step} (checked every "
-                f"{run.config.check_every_n_steps} steps); last good checkpoint: {last}. Lower the lr or set "
-                "max_grad_norm.")
+    def check_training(self, run: RunState) -> None:
+        """Total the epoch's training loss over ranks into ``run.position`` (one host sync per position);
+        stop on a non-finite loss (when: see ``loss_guard.py``)."""
+        if run.loss_guard is not None:
+            run.loss_guard.check(run.position, run.last_checkpoint)
 
     def announce(self, message: str) -> None:
         """Print ``message`` once (main process), without breaking the progress bar."""
@@ -274,6 +250,7 @@ class Trainer:
                                       config.scheduler, round(config.unfreeze_warmup_epochs * steps))
         run.extras["compile"] = ((config.compile_backend, config.compile_mode) if config.compile
                                  else launcher_compile_settings())
+        run.loss_guard = LossGuard(accelerator, config.check_every_n_steps)
 
     def _loaders(self, data: ImageClassificationData, accelerator):
         processes, local = accelerator.num_processes, local_world_size(accelerator)
@@ -325,6 +302,7 @@ class Trainer:
             record = {"epoch": epoch, **self._train_epoch(run)}
             broadcast_buffers(accelerator, run.task)  # every rank validates (and saves) rank 0's BN statistics
             record.update(validation_metrics(run.task, run.val_loader, accelerator))
+            run.loss_guard.check_validation(record, run.position, run.last_checkpoint)
             record["lr"] = [group["lr"] for group in run.optimizer.param_groups]
             callbacks.call("on_validation_end", self, run, record)
             run.position = Position(epoch=epoch + 1, global_step=run.position.global_step)
@@ -335,8 +313,8 @@ class Trainer:
         """One epoch from ``run.position`` (mid-epoch after a resume), calling ``on_step_end`` per step.
 
         On cached features (``head_only``) only the head runs, and its gradients are averaged over
-        ranks here since it trains outside the DDP wrapper. The loss totals stay on the device and
-        reach the host only at checks, so a GPU step never waits.
+        ranks here since it trains outside the DDP wrapper. The loss totals (``run.loss_guard``) stay
+        on the device and reach the host only at checks, so a GPU step never waits.
         """
         accelerator, config, position, task = run.accelerator, run.config, run.position, run.task
         loader, head_only = epoch_loader(run, self.announce)
@@ -349,10 +327,7 @@ class Trainer:
         forward = task.head if head_only else self._training_forward(run)
         channels_last = run.extras["channels_last"] and not head_only
         class_weights = torch.tensor(task.class_weights, device=accelerator.device) if task.class_weights else None
-        # [loss sum, images, non-finite losses, batches]; totals carried over a resume count once, on rank 0
-        carried = [position.loss_sum, position.seen] if accelerator.is_main_process else [0.0, 0.0]
-        running = torch.tensor([*carried, 0.0, 0.0], device=accelerator.device, dtype=torch.float64)
-        run.extras.update(train_totals=running, window_start=(0.0, 0.0), non_finite=0)
+        run.loss_guard.start_epoch(position)
         seen_before = position.seen  # a resumed epoch's images/s counts only what this run trained
         global_batch = 0
         bar = tqdm(loader, desc=f"epoch {position.epoch}", leave=False, dynamic_ncols=True,
@@ -372,12 +347,7 @@ class Trainer:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 run.optimizer.step()
                 run.optimizer.zero_grad(set_to_none=True)
-            value = loss.detach().double()
-            finite = torch.isfinite(value)
-            running[0] += torch.where(finite, value * labels.numel(), 0.0)  # fp16 overflows are skipped steps
-            running[1] += labels.numel()
-            running[2] += (~finite).double()
-            running[3] += 1
+            run.loss_guard.add(loss, labels.numel(), accelerator.sync_gradients)
             global_batch = global_batch or labels.numel() * accelerator.num_processes
             position.batch += 1
             position.samples_done += global_batch
@@ -387,12 +357,11 @@ class Trainer:
                 run.schedule.step()
             position.global_step += 1
             if position.global_step % config.check_every_n_steps == 0:
-                self.check_training(run, periodic=True)
+                self.check_training(run)
             run.callbacks.call("on_step_end", self, run)
-        self.check_training(run)  # no NaN ever reaches the epoch's checkpoint
-        run.extras["train_totals"] = None
+        totals = run.loss_guard.end_epoch(position, run.last_checkpoint)  # no NaN reaches the epoch's checkpoint
         elapsed = time.perf_counter() - start
-        return {"train_loss": position.loss_sum / max(1, position.seen), "train_images": position.seen,
-                "images_per_s": (position.seen - seen_before) / elapsed, "epoch_time_s": elapsed,
-                "nonfinite_losses": run.extras["non_finite"]}
+        return {"train_loss": totals.mean_loss, "train_images": totals.images,
+                "images_per_s": (totals.images - seen_before) / elapsed, "epoch_time_s": elapsed,
+                "nonfinite_losses": totals.non_finite}
 

@@ -17,13 +17,14 @@ import sys
 from pathlib import Path
 
 import tiny_resnet  # noqa: F401  (registers the test backbone)
+from exit_worker import gloo_threads
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from dist_finetune import ImageClassificationData, ImageClassifier, Trainer, seed_everything
 from dist_finetune.callbacks import Callback
-from dist_finetune.distributed import make_accelerator
+from dist_finetune.distributed import make_accelerator, shutdown
 from dist_finetune.errors import RankMismatchError
 from dist_finetune.finetuning import BaseFinetuning, FreezeUnfreeze, UnfreezeMilestones
 from test_strategies import FeatureExtractorFreezeUnfreeze as GuideStrategy  # the Flash guide's example
@@ -112,6 +113,7 @@ def train(strategy: BaseFinetuning, data_root: Path, out: Path, batch_size: int,
               "graphs_at_epoch_start": snapshots.graphs_at_epoch_start,
               "compiled_graphs": torch._dynamo.utils.counters["aot_autograd"]["ok"]}
     (out / f"rank{rank}_report.json").write_text(json.dumps(report))
+    return trainer
 
 
 def train_without_resync(data_root: Path, out: Path, batch_size: int) -> None:
@@ -216,10 +218,17 @@ def main() -> None:
     scenario, data_root, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     batch_size = int(sys.argv[4]) if len(sys.argv) > 4 else 4
     if scenario == "strategies":
-        train(FreezeUnfreeze(unfreeze_epoch=1, train_bn=True), data_root, out / "freeze_unfreeze", batch_size)
-        train(UnfreezeMilestones((1, 2), num_layers=2, train_bn=True), data_root, out / "unfreeze_milestones",
-              batch_size)
-        train(GuideStrategy(unfreeze_epoch=1), data_root, out / "custom", batch_size)
+        # the trainers stay referenced, as in a script that keeps its trainer: after shutdown no gloo
+        # thread may be left (a finished run holds no DDP wrapper, and so not the process group)
+        trainers = [
+            train(FreezeUnfreeze(unfreeze_epoch=1, train_bn=True), data_root, out / "freeze_unfreeze", batch_size),
+            train(UnfreezeMilestones((1, 2), num_layers=2, train_bn=True), data_root, out / "unfreeze_milestones",
+                  batch_size),
+            train(GuideStrategy(unfreeze_epoch=1), data_root, out / "custom", batch_size),
+        ]
+        rank = trainers[0].accelerator.process_index
+        shutdown()
+        (out / f"rank{rank}_gloo_threads_after_shutdown.json").write_text(json.dumps(gloo_threads()))
     elif scenario == "equivalence":
         # contiguous layout: oneDNN's channels_last kernels depend on the batch size, and their other
         # summation order outgrows the 1e-4 bound over 9 Adam steps; this compares the data split

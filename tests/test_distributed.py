@@ -23,6 +23,7 @@ pytestmark = pytest.mark.distributed
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 SCAN_WORKER = Path(__file__).with_name("scan_worker.py")
+EXIT_WORKER = Path(__file__).with_name("exit_worker.py")
 ENV = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}  # the runner must pick gloo itself
 ENV.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
@@ -85,6 +86,13 @@ def test_ranks_bit_identical_after_each_transition_and_at_the_end(strategies_run
             assert record["val_images"] == 12
             assert record["val_acc"] == pytest.approx(mine["hits"] / 12)
             assert record["val_loss"] == pytest.approx(mine["loss_sum"] / 12, rel=1e-5)
+
+
+def test_a_finished_run_holds_no_process_group_after_shutdown(strategies_run):
+    """The worker keeps its three trainers and then calls shutdown: their DDP wrappers (and with them
+    the gloo group's threads) must be gone, not left to the interpreter's finalisation."""
+    for rank in (0, 1):
+        assert json.loads((strategies_run / f"rank{rank}_gloo_threads_after_shutdown.json").read_text()) == []
 
 
 def test_checkpoint_and_metrics_written_once_by_the_main_process(strategies_run, image_folders):
@@ -365,3 +373,21 @@ def test_more_processes_per_machine_than_gpus_is_refused_naming_both_numbers(mon
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     check_gpus_per_machine()
+
+
+def test_eight_two_rank_jobs_exit_cleanly_with_no_gloo_thread_left_after_shutdown(tmp_path):
+    """A rank that finished its work now and then died at exit with SIGABRT ("terminate called without
+    an active exception"): destroy_process_group does not stop a gloo group's threads, and the DDP
+    wrappers in the run's reference cycle kept the group alive into the interpreter's final garbage
+    collection, so its threads were stopped during finalisation. tests/exit_worker.py runs the exit
+    path 8 times (before the fix every run left the threads alive: 30 of 30); every rank must exit 0,
+    with no gloo thread left once shutdown has run."""
+    result = subprocess.run([sys.executable, str(EXIT_WORKER), "8", str(tmp_path)], capture_output=True, text=True,
+                            env=ENV, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary) == 8
+    failed = [(run, job["exit_codes"]) for run, job in enumerate(summary) if job["exit_codes"] != [0, 0]]
+    survived = [(run, job["gloo_threads_after_shutdown"]) for run, job in enumerate(summary)
+                if job["gloo_threads_after_shutdown"] != [[], []]]
+    assert not failed and not survived, f"non-zero exits: {failed}; gloo threads after shutdown: {survived[:3]}"

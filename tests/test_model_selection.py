@@ -130,3 +130,24 @@ def test_resume_around_the_unfreeze_is_exact_with_ramp_decay_best_and_patience(t
     assert [{k: v for k, v in m.items() if k not in drop} for m in logged] == \
         [{k: v for k, v in m.items() if k not in drop} for m in reference]
     assert [m["epoch"] for m in metrics] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("metric", ["val_acc", "val_loss"])
+def test_a_non_finite_validation_is_never_an_improvement(metric):
+    """NaN compares as neither better nor worse: a NaN val_loss beside an equal val_acc was taken as
+    the new best (and its weights saved as model.safetensors)."""
+    from types import SimpleNamespace
+
+    from dist_finetune.model_selection import BestModel, EarlyStopping
+
+    run = SimpleNamespace(task=torch.nn.Linear(1, 1), output_dir=None, accelerator=SimpleNamespace(num_processes=1),
+                          stop_reason=None)
+    trainer = SimpleNamespace(announce=lambda message: None)
+    best, stopping = BestModel(metric), EarlyStopping(patience=2, metric=metric)
+    records = [{"epoch": 0, "val_acc": 0.5, "val_loss": 1.0}, {"epoch": 1, "val_acc": 0.5, "val_loss": float("nan")},
+               {"epoch": 2, "val_acc": float("nan"), "val_loss": 0.5}]
+    for record in records:
+        best.on_validation_end(trainer, run, record)
+        stopping.on_validation_end(trainer, run, record)
+    assert [bool(r.get("best")) for r in records] == [True, False, False] and best.best["epoch"] == 0
+    assert stopping.best_epoch == 0 and run.stop_reason.startswith("early stopping after epoch 2")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import shutil
 
 import pytest
@@ -92,3 +93,30 @@ def test_dry_run_fails_like_train(image_folders, tmp_path, capsys, change, messa
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_crash_while_a_resume_rewrites_the_logs_leaves_the_old_files_whole(image_folders, tmp_path, monkeypatch):
+    """A resume rewrites metrics.jsonl and steps.jsonl (dropping lines past its checkpoint); a writer
+    that dies halfway through (disk full, a kill) must leave each old file as it was."""
+    out = tmp_path / "run"
+    main(train_args(image_folders, out))
+    before = {name: (out / name).read_bytes() for name in ("metrics.jsonl", "steps.jsonl")}
+    assert all(before.values())
+    untouched = {name: getattr(pathlib.Path, name) for name in ("write_text", "write_bytes")}
+
+    def torn(name):
+        def write(self, data, *args, **kwargs):
+            if ".jsonl" not in self.name:
+                return untouched[name](self, data, *args, **kwargs)
+            raw = data.encode() if isinstance(data, str) else data
+            with open(self, "wb") as handle:
+                handle.write(raw[: len(raw) // 2])
+            raise OSError(f"simulated crash halfway through writing {self.name}")
+        return write
+
+    for name in untouched:
+        monkeypatch.setattr(pathlib.Path, name, torn(name))
+    with pytest.raises(OSError, match="simulated crash halfway"):
+        main([*train_args(image_folders, out), "--resume", "latest"])
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]

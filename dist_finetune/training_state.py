@@ -2,7 +2,8 @@
 
 A checkpoint is a folder ``output_dir/checkpoints/step-XXXXXXXX`` holding the model, the optimizer
 (tensors as safetensors, structure as JSON), the schedule, the GradScaler, the position in the
-epoch's sample order, each rank's RNG states, and a manifest of every file's size and SHA-256.
+epoch's sample order, the batch layout and optimizer settings it was written with (``resume``
+maps or applies other ones), each rank's RNG states, and a manifest of every file's size and SHA-256.
 It is written under a temporary name and renamed only when complete, so a crash mid-write never
 leaves a folder that looks finished; a folder whose files do not match its manifest is skipped
 with a warning and the newest intact one is used instead.
@@ -100,11 +101,27 @@ def _write_json(path: Path, payload) -> None:
     path.write_text(json.dumps(payload, sort_keys=True))
 
 
-def write_training_state(accelerator, output_dir: Path, model_state: dict, optimizer, schedule, position: Position,
-                        signature: dict, keep_last: int, callback_states: dict) -> Path:
-    """Write one checkpoint (every rank takes part: each saves its own RNG) and prune old ones."""
-    root = Path(output_dir) / CHECKPOINTS_DIR
-    final = root / f"step-{position.global_step:08d}"
+def layout_of(run: RunState) -> dict:
+    """What an optimizer step and an epoch are in ``run``: a resume with another layout maps onto it."""
+    return {"batch_size": run.data.batch_size, "num_processes": run.accelerator.num_processes,
+            "gradient_accumulation_steps": run.config.gradient_accumulation_steps,
+            "steps_per_epoch": run.steps_per_epoch}
+
+
+def optimizer_settings(config) -> dict:
+    """The optimizer hyper-parameters ``config`` (a TrainerConfig) sets: a resume applies changed ones."""
+    settings = {"lr": config.lr, "weight_decay": config.weight_decay}
+    if config.optimizer == "sgd":
+        settings["momentum"] = config.momentum
+    return settings
+
+
+def write_training_state(run: RunState) -> Path:
+    """Write one checkpoint of ``run`` (every rank takes part: each saves its own RNG) and prune old ones;
+    never the one just written or the one this run resumed from."""
+    accelerator, position = run.accelerator, run.position
+    root = run.output_dir / CHECKPOINTS_DIR
+    final = root / checkpoint_name(position.global_step)
     partial = root / f".{final.name}.partial"
     if accelerator.is_main_process:
         for stale in root.glob(".step-*.partial"):  # writes a crash never finished
@@ -116,14 +133,16 @@ def write_training_state(accelerator, output_dir: Path, model_state: dict, optim
               metadata={"extra": json.dumps(rng_extra)})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, partial / "model.safetensors")
-        optimizer_tensors, optimizer_structure = split_optimizer_state(optimizer.state_dict())
+        save_file({k: v.detach().cpu().contiguous() for k, v in run.task.state_dict().items()},
+                  partial / "model.safetensors")
+        optimizer_tensors, optimizer_structure = split_optimizer_state(run.optimizer.state_dict())
         save_file(optimizer_tensors, partial / "optimizer.safetensors")
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         _write_json(partial / "state.json", {
-            "position": asdict(position), "optimizer": optimizer_structure, "schedule": schedule.state_dict(),
-            "scaler": scaler, "signature": signature, "num_processes": accelerator.num_processes,
-            "callbacks": callback_states,
+            "position": asdict(position), "optimizer": optimizer_structure, "schedule": run.schedule.state_dict(),
+            "scaler": scaler, "signature": run.signature, "num_processes": accelerator.num_processes,
+            "layout": layout_of(run), "optimizer_settings": optimizer_settings(run.config),
+            "callbacks": run.callbacks.state_dict(),
         })
         files = sorted(p for p in partial.iterdir() if p.is_file())
         _write_json(partial / MANIFEST, {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files})
@@ -133,18 +152,22 @@ def write_training_state(accelerator, output_dir: Path, model_state: dict, optim
         if final.exists():  # left by an earlier run that did not resume from it (it failed verification)
             shutil.rmtree(final)
         os.replace(partial, final)
-        _prune(root, keep_last)
+        kept = {final.resolve(), *([run.resumed_from.resolve()] if run.resumed_from else [])}
+        for old in step_checkpoints(root)[:-run.config.keep_last]:
+            if old.resolve() not in kept:
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
-def _checkpoints(root: Path) -> list[Path]:
+def checkpoint_name(global_step: int) -> str:
+    """``step-XXXXXXXX``: names sort as the steps do."""
+    return f"step-{global_step:08d}"
+
+
+def step_checkpoints(root: Path) -> list[Path]:
+    """The checkpoint folders directly in ``root``, oldest first."""
     return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
-
-
-def _prune(root: Path, keep_last: int) -> None:
-    for old in _checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ reading
@@ -176,7 +199,7 @@ def find_checkpoint(resume: str, output_dir: str | None) -> Path | None:
     if not output_dir:
         raise CheckpointError("resume='latest' needs an output_dir (--output-dir) to look for checkpoints in")
     root = Path(output_dir) / CHECKPOINTS_DIR
-    candidates = _checkpoints(root)
+    candidates = step_checkpoints(root)
     for candidate in reversed(candidates):
         try:
             verify(candidate)
@@ -207,21 +230,47 @@ def load_training_state(checkpoint: Path, rank: int) -> dict:
     return state
 
 
-def run_signature(task, data, strategy) -> dict:
-    """What must not change between a checkpoint and the run that resumes it (JSON-able)."""
+# recorded since resumes check what the sample order and the optimizer depend on: an older checkpoint lacks them
+RECORDED_LATER = ("seed", "optimizer", "train_images", "val_images")
+
+
+def run_signature(task, data, strategy, config) -> dict:
+    """What must not change between a checkpoint and the run that resumes it (JSON-able): the model, the
+    classes and strategy, and what the sample order and the saved position depend on beyond the batch
+    layout (the images, the seed; a changed batch size or process count is mapped, see ``resume``)."""
     return json.loads(json.dumps({
         "backbone": task.backbone_name, "classes": list(data.classes), "image_size": data.image_size,
         "head": [task.head_hidden, task.head_dropout], "strategy": strategy.describe(), "data": data.signature(),
+        "seed": config.seed, "optimizer": config.optimizer,
+        **image_lists(data.train_paths, data.train_labels, data.val_paths, data.val_labels),
     }))
 
 
+def image_lists(train_paths: list[str], train_labels: list[int], val_paths: list[str],
+                val_labels: list[int]) -> dict[str, str]:
+    """``train_images``/``val_images``: "<count> images <digest>" of the items and their labels, paths taken
+    relative to their common folder so that a data folder moved (or staged to a local disk) still matches."""
+    try:
+        root = os.path.commonpath(train_paths + val_paths) if train_paths + val_paths else ""
+    except ValueError:  # absolute and relative paths mixed
+        root = ""
+    lists = {}
+    for name, paths, labels in (("train_images", train_paths, train_labels), ("val_images", val_paths, val_labels)):
+        digest = hashlib.sha256()
+        for path, label in zip(paths, labels):
+            digest.update(f"{os.path.relpath(path, root) if root else path}\0{label}\n".encode())
+        lists[name] = f"{len(paths)} images {digest.hexdigest()[:16]}"
+    return lists
+
+
 def check_signature(saved: dict, current: dict, checkpoint: Path) -> None:
-    """Refuse to resume into another backbone, class set, image size or strategy."""
+    """Refuse to resume into another backbone, class set, image size, strategy, image list, seed or optimizer."""
     strategy = saved.get("strategy")
     if isinstance(strategy, dict) and strategy.get("name") in ("FreezeUnfreeze", "UnfreezeMilestones"):
         # written before initial_denom_lr was a setting: its groups joined at lr / 10
         saved = {**saved, "strategy": {**strategy, "initial_denom_lr": strategy.get("initial_denom_lr", 10.0)}}
-    different = {k: (saved.get(k), current.get(k)) for k in current if saved.get(k) != current.get(k)}
+    compared = [k for k in current if k in saved or k not in RECORDED_LATER]
+    different = {k: (saved.get(k), current.get(k)) for k in compared if saved.get(k) != current.get(k)}
     if different:
         details = "; ".join(f"{k}: checkpoint has {a!r}, this run has {b!r}" for k, (a, b) in different.items())
         raise CheckpointError(f"cannot resume from {checkpoint}: it belongs to a different run ({details}). "
@@ -231,36 +280,13 @@ def check_signature(saved: dict, current: dict, checkpoint: Path) -> None:
 def checkpoint_to_resume(resume: str | None, output_dir: str | None) -> Path | None:
     """The checkpoint a run starts from; refuses to start afresh over another run's checkpoints."""
     if resume is None:
-        if output_dir and _checkpoints(Path(output_dir) / CHECKPOINTS_DIR):
+        if output_dir and step_checkpoints(Path(output_dir) / CHECKPOINTS_DIR):
             raise CheckpointError(
                 f"output dir {output_dir} already holds checkpoints of a run: continue it with "
                 "resume='latest' (--resume latest) or choose another output_dir"
             )
         return None
     return find_checkpoint(resume, output_dir)
-
-
-def restore_training_state(accelerator, saved: dict, optimizer, schedule, batch_size: int,
-                           checkpoint: Path) -> Position:
-    """Load optimizer, schedule, scaler and RNG; map the epoch position onto this process count."""
-    position = saved["position"]
-    optimizer.load_state_dict(saved["optimizer"])
-    schedule.load_state_dict(saved["schedule"])
-    if accelerator.scaler is not None and saved["scaler"]:
-        accelerator.scaler.load_state_dict(saved["scaler"])
-    if saved["num_processes"] != accelerator.num_processes:
-        global_batch = batch_size * accelerator.num_processes
-        if position.samples_done % global_batch:
-            raise CheckpointError(
-                f"{checkpoint} stopped {position.samples_done} samples into epoch {position.epoch}, not a multiple "
-                f"of this run's global batch {global_batch}: resume with {saved['num_processes']} processes"
-            )
-        position.batch = position.samples_done // global_batch
-        warnings.warn(f"resuming a {saved['num_processes']}-process checkpoint with {accelerator.num_processes} "
-                      "processes: training continues correctly but not bit-identically")
-    elif saved["rng"] is not None:
-        restore_rng(*saved["rng"])
-    return position
 
 
 class CheckpointCadence(Callback):

@@ -5,6 +5,7 @@ resumes (not bit-exactly) or is refused; a damaged or foreign checkpoint is neve
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import signal
@@ -314,3 +315,95 @@ def test_a_checkpoint_from_before_initial_denom_lr_is_read_as_lr_over_10(tmp_pat
                                                   r": 100.0\}"):
             check_signature({"strategy": old}, {"strategy": strategy().describe()}, tmp_path)
         assert "initial_denom_lr" not in old  # the checkpoint's own record is left as it was read
+
+
+def test_a_longer_max_epochs_extends_the_schedule(tiny_data, tmp_path, capsys):
+    """A finished 2-epoch run (6 steps an epoch) resumed with max_epochs 4: the cosine runs over 24 steps,
+    continuing at step 13 (it did not train the added epochs at lr 0); resumed again, nothing is left."""
+    from test_model_selection import StopAt, finetune
+
+    finetune(tiny_data, tmp_path, "no_freeze", max_epochs=2)
+    probe = StopAt()
+    finetune(tiny_data, tmp_path, "no_freeze", callbacks=[probe], resume="latest", max_epochs=4)
+    assert sorted(probe.lrs) == list(range(13, 25))
+    for step, lrs in probe.lrs.items():
+        assert lrs == [pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * step / 24)), abs=1e-12)], step
+    assert "schedule horizon: 24 steps (checkpoint had 12)" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="at the end of epoch 3: with max_epochs 4 nothing is left to train"):
+        finetune(tiny_data, tmp_path, "no_freeze", resume="latest", max_epochs=4)
+
+
+def test_another_batch_size_continues_by_samples_done_or_is_refused(image_folders, tiny_data, tmp_path):
+    """Stopped after step 3 of batch 4 (checkpoints at 8 and 12 samples into epoch 0): batch 8 cannot continue
+    at 12 samples (refused, naming both layouts); batch 2 continues at 8 samples = batch 4 of 12 an epoch,
+    every image of epoch 0 once, on a cosine over 2 x 12 steps from its step 4 (global steps 3-22)."""
+    from dist_finetune import ImageClassificationData
+    from test_model_selection import Interrupt, StopAt, finetune
+
+    def data(batch_size):
+        return ImageClassificationData.from_folders(str(image_folders / "train"), str(image_folders / "val"),
+                                                    image_size=32, batch_size=batch_size, num_workers=0)
+
+    settings = dict(max_epochs=2, save_every_n_steps=1)
+    with pytest.raises(Interrupt):
+        finetune(tiny_data, tmp_path, "no_freeze", callbacks=[StopAt(4)], **settings)
+    root = tmp_path / "checkpoints"
+    with pytest.raises(CheckpointError, match=re.escape(
+            "stopped 12 samples into epoch 0, not a multiple of this run's 8 samples per optimizer step (batch_size 8 "
+            "x 1 process(es) x 1 accumulation step(s)): resume with the checkpoint's batch_size 4 x 1 process(es) x 1 "
+            "accumulation step(s)")):
+        finetune(data(8), tmp_path, "no_freeze", resume=str(root / "step-00000003"), **settings)
+    probe = StopAt()
+    with pytest.warns(UserWarning, match="resuming a checkpoint of batch_size 4 x 1 process.* with batch_size 2"):
+        _, _, metrics = finetune(data(2), tmp_path, "no_freeze", callbacks=[probe],
+                                 resume=str(root / "step-00000002"), **settings)
+    assert sorted(probe.lrs) == list(range(3, 23))
+    for step, lrs in probe.lrs.items():
+        assert lrs == [pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * (step + 2) / 24)), abs=1e-12)], step
+    assert [m["train_images"] for m in metrics] == [24, 24]
+
+
+def test_a_changed_lr_weight_decay_and_momentum_apply_from_the_resume_point(tiny_data, tmp_path, capsys):
+    """SGD, constant schedule, the backbone joined at epoch 1 at lr / initial_denom_lr; resumed at step 8 with
+    a 10x lower lr, another weight decay and momentum: both groups train at the new lr, keeping their ratio."""
+    from test_model_selection import Interrupt, StopAt, finetune
+
+    from dist_finetune.finetuning import DEFAULT_INITIAL_DENOM_LR, FreezeUnfreeze
+
+    settings = dict(max_epochs=2, optimizer="sgd", scheduler="constant", unfreeze_warmup_epochs=0,
+                    save_every_n_steps=1)
+    with pytest.raises(Interrupt):
+        finetune(tiny_data, tmp_path, FreezeUnfreeze(unfreeze_epoch=1), callbacks=[StopAt(9)], lr=1e-2,
+                 weight_decay=1e-4, momentum=0.9, **settings)
+    probe = StopAt()
+    trainer, _, _ = finetune(tiny_data, tmp_path, FreezeUnfreeze(unfreeze_epoch=1), callbacks=[probe],
+                             resume="latest", lr=1e-3, weight_decay=5e-4, momentum=0.5, **settings)
+    assert sorted(probe.lrs) == list(range(9, 13))
+    assert all(lrs == pytest.approx([1e-3, 1e-3 / DEFAULT_INITIAL_DENOM_LR]) for lrs in probe.lrs.values())
+    groups = trainer.run.optimizer.param_groups
+    assert [(g["weight_decay"], g["momentum"]) for g in groups] == [pytest.approx((5e-4, 0.5))] * 2
+    out = capsys.readouterr().out
+    for line in ("lr 0.001 applied from the resume point on (checkpoint had 0.01): every param group's initial_lr "
+                 "scaled by 0.1", "weight_decay 0.0005 applied from the resume point on (checkpoint had 0.0001)",
+                 "momentum 0.5 applied from the resume point on (checkpoint had 0.9)"):
+        assert line in out
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tiny_data, tmp_path):
+    """Resumed from step 10 of a finished run (steps 10-12 kept), the abandoned 11 and 12 move to
+    checkpoints/abandoned-*/; the new step 11 survives keep_last=1 and so does the checkpoint resumed from;
+    after a stop at step 12, "latest" is the new 11."""
+    from test_model_selection import Interrupt, StopAt, finetune
+
+    finetune(tiny_data, tmp_path, "no_freeze", max_epochs=2, save_every_n_steps=1, keep_last=3)
+    root = tmp_path / "checkpoints"
+    with pytest.raises(Interrupt):
+        finetune(tiny_data, tmp_path, "no_freeze", callbacks=[StopAt(12)], resume=str(root / "step-00000010"),
+                 max_epochs=2, save_every_n_steps=1, keep_last=1)
+    aside = list(root.glob("abandoned-*"))
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step-00000011", "step-00000012"]
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000010", "step-00000011"]
+    trainer, _, _ = finetune(tiny_data, tmp_path, "no_freeze", resume="latest", max_epochs=2, save_every_n_steps=1,
+                             keep_last=1)
+    assert trainer.run.resumed_from.name == "step-00000011" and trainer.run.last_checkpoint.is_dir()
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000011", "step-00000012"]

@@ -11,37 +11,27 @@
 - What changes the data or the sample order (the image lists, the seed, the sampler) is refused
   before anything is loaded, by the run signature (``training_state.check_signature``).
 - Checkpoints as new as or newer than the one resumed from belong to an abandoned continuation:
-  they are moved to ``checkpoints/abandoned-<UTC time>/`` (nothing is deleted), so that
-  ``--resume latest`` never returns to them.
+  ``training_state.CheckpointCadence`` moves them aside when training starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import time
 import warnings
 from pathlib import Path
 from typing import Callable
 
 from .callbacks import RunState
 from .errors import CheckpointError
-from .training_state import (
-    CHECKPOINTS_DIR,
-    checkpoint_name,
-    layout_of,
-    optimizer_settings,
-    restore_rng,
-    step_checkpoints,
-)
+from .training_state import layout_of, optimizer_settings, restore_rng
 
 SCHEDULE_SETTINGS = {"total_steps": "schedule horizon", "warmup_steps": "warmup", "kind": "schedule",
                      "new_group_warmup_steps": "new groups' ramp"}
 
 
 def resume_from(trainer, run: RunState, saved: dict, checkpoint: Path) -> None:
-    """Restore ``saved`` (``training_state.load_training_state``) into the prepared ``run``, then set
-    the abandoned continuation aside. Called after ``accelerator.prepare`` and the schedule exist."""
+    """Restore ``saved`` (``training_state.load_training_state``) into the prepared ``run`` and announce
+    what differs. Called after ``accelerator.prepare`` and the schedule exist."""
     position = saved["position"]
     step_of = _map_position(saved, run, checkpoint)
     run.optimizer.load_state_dict(saved["optimizer"])
@@ -63,12 +53,6 @@ def resume_from(trainer, run: RunState, saved: dict, checkpoint: Path) -> None:
     if position.epoch >= run.config.max_epochs:
         warnings.warn(f"{checkpoint} is at the end of epoch {position.epoch - 1}: with max_epochs "
                       f"{run.config.max_epochs} nothing is left to train (raise max_epochs to train on)")
-    if run.is_main_process and run.output_dir is not None:
-        moved = set_aside_newer(run.output_dir / CHECKPOINTS_DIR, checkpoint, position.global_step)
-        if moved:
-            names, folder = moved
-            trainer.announce(f"{', '.join(names)}: newer than {checkpoint.name}, from a continuation this run "
-                             f"replaces; moved to {folder}")
 
 
 def _describe(layout: dict) -> str:
@@ -141,21 +125,3 @@ def _schedule_changes(saved: dict, current: dict) -> list[str]:
     changed = [f"{label}: {current[key]}{' steps' if key != 'kind' else ''} (checkpoint had {saved.get(key)})"
                for key, label in SCHEDULE_SETTINGS.items() if saved.get(key) != current[key]]
     return ["; ".join(changed)] if changed else []
-
-
-def set_aside_newer(root: Path, checkpoint: Path, global_step: int) -> tuple[list[str], Path] | None:
-    """Move the checkpoints in ``root`` at or after ``global_step`` (other than ``checkpoint``) into a new
-    ``abandoned-<UTC time>`` folder there; returns their names and the folder, or None if there were none."""
-    newer = [path for path in step_checkpoints(root)
-             if path.name >= checkpoint_name(global_step) and path.resolve() != checkpoint.resolve()]
-    if not newer:
-        return None
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    folder, attempt = root / f"abandoned-{stamp}", 1
-    while folder.exists():
-        attempt += 1
-        folder = root / f"abandoned-{stamp}-{attempt}"
-    folder.mkdir()
-    for path in newer:
-        os.replace(path, folder / path.name)
-    return [path.name for path in newer], folder

@@ -20,6 +20,7 @@ import json
 import os
 import random
 import shutil
+import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -289,8 +290,30 @@ def checkpoint_to_resume(resume: str | None, output_dir: str | None) -> Path | N
     return find_checkpoint(resume, output_dir)
 
 
+def set_aside_newer(root: Path, checkpoint: Path, global_step: int) -> tuple[list[str], Path] | None:
+    """Move the checkpoints in ``root`` at or after ``global_step`` (other than ``checkpoint``) into a new
+    ``abandoned-<UTC time>`` folder there; returns their names and the folder, or None if there were none."""
+    newer = [path for path in step_checkpoints(root)
+             if path.name >= checkpoint_name(global_step) and path.resolve() != checkpoint.resolve()]
+    if not newer:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    folder, attempt = root / f"abandoned-{stamp}", 1
+    while folder.exists():
+        attempt += 1
+        folder = root / f"abandoned-{stamp}-{attempt}"
+    folder.mkdir()
+    for path in newer:
+        os.replace(path, folder / path.name)
+    return [path.name for path in newer], folder
+
+
 class CheckpointCadence(Callback):
     """Saves the training state at every epoch end and every ``every_n_steps`` optimizer steps.
+
+    When a run resumes from a checkpoint that is not the newest, the newer ones belong to the
+    continuation it replaces: they are moved to ``checkpoints/abandoned-<UTC time>/`` (nothing is
+    deleted) as training starts (not in a dry run), so ``--resume latest`` never returns to them.
 
     A step that ends an epoch is left to the epoch-end save, which follows after validation: the
     same step is never written twice (rewriting a checkpoint in place would leave a moment in which
@@ -299,6 +322,14 @@ class CheckpointCadence(Callback):
 
     def __init__(self, every_n_steps: int | None = None):
         self.every_n_steps = every_n_steps
+
+    def on_fit_start(self, trainer, run: RunState) -> None:
+        if run.resumed_from is not None and run.output_dir is not None and run.is_main_process:
+            moved = set_aside_newer(run.output_dir / CHECKPOINTS_DIR, run.resumed_from, run.position.global_step)
+            if moved:
+                names, folder = moved
+                trainer.announce(f"{', '.join(names)}: as new as or newer than {run.resumed_from.name}, from a "
+                                 f"continuation this run replaces; moved to {folder}")
 
     def on_step_end(self, trainer, run: RunState) -> None:
         position = run.position

@@ -107,23 +107,32 @@ def test_sigkill_then_resume_is_bit_identical(image_folders, baselines, killed, 
     assert epochs == [0, 1, 2]
 
 
-@pytest.mark.parametrize("saved, resumed_with, checkpoint, first_step, last_step", [
-    (2, 1, "latest", 2, 17),  # 8 samples done = 2 one-process batches; 4 + 6 + 6 steps to go
-    (1, 2, "step-00000004", 5, 11),  # 16 samples done = 2 two-process batches; 1 + 3 + 3 steps to go
+@pytest.mark.parametrize("saved, resumed_with, checkpoint, first_step, last_step, schedule_step, horizon", [
+    (2, 1, "latest", 2, 17, 2, 18),  # 8 samples done = 2 one-process batches; 4 + 6 + 6 steps to go
+    (1, 2, "step-00000004", 5, 11, 2, 9),  # 16 samples done = 2 two-process batches; 1 + 3 + 3 steps to go
 ])
 def test_resume_with_another_process_count_warns_and_finishes(image_folders, killed, tmp_path, saved, resumed_with,
-                                                              checkpoint, first_step, last_step):
+                                                              checkpoint, first_step, last_step, schedule_step,
+                                                              horizon):
     """A 2-process checkpoint continued by 1 process and a 1-process one by 2 (named by path): the position
-    in the epoch maps onto the new global batch, with a warning; the run finishes every epoch."""
+    in the epoch maps onto the new global batch, with a warning; the run finishes every epoch, its head's lr
+    on a cosine over this run's 3 epochs from the mapped step (never at lr 0 before the last step)."""
     out = killed(saved, 2 if saved == 2 else 5, tmp_path / "run")
     resume = checkpoint if checkpoint == "latest" else str(out / "checkpoints" / checkpoint)
     result = run(image_folders, out, "--resume", resume, processes=resumed_with)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resuming a {saved}-process checkpoint with {resumed_with} processes" in result.stderr
+    assert f"resuming a checkpoint of batch_size 4 x {saved} process(es) x 1 accumulation step(s) with batch_size 4 " \
+           f"x {resumed_with} process(es)" in result.stderr
     assert [f["step"] for f in first_steps(out, resumed_with)] == [first_step] * resumed_with
     assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == f"step-{last_step:08d}"
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2] and (out / "last.safetensors").is_file()
+    head_lrs = {s["step"]: s["lr"][0] for s in map(json.loads, (out / "steps.jsonl").read_text().splitlines())}
+    mapped = schedule_step - (first_step - 1)  # this run's schedule step at global step s is s + mapped
+    assert sorted(head_lrs) == list(range(1, last_step + 1))
+    for step in range(first_step, last_step + 1):
+        expected = 1e-2 * 0.5 * (1 + math.cos(math.pi * (step + mapped) / horizon))
+        assert head_lrs[step] == pytest.approx(expected, abs=1e-12), step
 
 
 def test_resume_position_that_does_not_divide_the_new_global_batch_is_refused(image_folders, killed, tmp_path):
@@ -132,7 +141,8 @@ def test_resume_position_that_does_not_divide_the_new_global_batch_is_refused(im
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
     result = run(image_folders, out, "--resume", str(out / "checkpoints" / "step-00000003"), processes=2)
     assert result.returncode != 0
-    assert "stopped 12 samples into epoch 0, not a multiple of this run's global batch 8: resume with 1 processes" \
+    assert "stopped 12 samples into epoch 0, not a multiple of this run's 8 samples per optimizer step (batch_size 4 " \
+           "x 2 process(es) x 1 accumulation step(s)): resume with the checkpoint's batch_size 4 x 1 process(es)" \
         in result.stderr, result.stderr[-3000:]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
@@ -240,7 +250,10 @@ def test_corrupt_latest_checkpoint_falls_back_to_an_intact_one(image_folders, ba
     assert f"{root / 'step-00000007'} is corrupt" in resumed.stderr and "step 6" in resumed.stdout
     assert [(f["step"], Path(f["resumed_from"]).name) for f in first_steps(out, 1)] == [(7, "step-00000006")]
     assert_bit_identical(final_weights(out), final_weights(baselines[1]))
-    assert sorted(p.name for p in root.iterdir()) == ["step-00000016", "step-00000017", "step-00000018"]
+    # the checkpoint resumed from is kept; the corrupt ones, newer than it, are set aside
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000006", "step-00000016", "step-00000017",
+                                                          "step-00000018"]
+    assert sorted(p.name for p in next(root.glob("abandoned-*")).iterdir()) == ["step-00000007", "step-00000008"]
 
 
 def test_resume_latest_without_checkpoints_starts_fresh(image_folders, tmp_path):
@@ -264,12 +277,13 @@ def test_resume_latest_without_checkpoints_starts_fresh(image_folders, tmp_path)
 
 def test_resume_refuses_another_run(image_folders, tmp_path):
     """A checkpoint of a tiny_resnet, 3-class, 32 px "freeze" run is continued by nothing else: another
-    backbone, strategy, class set or image size is refused before anything trains; so is a fresh run
-    over it; a checkpoint folder without its manifest is incomplete."""
+    backbone, strategy, class set, image size, image list, seed or optimizer is refused before anything
+    trains; so is a fresh run over it; a checkpoint folder without its manifest is incomplete. The same
+    images in a moved folder are the same image list."""
     from conftest import tiny_trainer, write_image_folder
 
     from dist_finetune import ImageClassificationData, ImageClassifier
-    from dist_finetune.training_state import find_checkpoint
+    from dist_finetune.training_state import find_checkpoint, image_lists
 
     def data(train=image_folders / "train", size=32):
         return ImageClassificationData.from_folders(str(train), val_split=0.25, image_size=size, batch_size=4,
@@ -279,18 +293,27 @@ def test_resume_refuses_another_run(image_folders, tmp_path):
     tiny_trainer(max_epochs=1, output_dir=out).finetune(ImageClassifier(3, "tiny_resnet", pretrained=False), data(),
                                                         "freeze")
     other_classes = write_image_folder(tmp_path / "other", classes=("blue", "green", "violet"), per_class=8)
-    for backbone, strategy, dataset, difference in (
-        ("resnet18", "freeze", data(), r"backbone: checkpoint has 'tiny_resnet', this run has 'resnet18'"),
-        ("tiny_resnet", "no_freeze", data(), r"strategy: checkpoint has \{[^}]*'name': 'Freeze'[^}]*\}, "
-                                             r"this run has \{[^}]*'name': 'NoFreeze'"),
-        ("tiny_resnet", "freeze", data(other_classes),
+    fewer = shutil.copytree(image_folders / "train", tmp_path / "fewer" / "train")
+    (fewer / "red" / "red_7.png").unlink()
+    moved = shutil.copytree(image_folders / "train", tmp_path / "moved" / "train")
+    lists = [image_lists(d.train_paths, d.train_labels, d.val_paths, d.val_labels) for d in (data(), data(moved))]
+    assert lists[0] == lists[1]
+    for backbone, strategy, dataset, settings, difference in (
+        ("resnet18", "freeze", data(), {}, r"backbone: checkpoint has 'tiny_resnet', this run has 'resnet18'"),
+        ("tiny_resnet", "no_freeze", data(), {}, r"strategy: checkpoint has \{[^}]*'name': 'Freeze'[^}]*\}, "
+                                                 r"this run has \{[^}]*'name': 'NoFreeze'"),
+        ("tiny_resnet", "freeze", data(other_classes), {},
          r"classes: checkpoint has \['blue', 'green', 'red'\], this run has \['blue', 'green', 'violet'\]"),
-        ("tiny_resnet", "freeze", data(size=48), r"image_size: checkpoint has 32, this run has 48"),
+        ("tiny_resnet", "freeze", data(size=48), {}, r"image_size: checkpoint has 32, this run has 48"),
+        ("tiny_resnet", "freeze", data(fewer), {},
+         r"train_images: checkpoint has '18 images [0-9a-f]{16}', this run has '17 images [0-9a-f]{16}'"),
+        ("tiny_resnet", "freeze", data(), {"seed": 1}, r"seed: checkpoint has 0, this run has 1"),
+        ("tiny_resnet", "freeze", data(), {"optimizer": "sgd"}, r"optimizer: checkpoint has 'adamw', this run has 'sgd'"),
     ):
         task = ImageClassifier(3, backbone, pretrained=False)
         before = {n: p.clone() for n, p in task.named_parameters()}
         with pytest.raises(CheckpointError, match="belongs to a different run") as refused:
-            tiny_trainer(max_epochs=2, output_dir=out).finetune(task, dataset, strategy, resume="latest")
+            tiny_trainer(max_epochs=2, output_dir=out, **settings).finetune(task, dataset, strategy, resume="latest")
         assert re.search(difference, str(refused.value)), str(refused.value)
         assert all(torch.equal(before[n], p) for n, p in task.named_parameters()), "refused before training"
     with pytest.raises(CheckpointError, match="already holds checkpoints"):

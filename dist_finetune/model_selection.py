@@ -10,6 +10,8 @@ decision that ends training is still taken through a collective so no rank can g
 
 from __future__ import annotations
 
+import os
+import time
 import warnings
 from pathlib import Path
 
@@ -79,8 +81,9 @@ class BestModel(Callback):
     def _recover(self, trainer, run: RunState) -> None:
         """Find the best epoch's weights chosen before the resume: the resumed checkpoint when it is that
         epoch's end, else a model file whose recorded epoch and metrics are the best's (this output dir's,
-        or that of the run the checkpoint belongs to). Rewrites this output dir's model file when it does
-        not hold them (another output dir; overwritten by an abandoned continuation)."""
+        or that of the run the checkpoint belongs to). This output dir's model file then holds them (it
+        may lack them: another output dir); one holding another epoch (written by the continuation this
+        run replaces) is moved aside, never taken for the best."""
         position, best = run.position, self.best
         files = [run.output_dir / MODEL_FILENAME] if run.output_dir is not None else []
         if run.resumed_from.parent.name == CHECKPOINTS_DIR:
@@ -94,7 +97,13 @@ class BestModel(Callback):
             warnings.warn(f"the best epoch so far, {describe(best)}, was chosen before the resume and its weights "
                           f"are in none of {', '.join(map(str, files)) or 'no model file'}: unless a later epoch "
                           "does better, the run ends with the last epoch's weights")
-        elif run.output_dir is not None and run.is_main_process and not _holds(files[0], best):
+        if run.output_dir is None or not run.is_main_process or _holds(files[0], best):
+            return
+        if files[0].exists():
+            aside = files[0].with_name(f"model.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.safetensors")
+            os.replace(files[0], aside)
+            trainer.announce(f"{files[0]} did not hold this run's best epoch {best['epoch']}: moved to {aside}")
+        if self._weights is not None:
             save_model(files[0], self._weights, {**run.task.metadata(), "training": best})
 
     def on_fit_end(self, trainer, run: RunState) -> None:

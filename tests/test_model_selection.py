@@ -174,9 +174,9 @@ def test_a_best_epoch_chosen_before_a_resume_is_found_from_another_output_dir_or
 def test_a_model_file_of_an_abandoned_continuation_is_never_taken_for_the_best(tiny_data, tmp_path, resume_at,
                                                                                 recovered):
     """A finished run's model.safetensors holds epoch 1; resumed from an older checkpoint whose best is epoch 0
-    (and whose epoch 1 does worse), the run ends with epoch 0's weights when the checkpoint is epoch 0's end
-    (and rewrites model.safetensors with them); from mid-epoch 1 they are nowhere: it says so and ends with
-    the last epoch's weights, which its report names."""
+    (and whose epoch 1 does worse), that file is moved aside and the run ends with epoch 0's weights when the
+    checkpoint is epoch 0's end (model.safetensors holds them again); from mid-epoch 1 they are nowhere: it
+    says so and ends with the last epoch's weights, which its report names."""
     settings = dict(max_epochs=2, save_every_n_steps=1, keep_last=12)
     finetune(tiny_data, tmp_path, "no_freeze", callbacks=[ScoreEpochs({0: 0.0, 1: 1.0})], **settings)
     assert read_metadata(tmp_path / "model.safetensors")["training"]["epoch"] == 1
@@ -187,6 +187,8 @@ def test_a_model_file_of_an_abandoned_continuation_is_never_taken_for_the_best(t
                               resume=str(tmp_path / "checkpoints" / resume_at), **settings)
     not_found = [str(w.message) for w in warned if "was chosen before the resume" in str(w.message)]
     report = json.loads((tmp_path / "report.json").read_text())["model"]
+    replaced = list(tmp_path.glob("model.replaced-*.safetensors"))
+    assert len(replaced) == 1 and read_metadata(replaced[0])["training"]["epoch"] == 1
     if recovered:
         assert not not_found and report == {"epoch": 0, "weights": "best"}
         assert equal_weights(task.state_dict(), epoch_0_end)
@@ -194,5 +196,5 @@ def test_a_model_file_of_an_abandoned_continuation_is_never_taken_for_the_best(t
         assert read_metadata(tmp_path / "model.safetensors")["training"]["epoch"] == 0
     else:
         assert len(not_found) == 1 and "the run ends with the last epoch's weights" in not_found[0]
-        assert report == {"epoch": 1, "weights": "last"}
+        assert report == {"epoch": 1, "weights": "last"} and not (tmp_path / "model.safetensors").exists()
         assert equal_weights(task.state_dict(), load_file(tmp_path / "last.safetensors"))

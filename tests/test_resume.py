@@ -430,3 +430,15 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tiny_data, tmp_p
                              keep_last=1)
     assert trainer.run.resumed_from.name == "step-00000011" and trainer.run.last_checkpoint.is_dir()
     assert sorted(p.name for p in root.glob("step-*")) == ["step-00000011", "step-00000012"]
+
+
+def test_a_checkpoint_from_before_the_seed_optimizer_and_image_records_is_not_refused_for_lacking_them(tmp_path):
+    """Older checkpoints' signatures lack the seed, optimizer and image lists: those are not compared; a
+    recorded one that differs is refused."""
+    from dist_finetune.training_state import check_signature
+
+    current = {"backbone": "tiny_resnet", "seed": 0, "optimizer": "adamw", "train_images": "18 images 0123456789abcdef",
+               "val_images": "6 images fedcba9876543210"}
+    check_signature({"backbone": "tiny_resnet"}, current, tmp_path)
+    with pytest.raises(CheckpointError, match="seed: checkpoint has 1, this run has 0"):
+        check_signature({"backbone": "tiny_resnet", "seed": 1}, current, tmp_path)

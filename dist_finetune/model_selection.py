@@ -86,8 +86,9 @@ class BestModel(Callback):
         run replaces) is moved aside, never taken for the best."""
         position, best = run.position, self.best
         files = [run.output_dir / MODEL_FILENAME] if run.output_dir is not None else []
-        if run.resumed_from.parent.name == CHECKPOINTS_DIR:
-            files.append(run.resumed_from.parent.parent / MODEL_FILENAME)
+        of_checkpoint = run.resumed_from.parent.parent / MODEL_FILENAME  # the model file of the checkpoint's run
+        if run.resumed_from.parent.name == CHECKPOINTS_DIR and of_checkpoint.resolve() not in map(Path.resolve, files):
+            files.append(of_checkpoint)
         if (position.epoch, position.batch) == (best["epoch"] + 1, 0):
             self._weights = {k: v.detach().to("cpu", copy=True) for k, v in run.task.state_dict().items()}
         else:
@@ -100,7 +101,8 @@ class BestModel(Callback):
         if run.output_dir is None or not run.is_main_process or _holds(files[0], best):
             return
         if files[0].exists():
-            aside = files[0].with_name(f"model.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.safetensors")
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            aside = files[0].with_name(f"model.replaced-{stamp}.safetensors")
             os.replace(files[0], aside)
             trainer.announce(f"{files[0]} did not hold this run's best epoch {best['epoch']}: moved to {aside}")
         if self._weights is not None:
@@ -115,7 +117,7 @@ class BestModel(Callback):
                                     training={k: last[k] for k in self.best if k in last})
         have_best = self.best["epoch"] == last["epoch"] or self._weights is not None
         kept = self.best if self.load_best_at_end and have_best else last
-        if kept is not last:
+        if kept["epoch"] != last["epoch"]:
             device = run.accelerator.device
             run.task.load_weights({k: v.to(device) for k, v in self._weights.items()}, "the best epoch's weights")
         run.model_epoch = kept["epoch"]

@@ -232,17 +232,18 @@ def load_training_state(checkpoint: Path, rank: int) -> dict:
 
 
 # recorded since resumes check what the sample order and the optimizer depend on: an older checkpoint lacks them
-RECORDED_LATER = ("seed", "optimizer", "train_images", "val_images")
+RECORDED_LATER = ("seed", "optimizer", "layer_decay", "train_images", "val_images")
 
 
 def run_signature(task, data, strategy, config) -> dict:
     """What must not change between a checkpoint and the run that resumes it (JSON-able): the model, the
-    classes and strategy, and what the sample order and the saved position depend on beyond the batch
-    layout (the images, the seed; a changed batch size or process count is mapped, see ``resume``)."""
+    classes and strategy, the optimizer and its param groups' layer decay, and what the sample order and
+    the saved position depend on beyond the batch layout (the images, the seed; a changed batch size or
+    process count is mapped, and a changed lr or weight decay applied, see ``resume``)."""
     return json.loads(json.dumps({
         "backbone": task.backbone_name, "classes": list(data.classes), "image_size": data.image_size,
         "head": [task.head_hidden, task.head_dropout], "strategy": strategy.describe(), "data": data.signature(),
-        "seed": config.seed, "optimizer": config.optimizer,
+        "seed": config.seed, "optimizer": config.optimizer, "layer_decay": config.layer_decay,
         **image_lists(data.train_paths, data.train_labels, data.val_paths, data.val_labels),
     }))
 
@@ -265,7 +266,8 @@ def image_lists(train_paths: list[str], train_labels: list[int], val_paths: list
 
 
 def check_signature(saved: dict, current: dict, checkpoint: Path) -> None:
-    """Refuse to resume into another backbone, class set, image size, strategy, image list, seed or optimizer."""
+    """Refuse to resume into another backbone, class set, image size, strategy, image list, seed, optimizer
+    or layer decay."""
     strategy = saved.get("strategy")
     if isinstance(strategy, dict) and strategy.get("name") in ("FreezeUnfreeze", "UnfreezeMilestones"):
         # written before initial_denom_lr was a setting: its groups joined at lr / 10

@@ -277,9 +277,9 @@ def test_resume_latest_without_checkpoints_starts_fresh(image_folders, tmp_path)
 
 def test_resume_refuses_another_run(image_folders, tmp_path):
     """A checkpoint of a tiny_resnet, 3-class, 32 px "freeze" run is continued by nothing else: another
-    backbone, strategy, class set, image size, image list, seed or optimizer is refused before anything
-    trains; so is a fresh run over it; a checkpoint folder without its manifest is incomplete. The same
-    images in a moved folder are the same image list."""
+    backbone, strategy, class set, image size, image list, seed, optimizer or layer decay is refused
+    before anything trains; so is a fresh run over it; a checkpoint folder without its manifest is
+    incomplete. The same images in a moved folder are the same image list."""
     from conftest import tiny_trainer, write_image_folder
 
     from dist_finetune import ImageClassificationData, ImageClassifier
@@ -308,7 +308,9 @@ def test_resume_refuses_another_run(image_folders, tmp_path):
         ("tiny_resnet", "freeze", data(fewer), {},
          r"train_images: checkpoint has '18 images [0-9a-f]{16}', this run has '17 images [0-9a-f]{16}'"),
         ("tiny_resnet", "freeze", data(), {"seed": 1}, r"seed: checkpoint has 0, this run has 1"),
-        ("tiny_resnet", "freeze", data(), {"optimizer": "sgd"}, r"optimizer: checkpoint has 'adamw', this run has 'sgd'"),
+        ("tiny_resnet", "freeze", data(), {"optimizer": "sgd"},
+         r"optimizer: checkpoint has 'adamw', this run has 'sgd'"),
+        ("tiny_resnet", "freeze", data(), {"layer_decay": 0.5}, r"layer_decay: checkpoint has None, this run has 0.5"),
     ):
         task = ImageClassifier(3, backbone, pretrained=False)
         before = {n: p.clone() for n, p in task.named_parameters()}

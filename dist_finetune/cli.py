@@ -77,6 +77,9 @@ TRAIN_FLAGS: list[tuple[str, str, dict]] = [
     ("--keep-last", "trainer.keep_last", {"type": int, "help": "training-state checkpoints to keep (2)"}),
     ("--no-rank-check", "trainer.check_rank_consistency", {"action": "store_false",
                                                            "help": "skip the cross-rank parameter checksum"}),
+    ("--process-group-timeout", "trainer.process_group_timeout_s",
+     {"type": float, "metavar": "SECONDS", "help": "how long a rank waits for the others in any collective before "
+                                                   "the job fails (1800; NCCL's own default is 600)"}),
     ("--channels-last", "trainer.channels_last", {"action": argparse.BooleanOptionalAction,
                                                   "help": "channels_last memory format (default: on for conv nets)"}),
     ("--tune-cpu-allocator", "trainer.tune_cpu_allocator",
@@ -88,6 +91,8 @@ TRAIN_FLAGS: list[tuple[str, str, dict]] = [
     ("--compile-mode", "trainer.compile_mode", {"choices": COMPILE_MODES, "help": "torch.compile mode"}),
     ("--check-every-n-steps", "trainer.check_every_n_steps",
      {"type": int, "help": "how often stop signals and a NaN loss are checked (10; each check syncs the GPU)"}),
+    ("--deterministic", "trainer.deterministic", {"action": "store_true", "help": "GPU: deterministic kernels, no "
+                                                  "TF32, no cuDNN benchmark: reruns and resumes bit-exact, slower"}),
     ("--no-progress-bar", "trainer.progress_bar", {"action": "store_false", "help": "no tqdm bar"}),
     ("--unfreeze-warmup-epochs", "trainer.unfreeze_warmup_epochs",
      {"type": float, "help": "a newly unfrozen param group ramps its lr up from ~0 over this many epochs"}),

@@ -14,6 +14,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from .distributed import DEFAULT_PROCESS_GROUP_TIMEOUT_S
 from .errors import ConfigError
 from .finetuning import (
     BUILTIN_TRAIN_BN,
@@ -136,6 +137,7 @@ class TrainerConfig:
     seed: int = 42
     output_dir: str | None = None
     check_rank_consistency: bool = True
+    process_group_timeout_s: float = DEFAULT_PROCESS_GROUP_TIMEOUT_S  # a rank waits this long for the others
     cache_frozen_features: bool = True  # only ever used when augment=False and the backbone is frozen+eval
     save_every_n_steps: int | None = None  # training-state checkpoints; one is always written per epoch
     keep_last: int = 2
@@ -145,6 +147,7 @@ class TrainerConfig:
     compile_backend: str = "inductor"
     compile_mode: str | None = None  # torch.compile's mode: None (default), reduce-overhead, max-autotune, ...
     check_every_n_steps: int = 10  # stop signals and a non-finite loss are checked this often (a host sync)
+    deterministic: bool = False  # CUDA: deterministic kernels, no TF32, no cuDNN benchmark (bit-exact, slower)
     progress_bar: bool = True
     unfreeze_warmup_epochs: float = 2.0  # a param group added mid-run ramps its lr up from ~0 over this span
     layer_decay: float | None = None  # lr x layer_decay ** (distance from the head) per backbone layer
@@ -174,6 +177,8 @@ class TrainerConfig:
         _require(self.compile_mode is None or self.compile_mode in COMPILE_MODES,
                  f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         _require(self.check_every_n_steps >= 1, "check_every_n_steps must be >= 1")
+        _require(self.process_group_timeout_s > 0,
+                 f"process_group_timeout_s must be positive, got {self.process_group_timeout_s}")
         _require(self.unfreeze_warmup_epochs >= 0, "unfreeze_warmup_epochs must be >= 0")
         _require(self.layer_decay is None or 0 < self.layer_decay <= 1,
                  f"layer_decay must be in (0, 1], got {self.layer_decay}")

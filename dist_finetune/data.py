@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -21,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
+from .distributed import local_world_size, same_on_every_rank, split_over_ranks
 from .errors import ConfigError, DataError
 from .images import FileImages, content_digests, load_rgb, scan, scan_cache_file
 from .sources import Labeled, Source, read_csv, read_datasets, read_folders, read_hub
@@ -28,6 +30,7 @@ from .splits import (
     balanced_class_weights,
     class_count_lines,
     duplicate_report,
+    first_listings,
     identical_groups,
     imbalance_warning,
     later_duplicates,
@@ -172,9 +175,10 @@ class ImageClassificationData:
     """Train/val items and labels, class names and loader settings.
 
     Build with :meth:`from_folders`, :meth:`from_datasets`, :meth:`from_hub` or :meth:`from_csv`.
-    ``dedupe``: :meth:`check_images` drops every byte-identical copy but the first (train before
-    val). ``class_weights="auto"``: inverse-frequency cross-entropy weights (:meth:`loss_weights`).
-    ``balanced_sampler``: training draws classes equally often (:class:`BalancedSampler`).
+    ``dedupe``: :meth:`check_images` keeps one of each group of byte-identical images (the first,
+    train before val). ``class_weights="auto"``: inverse-frequency cross-entropy weights
+    (:meth:`loss_weights`). ``balanced_sampler``: training draws classes equally often
+    (:class:`BalancedSampler`).
     """
 
     train_paths: list[str]
@@ -265,16 +269,31 @@ class ImageClassificationData:
         data._require_every_class("")
         return data
 
-    def check_images(self) -> dict[str, str]:
+    def check_images(self, accelerator=None) -> dict[str, str]:
         """Decode every image once (cached); drop the unreadable ones if ``skip_bad_images``, else raise.
 
-        Also groups byte-identical images (``duplicates``; with ``dedupe`` all but the first of each
-        are dropped) and writes ``summary``: images per class, leakage between train and val,
-        imbalance. Returns {item: problem} of what was skipped. Runs before training, so a bad file
-        never stops a run halfway.
+        A file listed twice in one split is kept once (a warning names it). Also groups byte-identical
+        images (``duplicates``; with ``dedupe`` exactly one of each stays: the first, train before val)
+        and writes ``summary``: images per class, leakage between train and val (the same file in both,
+        or identical bytes), imbalance. Returns {item: problem} of what was skipped. Runs before
+        training, so a bad file never stops a run halfway. ``accelerator``: all ranks take rank 0's
+        train/val lists (a val split each process drew alone may differ), each decodes every Nth image,
+        and all decide from the merged verdicts, so every rank skips and drops exactly the same images.
         """
-        everything = self.train_paths + self.val_paths
-        results = scan(everything, _cache_file(self.reader), self.reader)
+        share = None
+        if accelerator is not None:
+            share = partial(split_over_ranks, accelerator)
+            lists = (self.train_paths, self.train_labels, self.val_paths, self.val_labels)
+            self.train_paths, self.train_labels, self.val_paths, self.val_labels = \
+                map(list, same_on_every_rank(accelerator, lists))
+        repeats = []
+        for role, paths, labels in (("train", self.train_paths, self.train_labels),
+                                    ("val", self.val_paths, self.val_labels)):
+            kept, line = first_listings(role, paths, labels, self.classes)
+            paths[:], labels[:] = [paths[i] for i in kept], [labels[i] for i in kept]
+            repeats += [line] if line else []
+        everything = self.train_paths + self.val_paths  # a file listed in both splits is here twice
+        results = scan(list(dict.fromkeys(everything)), _cache_file(self.reader), self.reader, share)
         problems = {item: problem for item, (problem, _) in results.items() if problem is not None}
         if problems and not self.skip_bad_images:
             path, problem = next(iter(sorted(problems.items())))
@@ -284,15 +303,17 @@ class ImageClassificationData:
         digests = {item: digest for item, (problem, digest) in results.items() if problem is None and digest}
         self.duplicates = identical_groups(everything, digests)
         names = {item: self.classes[y] for item, y in zip(everything, self.train_labels + self.val_labels)}
-        duplicate_lines = duplicate_report(self.duplicates, set(self.val_paths), names, self.dedupe)
-        dropped = set(problems) | (later_duplicates(self.duplicates) if self.dedupe else set())
-        for paths, labels in ((self.train_paths, self.train_labels), (self.val_paths, self.val_labels)):
+        train_items, val_items = set(self.train_paths), set(self.val_paths)
+        duplicate_lines = duplicate_report(self.duplicates, train_items, val_items, names, self.dedupe)
+        from_train, from_val = later_duplicates(self.duplicates, train_items) if self.dedupe else (set(), set())
+        for paths, labels, dropped in ((self.train_paths, self.train_labels, set(problems) | from_train),
+                                       (self.val_paths, self.val_labels, set(problems) | from_val)):
             kept = [(p, y) for p, y in zip(paths, labels) if p not in dropped]
             paths[:], labels[:] = [p for p, _ in kept], [y for _, y in kept]
         self._require_every_class("after dropping unreadable or duplicate images, ")
         imbalance = imbalance_warning(self.classes, self.train_labels)
-        self.summary = [*class_count_lines(self.classes, self.train_labels, self.val_labels), *duplicate_lines,
-                        *([imbalance] if imbalance else [])]
+        self.summary = [*class_count_lines(self.classes, self.train_labels, self.val_labels), *repeats,
+                        *duplicate_lines, *([imbalance] if imbalance else [])]
         return problems
 
     def _require_every_class(self, context: str) -> None:
@@ -332,13 +353,14 @@ class ImageClassificationData:
         return ImageListDataset(self.val_paths, self.val_labels, eval_transform(self.image_size),
                                 eval_resize_size(self.image_size), reader=self.reader)
 
-    def dataloader(self, dataset: Dataset, shuffle: bool, local_processes: int = 1, pin_memory: bool = False,
-                   drop_last: bool = False, seed: int = 0, num_workers: int | None = None,
+    def dataloader(self, dataset: Dataset, shuffle: bool, local_processes: int | None = None,
+                   pin_memory: bool = False, drop_last: bool = False, seed: int = 0, num_workers: int | None = None,
                    persistent_workers: bool = True) -> DataLoader:
         """A loader over ``dataset`` in :class:`EpochSampler` order (shuffled with ``balanced_sampler``:
-        :class:`BalancedSampler` over ``dataset.labels``), workers sized for the CPU cores."""
+        :class:`BalancedSampler` over ``dataset.labels``), workers sized for the CPU cores the
+        ``local_processes`` (default: the launcher's processes on this machine) share."""
         workers = num_workers if num_workers is not None else self.num_workers
-        workers = default_num_workers(local_processes) if workers is None else workers
+        workers = default_num_workers(local_processes or local_world_size()) if workers is None else workers
         if shuffle and self.balanced_sampler:
             sampler = BalancedSampler(dataset.labels, seed)
         else:

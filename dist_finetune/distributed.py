@@ -12,12 +12,21 @@ What is synchronised, and when:
   instead computes batch statistics across ranks.
 - Consistency: :func:`check_rank_consistency` compares bit-exact checksums of every trainable
   parameter and the optimizer's group layout across ranks after each transition and at the end.
+- Waiting: every collective gives up after the process group's timeout (``process_group_timeout_s``,
+  30 min by default instead of NCCL's 10), so long one-off work is split over all ranks
+  (:func:`split_over_ranks`) rather than done by one while the others wait in a barrier.
 """
 
 from __future__ import annotations
 
 import atexit
+import hashlib
+import json
+import math
 import os
+import warnings
+from datetime import timedelta
+from typing import Callable, Sequence
 
 import torch
 from accelerate import Accelerator, DistributedType
@@ -26,18 +35,23 @@ from accelerate.utils import (
     DataLoaderConfiguration,
     DistributedDataParallelKwargs,
     DynamoBackend,
+    InitProcessGroupKwargs,
     ProjectConfiguration,
     TorchDynamoPlugin,
     broadcast,
     broadcast_object_list,
     gather,
     gather_object,
-    pad_across_processes,
+    parse_choice_from_env,
+    parse_flag_from_env,
 )
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .errors import DistributedSetupError, RankMismatchError
+from .errors import ConfigError, DistributedSetupError, RankMismatchError
+from .sharding import full_tensor
+
+DEFAULT_PROCESS_GROUP_TIMEOUT_S = 1800.0  # NCCL's own default, 10 min, is shorter than a cold image scan can be
 
 
 def shutdown() -> None:
@@ -63,16 +77,52 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_world_size(accelerator: Accelerator | None = None) -> int:
+    """Processes on this machine, which share its CPU cores and GPUs: the launcher's LOCAL_WORLD_SIZE (set by
+    accelerate launch and torchrun); else all of ``accelerator``'s, or 1."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes if accelerator is not None else 1))
+
+
+def check_gpus_per_machine(use_cpu: bool = False) -> None:
+    """One GPU per local process, checked before accelerate's bare "invalid device ordinal" (``use_cpu`` or
+    ACCELERATE_USE_CPU: CPU processes, any number)."""
+    if use_cpu or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available():
+        return
+    local, visible = local_world_size(), torch.cuda.device_count()
+    if local > visible:
+        raise ConfigError(
+            f"{local} processes per machine (LOCAL_WORLD_SIZE) but this machine shows {visible} GPU(s): each "
+            f"process needs its own GPU. Launch {visible} process(es) per machine (accelerate launch "
+            "--num_processes / torchrun --nproc_per_node; on SLURM GPUS_PER_NODE or --gres=gpu:N) or make more "
+            "GPUs visible (CUDA_VISIBLE_DEVICES)."
+        )
+
+
+def slurm_cpu_warning() -> str | None:
+    """Why this SLURM allocation starves the data loaders, or None: fewer CPUs than processes on the node
+    (a job that asks for one CPU per node runs every rank on one core, with no loader workers)."""
+    cpus, local = os.environ.get("SLURM_CPUS_ON_NODE", ""), local_world_size()
+    if not cpus.isdigit() or int(cpus) >= local:
+        return None
+    return (f"SLURM gave this node {cpus} CPU(s) for {local} processes: they share cores and their data loaders "
+            "get no workers, so the GPUs wait for images. Request CPUs for every process: `#SBATCH "
+            f"--cpus-per-task=N` in the batch script (or `sbatch --cpus-per-task=N`), N = {local} x (1 + loader "
+            "workers per process), e.g. 8 per GPU.")
+
+
 def make_accelerator(mixed_precision: str | None = None, gradient_accumulation_steps: int = 1,
-                     log_with: list[str] | None = None, project_dir: str | None = None) -> Accelerator:
+                     log_with: list[str] | None = None, project_dir: str | None = None,
+                     process_group_timeout_s: float = DEFAULT_PROCESS_GROUP_TIMEOUT_S) -> Accelerator:
     """An Accelerator that never trains as N independent rank-0s.
 
     Launched with WORLD_SIZE > 1 on a machine without a GPU, the CPU (gloo) backend is selected here,
     so ``torchrun`` or ``accelerate launch --multi_gpu`` work on CPU nodes without extra flags.
     ``log_with``: experiment trackers (accelerate's names), writing under ``project_dir``.
+    ``process_group_timeout_s``: how long any collective waits for the slowest rank before the job fails.
     """
     world_size = launched_world_size()
     use_cpu = world_size > 1 and not torch.cuda.is_available()
+    check_gpus_per_machine(use_cpu)
     if AcceleratorState._shared_state:
         # a second Trainer in the same process may ask for another precision
         AcceleratorState._reset_state()
@@ -81,7 +131,8 @@ def make_accelerator(mixed_precision: str | None = None, gradient_accumulation_s
             cpu=use_cpu,
             mixed_precision=mixed_precision,
             gradient_accumulation_steps=gradient_accumulation_steps,
-            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True)],
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True),
+                             InitProcessGroupKwargs(timeout=timedelta(seconds=process_group_timeout_s))],
             dynamo_backend="no",  # the trainer compiles itself (see launcher_compile_settings)
             dataloader_config=DataLoaderConfiguration(non_blocking=True),  # async copies from pinned batches
             log_with=log_with or None,
@@ -105,7 +156,15 @@ def make_accelerator(mixed_precision: str | None = None, gradient_accumulation_s
             "`accelerate launch --multi_gpu --num_processes N` or torchrun plus ACCELERATE_USE_CPU=1; "
             "on GPU check that every process sees a GPU (CUDA_VISIBLE_DEVICES)."
         )
+    starved = slurm_cpu_warning()
+    if starved and accelerator.is_main_process:
+        warnings.warn(starved, stacklevel=2)
     return accelerator
+
+
+def launcher_mixed_precision() -> str:
+    """The mixed precision `accelerate launch` asks for (its flag or config file), as an Accelerator would use it."""
+    return parse_choice_from_env("ACCELERATE_MIXED_PRECISION", "no")
 
 
 def launcher_compile_settings() -> tuple[str, str | None] | None:
@@ -192,8 +251,10 @@ def _bit_checksum(tensor: torch.Tensor) -> int:
 
 
 def rank_fingerprint(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Checksums of the trainable parameters (whole: a sharded one is gathered, so every rank calls
+    this) and the optimizer's group layout."""
     names = {id(p): n for n, p in model.named_parameters()}
-    params = [(n, _bit_checksum(p)) for n, p in model.named_parameters() if p.requires_grad]
+    params = [(n, _bit_checksum(full_tensor(p))) for n, p in model.named_parameters() if p.requires_grad]
     layout = [
         (tuple(names.get(id(p), "?") for p in group["params"]), float(group["lr"]))
         for group in optimizer.param_groups
@@ -252,15 +313,62 @@ def from_main_process(accelerator: Accelerator, value):
     return broadcast_object_list([value], from_process=0)[0]
 
 
-def gather_rows(accelerator: Accelerator, rows: torch.Tensor) -> list[torch.Tensor]:
-    """Every rank's ``rows`` (first dimension may differ by rank), in rank order, on every rank."""
+def same_on_every_rank(accelerator: Accelerator, value):
+    """Rank 0's ``value`` (JSON-able) on every rank: what each process decided alone before the ranks met
+    (a seeded split by content hashes, which a read error on one rank changes) becomes one decision. Costs
+    one all-gather of a hash; the value itself is sent only when some rank holds another."""
     if accelerator.num_processes == 1:
-        return [rows]
-    rows = rows.to(accelerator.device)
-    counts = gather(torch.tensor([rows.shape[0]], device=accelerator.device)).tolist()
-    padded = gather(pad_across_processes(rows, dim=0)).cpu()
-    width = max(counts)
-    return [padded[rank * width: rank * width + count] for rank, count in enumerate(counts)]
+        return value
+    digest = hashlib.sha256(json.dumps(value, default=str).encode()).hexdigest()
+    if len(set(gather_object([digest]))) == 1:
+        return value
+    return from_main_process(accelerator, value)
+
+
+def split_over_ranks(accelerator: Accelerator, items: Sequence, work: Callable[[list], dict]) -> dict:
+    """``work`` over ``items`` split among the ranks (each takes every Nth item), its results merged on every
+    rank (one all-gather): all ranks work at once, none waits past the process group's timeout for one that
+    works alone, and every rank then decides from the same results."""
+    if accelerator.num_processes == 1:
+        return work(list(items))
+    mine = work(list(items[accelerator.process_index::accelerator.num_processes]))
+    merged: dict = {}
+    for part in gather_object([mine]):
+        merged.update(part)
+    return merged
+
+
+GATHER_CHUNK_BYTES = 64 << 20  # what one rank contributes to one collective of gather_rows
+
+
+def gather_rows(accelerator: Accelerator, rows: torch.Tensor, out: list[torch.Tensor],
+                chunk_bytes: int = GATHER_CHUNK_BYTES) -> None:
+    """Fill ``out[r]`` with rank r's ``rows`` on every rank: ``out`` holds one host tensor per rank with
+    that rank's row count (views of one preallocated tensor, so the result is never copied again).
+
+    Gathered a chunk of rows at a time on the collective's device (NCCL needs the GPU), each chunk
+    copied into ``out`` and freed: the device holds at most (world size + 1) x ``chunk_bytes``, never
+    the whole result.
+    """
+    counts = [block.shape[0] for block in out]
+    if rows.shape[0] != counts[accelerator.process_index]:
+        raise ValueError(f"gather_rows: rank {accelerator.process_index} has {rows.shape[0]} rows, "
+                         f"out expects {counts[accelerator.process_index]}")
+    if accelerator.num_processes == 1:
+        out[0].copy_(rows)
+        return
+    chunk_rows = max(1, chunk_bytes // max(1, math.prod(rows.shape[1:]) * rows.element_size()))
+    for start in range(0, max(counts), chunk_rows):
+        stop = min(start + chunk_rows, max(counts))
+        piece = torch.zeros((stop - start, *rows.shape[1:]), dtype=rows.dtype, device=accelerator.device)
+        mine = rows[start:stop]
+        piece[:len(mine)] = mine
+        gathered = gather(piece)  # [world size x (stop - start), ...] on the device
+        for rank, count in enumerate(counts):
+            taken = max(0, min(count, stop) - start)
+            offset = rank * (stop - start)
+            out[rank][start:start + taken] = gathered[offset:offset + taken]
+        del piece, gathered
 
 
 def average_gradients(accelerator: Accelerator, module: nn.Module) -> None:

@@ -8,7 +8,9 @@ image are computed once (each rank encodes its share, then all ranks gather all 
 shuffled sample order sends each image to a different rank every epoch) and the frozen epochs
 train the head on them. The head sees the same features in the same order as without the cache,
 equal up to float rounding of batched convolutions. Memory: images x features x 4 bytes on every
-rank. The cache belongs to one run and is dropped at the first unfreeze.
+rank's host (plus its own share while gathering); the gather goes through the device in chunks
+(``distributed.gather_rows``), so the GPU never holds the cache. The cache belongs to one run and is
+dropped at the first unfreeze.
 """
 
 from __future__ import annotations
@@ -71,10 +73,9 @@ def encode_dataset(task: nn.Module, dataset: Dataset, batch_size: int, num_worke
     chunks = [task.features(images.to(accelerator.device)).float().cpu() for images, _ in loader]
     task.train(was_training)
     mine = torch.cat(chunks) if chunks else torch.zeros(0, task.num_features)
-    blocks = gather_rows(accelerator, mine)
     features = torch.empty(len(dataset), mine.shape[1])
-    for owner, block in enumerate(blocks):
-        features[owner::world_size] = block.cpu()
+    # rank r encoded samples r, r + W, ...: gathered in chunks straight into their rows of the cache
+    gather_rows(accelerator, mine, out=[features[owner::world_size] for owner in range(world_size)])
     return features
 
 

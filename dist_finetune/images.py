@@ -159,35 +159,65 @@ def _locked(cache_file: str | os.PathLike | None) -> Iterator[None]:
         yield
 
 
-def _scan(items: Sequence[str], cache_file: str | os.PathLike | None, reader) -> dict[str, list]:
-    """{item: [*stamp, problem, sha256]}, checking in threads what the cache does not hold."""
-    with _locked(cache_file):
-        cache: dict[str, list] = {}
-        if cache_file and os.path.isfile(cache_file):
-            try:
-                cache = json.loads(Path(cache_file).read_text())
-            except ValueError:
-                cache = {}
-        workers = min(32, (os.cpu_count() or 1) * 2)
-        with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL and hashlib release the GIL
-            stamps = dict(zip(items, pool.map(reader.stamp, items)))
-            todo = [i for i in items if i not in cache or len(cache[i]) < 3 or cache[i][:-2] != stamps[i]]
-            for item, (problem, digest) in zip(todo, pool.map(reader.check, todo)):
-                cache[item] = [*stamps[item], problem, digest]
-        if cache_file and todo:
-            temporary = f"{cache_file}.{os.getpid()}.tmp"
-            Path(temporary).write_text(json.dumps(cache))
-            os.replace(temporary, cache_file)
-    return {i: cache[i] for i in items}
+def _read_cache(cache_file: str | os.PathLike | None) -> dict[str, list]:
+    """The cached entries (none for no file or an unreadable one; the file is only ever replaced whole)."""
+    if not cache_file or not os.path.isfile(cache_file):
+        return {}
+    try:
+        return json.loads(Path(cache_file).read_text())
+    except ValueError:
+        return {}
+
+
+def _check_stale(items: Sequence[str], cache: dict[str, list], reader) -> dict[str, list]:
+    """{item: [*stamp, problem, sha256]}: ``cache``'s entry where the stamp is current, else checked now (threads)."""
+    workers = min(32, (os.cpu_count() or 1) * 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL and hashlib release the GIL
+        stamps = dict(zip(items, pool.map(reader.stamp, items)))
+        entries = {i: cache[i] for i in items if i in cache and len(cache[i]) >= 3 and cache[i][:-2] == stamps[i]}
+        todo = [i for i in items if i not in entries]
+        for item, (problem, digest) in zip(todo, pool.map(reader.check, todo)):
+            entries[item] = [*stamps[item], problem, digest]
+    return {i: entries[i] for i in items}
+
+
+def _update_cache(cache_file: str | os.PathLike | None, cache: dict[str, list], entries: dict[str, list]) -> None:
+    """Add ``entries`` to ``cache`` and replace the file atomically, if any of them is new to it."""
+    if cache_file and any(cache.get(item) != entry for item, entry in entries.items()):
+        cache.update(entries)
+        temporary = f"{cache_file}.{os.getpid()}.tmp"
+        Path(temporary).write_text(json.dumps(cache))
+        os.replace(temporary, cache_file)
+
+
+def _scan(items: Sequence[str], cache_file: str | os.PathLike | None, reader, share) -> dict[str, list]:
+    """{item: [*stamp, problem, sha256]} in ``items``' order (see :func:`scan`)."""
+    if share is None:
+        with _locked(cache_file):
+            cache = _read_cache(cache_file)
+            entries = _check_stale(items, cache, reader)
+            _update_cache(cache_file, cache, entries)
+        return entries
+    known = _read_cache(cache_file)  # no lock: every process checks its own part at once
+    merged = share(items, lambda part: _check_stale(part, known, reader))
+    entries = {item: merged[item] for item in items}
+    if any(known.get(item) != entry for item, entry in entries.items()):
+        with _locked(cache_file):  # other processes may have stored the same verdicts meanwhile
+            _update_cache(cache_file, _read_cache(cache_file), entries)
+    return entries
 
 
 def scan(items: Sequence[str], cache_file: str | os.PathLike | None = None,
-         reader=None) -> dict[str, tuple[str | None, str | None]]:
+         reader=None, share=None) -> dict[str, tuple[str | None, str | None]]:
     """{item: (problem or None, SHA-256 of its bytes)}, from the cache where its stamp is current.
 
-    ``reader``: opens the items (default :class:`FileImages`: items are file paths).
+    ``reader``: opens the items (default :class:`FileImages`: items are file paths). ``share``: check
+    the items split over several processes: ``share(items, check)`` runs ``check`` on this process's
+    part and returns every part's results merged, the same on every process
+    (``distributed.split_over_ranks``); each process then stores the merged verdicts in its cache, so
+    node-local caches start warm next time. Without it, processes scanning at once wait for the first.
     """
-    entries = _scan(items, cache_file, reader or FileImages())
+    entries = _scan(items, cache_file, reader or FileImages(), share)
     return {item: (entry[-2], entry[-1]) for item, entry in entries.items()}
 
 

@@ -15,10 +15,11 @@ from torch import nn
 
 
 def eval_loader(task: nn.Module, data, accelerator):
-    """``data``'s val images, unshuffled, split over the processes (``task`` moved to their device)."""
+    """``data``'s val images, unshuffled, split over the processes (``task``, checked to fit ``data``, moved
+    to their device)."""
+    task.check_data(data)
     task.to(accelerator.device)
-    return accelerator.prepare_data_loader(data.dataloader(data.val_dataset(), shuffle=False,
-                                                           local_processes=accelerator.num_processes))
+    return accelerator.prepare_data_loader(data.dataloader(data.val_dataset(), shuffle=False))
 
 
 def _gathered_batches(task: nn.Module, loader, accelerator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .data import default_num_workers, eval_resize_size, eval_transform
-from .distributed import from_main_process
+from .distributed import from_main_process, launcher_mixed_precision, local_world_size
 from .errors import ConfigError, DataError
 from .host_memory import keep_freed_memory
 from .images import IMAGE_EXTENSIONS, FileImages, list_image_files, load_rgb
@@ -104,9 +104,10 @@ def expand_inputs(items: Sequence[str | os.PathLike], list_file: str | os.PathLi
         paths += list_image_files(item) if Path(item).is_dir() else [str(item)]
     if list_file is not None:
         try:
-            lines = Path(list_file).read_text().splitlines()
-        except OSError as error:
-            raise DataError(f"cannot read the list of paths {list_file}: {error}") from error
+            lines = Path(list_file).read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM is not a path
+        except (OSError, UnicodeDecodeError) as error:
+            raise DataError(f"cannot read the list of paths {list_file} (UTF-8 text, one path a line): {error}"
+                            ) from error
         paths += [line.strip() for line in lines if line.strip()]
     if not paths:
         raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {[str(i) for i in items]}"
@@ -204,9 +205,11 @@ def predict_batches(task, paths: Sequence[str], batch_size: int = 32, top_k: int
     if accelerator is not None:
         target = launcher_device(accelerator, device)
         precision = mixed_precision or accelerator.mixed_precision
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        local = local_world_size(accelerator)
     else:
-        target, precision, local = model_device(task, device), mixed_precision, 1
+        target, precision, local = model_device(task, device), mixed_precision or launcher_mixed_precision(), 1
+        if target.type == "cuda" and target.index is not None:
+            torch.cuda.set_device(target)  # pinned batches go to this GPU's context, not a new one on cuda:0
     dtype = autocast_dtype(precision)
     if target.type == "cpu" and tune_cpu_allocator:
         keep_freed_memory()

@@ -18,7 +18,7 @@ from .evaluation import build_report, format_report, write_report
 from .images import FileImages, scan_cache_file, scan_images
 from .inference import collect_outputs
 from .plots import MATPLOTLIB_HINT, matplotlib_available, plot_curves
-from .sources import Labeled, Source, read_hub, scan_folder
+from .sources import Labeled, Source, read_split, scan_folder
 
 MAX_CLASSES_PRINTED = 30  # the per-class table is printed up to this many classes (report.json has all)
 
@@ -50,12 +50,13 @@ def save_report(report: dict, output_dir, say, curves: bool = False) -> list[Pat
 
 def evaluation_source(data_folder: str | None = None, dataset: str | None = None, split: str = "test",
                       image_column: str = "image", label_column: str = "label") -> Source:
-    """The images to evaluate, as its ``train`` part: ``data_folder/<class>/*``, or a split of a
-    `datasets` dataset (a Hub name, a folder of parquet/arrow files or a ``save_to_disk`` folder)."""
+    """The images to evaluate, as its ``train`` part: ``data_folder/<class>/*``, or one split of a
+    `datasets` dataset (a Hub name, a folder of parquet/arrow files or a ``save_to_disk`` folder), read
+    alone. Any subset of the model's classes may be present, a single class included."""
     if (data_folder is None) == (dataset is None):
         raise ConfigError("evaluate takes one of data_folder (--data-folder) or dataset (--dataset)")
     if dataset is not None:
-        return read_hub(dataset, image_column, label_column, train_split=split)
+        return read_split(dataset, split, image_column, label_column)
     paths, labels, classes = scan_folder(data_folder, "evaluation")
     return Source(Labeled(paths, labels), None, classes, FileImages(data_folder), {"folder": str(data_folder)})
 

@@ -23,6 +23,7 @@ from typing import Callable
 
 from .callbacks import RunState
 from .errors import CheckpointError
+from .sharding import shard_optimizer_state
 from .training_state import layout_of, optimizer_settings, restore_rng
 
 SCHEDULE_SETTINGS = {"total_steps": "schedule horizon", "warmup_steps": "warmup", "kind": "schedule",
@@ -34,7 +35,7 @@ def resume_from(trainer, run: RunState, saved: dict, checkpoint: Path) -> None:
     what differs. Called after ``accelerator.prepare`` and the schedule exist."""
     position = saved["position"]
     step_of = _map_position(saved, run, checkpoint)
-    run.optimizer.load_state_dict(saved["optimizer"])
+    run.optimizer.load_state_dict(shard_optimizer_state(saved["optimizer"], run.optimizer))
     changes = apply_optimizer_settings(run.optimizer, _saved_optimizer_settings(saved),
                                        optimizer_settings(run.config))
     run.schedule.load_state_dict(saved["schedule"], step_of)
@@ -43,7 +44,7 @@ def resume_from(trainer, run: RunState, saved: dict, checkpoint: Path) -> None:
     if accelerator.scaler is not None and saved["scaler"]:
         accelerator.scaler.load_state_dict(saved["scaler"])
     if saved["rng"] is not None and saved["num_processes"] == accelerator.num_processes:
-        restore_rng(*saved["rng"])
+        restore_rng(*saved["rng"], accelerator.device)
     run.position, run.resumed_from, run.last_checkpoint = position, checkpoint, checkpoint
     run.extras["saved_position"] = dataclasses.asdict(position)
     trainer.announce(f"resumed from {checkpoint} at epoch {position.epoch}, batch {position.batch}, "

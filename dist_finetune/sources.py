@@ -1,7 +1,7 @@
 """Where the images come from, read into one description: items, integer labels, class names, and
 the reader that opens an item.
 
-Sources: an image folder (``train/<class>/*``, read with `datasets`' imagefolder builder), a
+Sources: an image folder (``train/<class>/*``, listed file by file, no name read as a pattern), a
 `datasets` dataset (in memory, a Hub name, a local folder of parquet/arrow files through
 ``datasets.load_dataset``, or a ``save_to_disk`` folder through ``datasets.load_from_disk``), and
 csv files of ``path,label`` rows.
@@ -19,6 +19,7 @@ skipping, dedupe, feature caching and sample order treat every source alike.
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ class Source:
 
 
 def _class_files(folder: str, role: str) -> dict[str, list[str]]:
-    """{class: its image files}; fails early, naming the path, on shapes imagefolder would mis-read."""
+    """{class: its image files}; fails early, naming the path, on a missing folder or an empty class."""
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"{role} folder {folder} does not exist (expected {role}/<class>/<image files>)")
@@ -73,33 +74,28 @@ def _class_files(folder: str, role: str) -> dict[str, list[str]]:
 
 
 def scan_folder(folder: str, role: str) -> tuple[list[str], list[int], list[str]]:
-    """Paths, integer labels and class names of an imagefolder tree, via `datasets`' builder."""
-    import datasets
+    """Paths, integer labels and class names of ``folder/<class>/**``, sorted by path.
 
+    Built from the listing itself, never through a pattern: every name a file system allows (``[``,
+    ``*``, ``?``, ``#``, ``::``, spaces, a leading dash) is read as itself, each file once.
+    """
     class_files = _class_files(folder, role)
-    expected = list(class_files)
-    if len(expected) < 2:
-        raise DataError(f"{role} folder {folder} has one class ({expected[0]}): classification needs at least 2 "
-                        "class subfolders")
-    datasets.disable_progress_bars()
-    # list the files explicitly: given only data_dir, the builder guesses splits from file names
-    # ("train_0.jpg", "test_1.jpg") and silently drops or rejects files
-    files = sorted(path for found in class_files.values() for path in found)
-    table = datasets.load_dataset("imagefolder", data_files={"train": files}, split="train")
-    table = table.cast_column("image", datasets.Image(decode=False))
-    label_feature = table.features.get("label")
-    if label_feature is None:
-        raise DataError(f"{role} folder {folder}: no class labels found (expected {folder}/<class>/<images>)")
-    names = list(label_feature.names)
-    if names != expected:
-        raise DataError(f"{role} folder {folder}: classes {names} read, but folders are {expected}")
-    paths = [entry["path"] for entry in table["image"]]
-    return paths, list(table["label"]), names
+    classes = list(class_files)
+    labeled = sorted((os.path.abspath(path), label) for label, name in enumerate(classes)
+                     for path in class_files[name])
+    return [path for path, _ in labeled], [label for _, label in labeled], classes
+
+
+def require_two_classes(classes: list[str], where: str) -> None:
+    """Training needs two classes at least (an evaluation may hold one of the model's classes only)."""
+    if len(classes) < 2:
+        raise DataError(f"{where} has one class ({', '.join(classes)}): classification needs at least 2")
 
 
 def read_folders(train_folder: str, valid_folder: str | None) -> Source:
     """``train/<class>/*`` and optionally ``val/<class>/*`` with the same classes."""
     train_paths, train_labels, classes = scan_folder(train_folder, "train")
+    require_two_classes(classes, f"train folder {train_folder}")
     val = None
     if valid_folder is not None:
         val_paths, val_labels, val_classes = scan_folder(valid_folder, "val")
@@ -119,12 +115,12 @@ def read_folders(train_folder: str, valid_folder: str | None) -> Source:
 
 def encode_labels(train: Sequence, val: Sequence | None, names: list[str] | None, where: tuple[str, str],
                   lines: tuple[Sequence[int] | None, Sequence[int] | None] = (None, None),
-                  ) -> tuple[list[int], list[int] | None, list[str]]:
+                  training: bool = True) -> tuple[list[int], list[int] | None, list[str]]:
     """Integer labels and class names from raw label values (strings, or a ClassLabel's ids and names).
 
     Without ``names`` the classes are the sorted distinct values of train (numbers sorted as numbers).
     ``where``: how to name the train and val sources in errors; ``lines``: their rows' line numbers
-    (csv files), else rows are named by index.
+    (csv files), else rows are named by index. ``training``: two classes at least are required.
     """
     if names is None:
         distinct = sorted({v for v in train if v is not None and str(v).strip()},
@@ -146,8 +142,8 @@ def encode_labels(train: Sequence, val: Sequence | None, names: list[str] | None
                 raise DataError(f"{place}: {at} has label {value!r}, which {where[0]} does not have "
                                 f"(classes: {names})")
         encoded.append([index[value] for value in values])
-    if len(names) < 2:
-        raise DataError(f"{where[0]} has {len(names)} class(es) ({names}): classification needs at least 2")
+    if training:
+        require_two_classes(names, where[0])
     return encoded[0], encoded[1], names
 
 
@@ -227,8 +223,9 @@ def _labels_of(dataset, column: str, place: str) -> tuple[list, list[str] | None
 
 
 def read_datasets(parts: dict, image_column: str = "image", label_column: str = "label",
-                  description: dict | None = None) -> Source:
-    """``parts``: {"<name of train>": Dataset, optionally "<name of val>": Dataset}, in that order."""
+                  description: dict | None = None, training: bool = True) -> Source:
+    """``parts``: {"<name of train>": Dataset, optionally "<name of val>": Dataset}, in that order.
+    ``training``: two classes at least are required."""
     names = list(parts)
     train_values, train_names = _labels_of(parts[names[0]], label_column, names[0])
     val_values, val_names = (_labels_of(parts[names[1]], label_column, names[1]) if len(names) > 1 else (None, None))
@@ -237,7 +234,7 @@ def read_datasets(parts: dict, image_column: str = "image", label_column: str = 
     if train_names is not None and val_values is not None and val_names is None:
         val_values = [train_names.index(v) if v in train_names else v for v in val_values]  # names -> ClassLabel ids
     train_labels, val_labels, classes = encode_labels(train_values, val_values, train_names,
-                                                      (names[0], names[-1]))
+                                                      (names[0], names[-1]), training=training)
     reader = DatasetImages(parts, image_column)
     val = Labeled(reader.items(names[1]), val_labels) if len(names) > 1 else None
     return Source(Labeled(reader.items(names[0]), train_labels), val, classes, reader, description or {})
@@ -245,6 +242,23 @@ def read_datasets(parts: dict, image_column: str = "image", label_column: str = 
 
 def _is_saved_to_disk(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _load_folder(folder: Path):
+    """``datasets.load_dataset`` of a local folder of data files. datasets reads the folder's path as a glob
+    pattern, so a path with ``[``, ``]``, ``*`` or ``?`` is escaped and its files are listed here the way
+    load_dataset lists them: ``data[1]/`` is read as itself, never as ``data1/``."""
+    import datasets
+    from datasets.data_files import DataFilesDict, get_data_patterns
+    from datasets.load import infer_module_for_data_files
+
+    if not any(character in str(folder.resolve()) for character in "[]*?"):
+        return datasets.load_dataset(str(folder))
+    base = glob.escape(str(folder.resolve()))
+    files = DataFilesDict.from_patterns(get_data_patterns(base), base_path=base)
+    module, options = infer_module_for_data_files(files)
+    return datasets.load_dataset(module, data_files={split: [glob.escape(file) for file in found]
+                                                     for split, found in files.items()}, **options)
 
 
 def load_splits(name_or_path: str) -> dict:
@@ -256,6 +270,8 @@ def load_splits(name_or_path: str) -> dict:
     try:
         if path.is_dir() and _is_saved_to_disk(path):
             loaded = datasets.load_from_disk(str(path))
+        elif path.is_dir():
+            loaded = _load_folder(path)
         else:
             loaded = datasets.load_dataset(str(name_or_path))
     except (OSError, ValueError) as error:
@@ -301,6 +317,16 @@ def read_hub(name_or_path: str, image_column: str = "image", label_column: str =
     return read_datasets(parts, image_column, label_column, description)
 
 
+def read_split(name_or_path: str, split: str, image_column: str = "image", label_column: str = "label") -> Source:
+    """One labelled split of a dataset as the source's ``train`` part (the images to evaluate): no other
+    split's labels are read or checked, and one class is enough."""
+    splits = _splits_with(name_or_path, split, "the split (--split)")
+    description = {"dataset": str(name_or_path), "split": split, "image_column": image_column,
+                   "label_column": label_column}
+    return read_datasets({f"{name_or_path}:{split}": splits[split]}, image_column, label_column, description,
+                         training=False)
+
+
 def dataset_images(name_or_path: str, split: str = "train", image_column: str = "image") -> tuple[list[str], DatasetImages]:
     """The items of one split of a dataset, and their reader: unlabelled images to predict."""
     splits = _splits_with(name_or_path, split, "the split (--split)")
@@ -317,26 +343,33 @@ def _csv_rows(csv_file: str, image_root: Path) -> tuple[list[str], list[str], li
     if not os.path.isfile(csv_file):
         raise DataError(f"csv file {csv_file} does not exist (expected rows of path,label)")
     paths, labels, lines = [], [], []
-    with open(csv_file, newline="") as handle:
-        reader = csv.reader(handle)
-        for row in reader:
-            where = f"{csv_file} line {reader.line_num}"
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if reader.line_num == 1 and [cell.strip().lower() for cell in row] == ["path", "label"]:
-                continue  # header
-            if len(row) != 2:
-                raise DataError(f"{where}: expected 2 columns (path,label), got {len(row)}: {row}")
-            relative, label = row[0].strip(), row[1].strip()
-            if not label:
-                raise DataError(f"{where}: empty label for {relative}; fill it in or drop the row")
-            path = image_root / relative
-            if not path.is_file():
-                raise DataError(f"{where}: image {path} does not exist (paths are relative to image_root "
-                                f"{image_root}, --image-root)")
-            paths.append(str(path))
-            labels.append(label)
-            lines.append(reader.line_num)
+    try:
+        # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which would glue onto the header
+        with open(csv_file, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            for row in reader:
+                where = f"{csv_file} line {reader.line_num}"
+                if not row or all(not cell.strip() for cell in row):
+                    continue
+                if reader.line_num == 1 and [cell.strip().lower() for cell in row] == ["path", "label"]:
+                    continue  # header
+                if len(row) != 2:
+                    raise DataError(f"{where}: expected 2 columns (path,label), got {len(row)}: {row}")
+                # a path is taken as written when that file exists (names may start or end with spaces)
+                relative = row[0] if (image_root / row[0]).is_file() else row[0].strip()
+                label = row[1].strip()
+                if not label:
+                    raise DataError(f"{where}: empty label for {relative}; fill it in or drop the row")
+                path = image_root / relative
+                if not path.is_file():
+                    raise DataError(f"{where}: image {path} does not exist (paths are relative to image_root "
+                                    f"{image_root}, --image-root)")
+                paths.append(str(path))
+                labels.append(label)
+                lines.append(reader.line_num)
+    except UnicodeDecodeError as error:
+        raise DataError(f"csv file {csv_file} is not UTF-8 text ({error}); save it as UTF-8 (Excel: CSV UTF-8)"
+                        ) from error
     if not paths:
         raise DataError(f"csv file {csv_file} has no rows (expected path,label)")
     return paths, labels, lines

@@ -59,9 +59,40 @@ def identical_groups(items: Sequence[str], digests: dict[str, str]) -> list[list
     return [group for group in by_digest.values() if len(group) > 1]
 
 
-def later_duplicates(groups: list[list[str]]) -> set[str]:
-    """Every member of each group but its first: what deduplication drops."""
-    return {item for group in groups for item in group[1:]}
+def first_listings(role: str, items: Sequence[str], labels: Sequence[int],
+                   classes: Sequence[str]) -> tuple[list[int], str | None]:
+    """Indices of each item's first listing in one split, and a warning naming the items listed more than once.
+
+    The same file listed twice is not a duplicate image but one image: it is kept once. Listed with two
+    labels, it is refused (which one is meant cannot be guessed).
+    """
+    first: dict[str, int] = {}
+    for index, item in enumerate(items):
+        earlier = first.setdefault(item, index)
+        if labels[earlier] != labels[index]:
+            raise DataError(f"{role} lists {item} twice, as {classes[labels[earlier]]} and as "
+                            f"{classes[labels[index]]}: keep the row with the right label")
+    counts = Counter(items)
+    repeated = [f"{item} ({count} times)" for item, count in counts.items() if count > 1]
+    line = (f"warning: {role} lists {len(repeated)} file(s) more than once, kept once each: {_listing(repeated)}"
+            if repeated else None)
+    return sorted(first.values()), line
+
+
+def later_duplicates(groups: list[list[str]], train_items: set[str]) -> tuple[set[str], set[str]]:
+    """What deduplication drops (from train, from val): every member of each group but its first, so exactly
+    one copy of each image stays. Groups list train before val, so the train copy is kept; a file listed in
+    both splits is in its group twice, its train listing first."""
+    from_train: set[str] = set()
+    from_val: set[str] = set()
+    for group in groups:
+        seen: set[str] = set()
+        for position, item in enumerate(group):
+            on_train = item in train_items and item not in seen
+            seen.add(item)
+            if position:
+                (from_train if on_train else from_val).add(item)
+    return from_train, from_val
 
 
 def _listing(pairs: list[str]) -> str:
@@ -69,14 +100,22 @@ def _listing(pairs: list[str]) -> str:
     return ", ".join(pairs[:SHOWN]) + more
 
 
-def duplicate_report(groups: list[list[str]], val_items: set[str], labels: dict[str, str],
+def duplicate_report(groups: list[list[str]], train_items: set[str], val_items: set[str], labels: dict[str, str],
                      dedupe: bool) -> list[str]:
-    """Lines about identical images: leakage across train/val, duplicates within, conflicting labels.
+    """Lines about leakage across train/val (the same file in both, then byte-identical images), duplicates
+    within a split, and identical images with conflicting labels.
 
-    ``groups`` list train items before val items; ``dedupe``: all but each group's first were dropped.
+    ``groups`` list train items before val items (a file in both splits twice); ``dedupe``: all but each
+    group's first were dropped.
     """
     lines = []
-    leaks = [group for group in groups if val_items & set(group) and set(group) - val_items]
+    shared = sorted(train_items & val_items)
+    if shared:
+        fix = "dropped from val (dedupe)" if dedupe else "remove them from one side (--dedupe drops them from val)"
+        lines.append(f"warning: {len(shared)} file(s) listed in both train and val (leakage: validation overstates "
+                     f"accuracy); {fix}: {_listing(shared)}")
+    copies = [list(dict.fromkeys(group)) for group in groups if len(set(group)) > 1]  # other files, same bytes
+    leaks = [group for group in copies if val_items & set(group) and train_items & set(group)]
     if leaks:
         pairs = [" = ".join(group) for group in leaks]
         fix = ("dropped from val (dedupe)" if dedupe else
@@ -84,12 +123,12 @@ def duplicate_report(groups: list[list[str]], val_items: set[str], labels: dict[
         leaked = sum(len(val_items & set(group)) for group in leaks)
         lines.append(f"warning: {leaked} image(s) in val are byte-identical to train images (leakage: "
                      f"validation overstates accuracy); {fix}: {_listing(pairs)}")
-    within = [group for group in groups if group not in leaks]
+    within = [group for group in copies if group not in leaks]
     if within:
         action = "dropped all but the first (dedupe)" if dedupe else "kept (--dedupe drops all but the first)"
         lines.append(f"{len(within)} group(s) of byte-identical images within a split, {action}: "
                      f"{_listing([' = '.join(group) for group in within])}")
-    conflicting = [group for group in groups if len({labels[item] for item in group}) > 1]
+    conflicting = [group for group in copies if len({labels[item] for item in group}) > 1]
     if conflicting:
         pairs = [" = ".join(f"{item} ({labels[item]})" for item in group) for group in conflicting]
         lines.append(f"warning: {len(conflicting)} group(s) of identical images carry different labels: "

@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .finetuning import keep_frozen_norms_in_eval
 from .images import list_image_files
 from .prediction import predict_paths, select_device
+from .sharding import shard_state_dict
 
 
 class ClassifierHead(nn.Module):
@@ -94,12 +95,20 @@ class ImageClassifier(nn.Module):
             keep_frozen_norms_in_eval(self)
         return self
 
-    def check_image_size(self, image_size: int) -> None:
-        """Refuse an input size the backbone cannot take (learned position embeddings), before training."""
-        if self.fixed_image_size is not None and image_size != self.fixed_image_size:
+    def check_data(self, data) -> None:
+        """Refuse data this model cannot take, before any step: another class count than its outputs (a label
+        past the outputs fails deep in the loss, a device assert on GPU; extra outputs give a model file that
+        cannot be loaded), or an input size the backbone cannot take (learned position embeddings)."""
+        if data.num_classes != self.num_classes:
+            raise ConfigError(
+                f"the model has num_classes={self.num_classes} outputs but the data has {data.num_classes} classes "
+                f"({', '.join(data.classes)}); build it with ImageClassifier(num_classes=data.num_classes, ...)"
+            )
+        if self.fixed_image_size is not None and data.image_size != self.fixed_image_size:
             raise ConfigError(
                 f"backbone {self.backbone_name} takes {self.fixed_image_size}px images (learned position "
-                f"embeddings) but the data is set to image_size={image_size}; use image_size={self.fixed_image_size}"
+                f"embeddings) but the data is set to image_size={data.image_size}; use "
+                f"image_size={self.fixed_image_size}"
             )
 
     def backbone_layers(self) -> list[nn.Module]:
@@ -122,13 +131,15 @@ class ImageClassifier(nn.Module):
             "library_version": __version__,
         }
 
-    def save_checkpoint(self, path: str | os.PathLike, training: dict | None = None) -> None:
+    def save_checkpoint(self, path: str | os.PathLike, training: dict | None = None,
+                        weights: dict[str, torch.Tensor] | None = None) -> None:
         """Write weights + metadata as one safetensors file (atomically).
 
         ``training``: what to record of the epoch the weights come from (its number and metrics).
+        ``weights``: whole tensors to write instead of ``state_dict()`` (the Trainer gathers sharded ones).
         """
         metadata = self.metadata() if training is None else {**self.metadata(), "training": training}
-        save_model(path, self.state_dict(), metadata)
+        save_model(path, self.state_dict() if weights is None else weights, metadata)
 
     @classmethod
     def load_from_checkpoint(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "ImageClassifier":
@@ -154,8 +165,10 @@ class ImageClassifier(nn.Module):
         return model.to(map_location).eval()
 
     def load_weights(self, state: dict[str, torch.Tensor], source: str) -> None:
-        check_state_dict_matches(self.state_dict(), state, source)
-        self.load_state_dict(state)
+        """Load whole tensors (a model file, a checkpoint), each rank keeping its slice of sharded ones."""
+        current = self.state_dict()
+        check_state_dict_matches(current, state, source)
+        self.load_state_dict(shard_state_dict(state, current))
 
     # ------------------------------------------------------------------------- predict
 

@@ -24,12 +24,14 @@ from tqdm.auto import tqdm
 from .callbacks import Callback, CallbackList, Position, RunState
 from .config import RunConfig, TrainerConfig
 from .data import ImageClassificationData
+from .determinism import configure_determinism
 from .distributed import (
     DDPResync,
     average_gradients,
     broadcast_buffers,
     check_rank_consistency,
     launcher_compile_settings,
+    local_world_size,
     make_accelerator,
     refuse_freezing_under_sharding,
 )
@@ -45,6 +47,7 @@ from .reports import validation_report
 from .resume import resume_from
 from .run_records import run_outputs
 from .schedule import WarmupSchedule
+from .sharding import full_state_dict
 from .task import ImageClassifier
 from .trackers import check_trackers
 from .training_state import (
@@ -89,7 +92,7 @@ class Trainer:
         config = self.config
         strategy = resolve_strategy(strategy, train_bn=train_bn)
         strategy.validate(config.max_epochs)
-        task.check_image_size(data.image_size)
+        task.check_data(data)
         checkpoint = checkpoint_to_resume(resume, config.output_dir)
         refuse_freezing_under_sharding(freezes=not isinstance(strategy, NoFreeze))
         accelerator = self._make_accelerator(log_with=check_trackers(config.report_to, config.output_dir))
@@ -154,8 +157,9 @@ class Trainer:
             raise RuntimeError("save_checkpoint needs a model: call finetune first")
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
+        weights = full_state_dict(self.task.state_dict())  # on every rank: gathering sharded (FSDP2) ones is collective
         if accelerator.is_main_process:
-            self.task.save_checkpoint(path, training=training)
+            self.task.save_checkpoint(path, training=training, weights=weights)
         accelerator.wait_for_everyone()
 
     def save_training_state(self, run: RunState) -> Path | None:
@@ -215,9 +219,10 @@ class Trainer:
 
     def _make_accelerator(self, log_with: list[str] | None = None):
         config = self.config
+        configure_determinism(config.deterministic)  # before the accelerator starts CUDA
         self.accelerator = make_accelerator(config.mixed_precision, config.gradient_accumulation_steps, log_with,
-                                            config.output_dir)
-        if self.accelerator.device.type == "cuda":
+                                            config.output_dir, config.process_group_timeout_s)
+        if self.accelerator.device.type == "cuda" and not config.deterministic:
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
         elif self.accelerator.device.type == "cpu" and config.tune_cpu_allocator:
             self.announce(f"CPU run: malloc {keep_freed_memory()}")
@@ -234,9 +239,8 @@ class Trainer:
         return [StrategyCallback(strategy, config.layer_decay), *self.callbacks, *built_in]
 
     def _check_images(self, data: ImageClassificationData, accelerator) -> None:
-        """Scan all images before any training, once per node (its first process fills the cache)."""
-        with accelerator.local_main_process_first():
-            skipped = data.check_images()
+        """Scan all images before any training, split over all ranks (none waits for another), one verdict for all."""
+        skipped = data.check_images(accelerator)
         if skipped:
             self.announce(f"skipping {len(skipped)} unreadable image(s):")
             for path, problem in sorted(skipped.items()):
@@ -259,8 +263,7 @@ class Trainer:
                                  else launcher_compile_settings())
 
     def _loaders(self, data: ImageClassificationData, accelerator):
-        processes = accelerator.num_processes
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
+        processes, local = accelerator.num_processes, local_world_size(accelerator)
         global_batch = data.batch_size * processes
         if len(data.train_paths) < global_batch:
             raise ConfigError(

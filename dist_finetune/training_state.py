@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from .callbacks import Callback, Position, RunState
 from .errors import CheckpointError
+from .sharding import full_state_dict, full_tensor
 
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "manifest.json"
@@ -40,10 +41,20 @@ MANIFEST = "manifest.json"
 # ---------------------------------------------------------------------------- RNG states
 
 
-def capture_rng() -> tuple[dict[str, torch.Tensor], dict]:
+def _cuda_index(device: torch.device) -> int | None:
+    """The CUDA device whose generator this process uses (None off CUDA)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def capture_rng(device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's RNG states: CPU, numpy, python, and the generator of its own CUDA device only
+    (a rank's file then restores on any node layout with the same process count)."""
     tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    cuda_index = _cuda_index(device)
+    if cuda_index is not None:
+        tensors["cuda"] = torch.cuda.get_rng_state(cuda_index)
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     tensors["numpy"] = torch.from_numpy(keys.astype(np.int64))
     python_version, python_state, gauss = random.getstate()
@@ -52,11 +63,19 @@ def capture_rng() -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, extra
 
 
-def restore_rng(tensors: dict[str, torch.Tensor], extra: dict) -> None:
+def restore_rng(tensors: dict[str, torch.Tensor], extra: dict, device: torch.device) -> None:
+    """Restore what :func:`capture_rng` saved. Checkpoints written before it saved one device held
+    every visible GPU's state as ``cuda0``..``cudaN``: the entry of this process's device is used."""
     torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    cuda_index = _cuda_index(device)
+    if cuda_index is not None:
+        state = tensors.get("cuda", tensors.get(f"cuda{cuda_index}"))
+        if state is not None:
+            torch.cuda.set_rng_state(state, cuda_index)
+        elif any(key.startswith("cuda") for key in tensors):
+            warnings.warn(f"the checkpoint holds no CUDA RNG state for this process's device cuda:{cuda_index} "
+                          f"(it has {', '.join(sorted(k for k in tensors if k.startswith('cuda')))}): its CUDA "
+                          "random numbers do not continue the saved run's, so this resume is not bit-exact")
     kind, pos, has_gauss, cached = extra["numpy"]
     np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
     version, state, gauss = extra["python"]
@@ -67,12 +86,13 @@ def restore_rng(tensors: dict[str, torch.Tensor], extra: dict) -> None:
 
 
 def split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer ``state_dict`` -> (tensors for safetensors, JSON-able structure)."""
+    """Optimizer ``state_dict`` -> (whole tensors for safetensors, JSON-able structure); every rank calls it
+    (sharded state is gathered)."""
     tensors, scalars = {}, {}
     for index, values in state["state"].items():
         for key, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{index}.{key}"] = full_tensor(value.detach()).cpu().contiguous()
             else:
                 scalars[f"{index}.{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -118,8 +138,8 @@ def optimizer_settings(config) -> dict:
 
 
 def write_training_state(run: RunState) -> Path:
-    """Write one checkpoint of ``run`` (every rank takes part: each saves its own RNG) and prune old ones;
-    never the one just written or the one this run resumed from."""
+    """Write one checkpoint of ``run`` (every rank takes part: each saves its own RNG and gathers sharded
+    tensors) and prune old ones; never the one just written or the one this run resumed from."""
     accelerator, position = run.accelerator, run.position
     root = run.output_dir / CHECKPOINTS_DIR
     final = root / checkpoint_name(position.global_step)
@@ -129,14 +149,14 @@ def write_training_state(run: RunState) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    rng_tensors, rng_extra = capture_rng()
+    rng_tensors, rng_extra = capture_rng(accelerator.device)
     save_file(rng_tensors, partial / f"rng_rank{accelerator.process_index}.safetensors",
               metadata={"extra": json.dumps(rng_extra)})
+    model_tensors = full_state_dict(run.task.state_dict())
+    optimizer_tensors, optimizer_structure = split_optimizer_state(run.optimizer.state_dict())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_file({k: v.detach().cpu().contiguous() for k, v in run.task.state_dict().items()},
-                  partial / "model.safetensors")
-        optimizer_tensors, optimizer_structure = split_optimizer_state(run.optimizer.state_dict())
+        save_file({k: v.cpu().contiguous() for k, v in model_tensors.items()}, partial / "model.safetensors")
         save_file(optimizer_tensors, partial / "optimizer.safetensors")
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         _write_json(partial / "state.json", {

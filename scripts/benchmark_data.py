@@ -98,8 +98,6 @@ def plan_split(split: str, count: int, large: int, seed: int) -> list[dict]:
             size = LARGE_SIZE
         else:
             size = SMALL_SIZE[::-1] if rng.random() < PORTRAIT_FRACTION else SMALL_SIZE
-        # file names must not start with a split name ("train_", "val_", "test_"): `datasets`' imagefolder
-        # builder, which dist_finetune uses to list folders, would read them as split names
         entries.append({"path": f"{split}/{CLASSES[label]}/img_{index:05d}.jpg", "label": label,
                         "size": list(size), "large": index in large_indices,
                         "seed": int(rng.integers(0, 2**31))})

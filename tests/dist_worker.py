@@ -140,6 +140,78 @@ def train_without_resync(data_root: Path, out: Path, batch_size: int) -> None:
     accelerator.end_training()
 
 
+def train_fully_sharded(data_root: Path, out: Path, batch_size: int, resume: str | None) -> None:
+    """no_freeze on a task whose parameters are DTensors (what FSDP2 makes of it): each backbone stage and
+    then the whole task ``fully_shard``-ed on a CPU mesh of every rank, before finetune."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from dist_finetune.distributed import rank_fingerprint
+
+    data = ImageClassificationData.from_folders(str(data_root / "train"), str(data_root / "val"), image_size=32,
+                                                batch_size=batch_size, num_workers=0, augment=False)
+    accelerator = make_accelerator("no")  # the process group the mesh is built on
+    seed_everything(0)
+    task = ImageClassifier(data.num_classes, backbone=BACKBONE, pretrained=False)
+    mesh = init_device_mesh(accelerator.device.type, (torch.distributed.get_world_size(),))  # gloo here
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        fully_shard(getattr(task.backbone, stage), mesh=mesh)
+    fully_shard(task, mesh=mesh)
+    trainer = Trainer(max_epochs=2, lr=1e-2, seed=0, progress_bar=False, output_dir=str(out), channels_last=False,
+                      load_best_model_at_end=False, deterministic=True)  # a resume is bit-exact on a GPU too
+    trainer.finetune(task, data, strategy="no_freeze", resume=resume)
+    rank = trainer.accelerator.process_index
+    gathered = {n: t.full_tensor().contiguous() for n, t in task.state_dict().items() if isinstance(t, DTensor)}
+    save_file(gathered, out / f"rank{rank}_gathered.safetensors")
+    report = {"sharded": [n for n, p in task.named_parameters() if isinstance(p, DTensor)],
+              "parameters": [n for n, _ in task.named_parameters()],
+              "fingerprint": rank_fingerprint(task, trainer.run.optimizer)}
+    (out / f"rank{rank}_report.json").write_text(json.dumps(report))
+
+
+def sharded_state_round_trip(out: Path) -> None:
+    """What the model files and checkpoints do with a task sharded over every rank (3 classes over 2 ranks
+    shard unevenly): each rank writes what it gathered, reloaded and restored, for the test to compare."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from dist_finetune.distributed import rank_fingerprint
+    from dist_finetune.sharding import full_state_dict, shard_optimizer_state
+    from dist_finetune.training_state import join_optimizer_state, split_optimizer_state
+
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = make_accelerator("no")
+    rank = accelerator.process_index
+    seed_everything(0)
+    task = ImageClassifier(3, backbone=BACKBONE, pretrained=False)
+    whole = {n: t.clone() for n, t in task.state_dict().items()}
+    fingerprints = {"plain": rank_fingerprint(task, torch.optim.SGD(task.parameters(), lr=1.0))["params"]}
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    fully_shard(task.backbone.layer4, mesh=mesh)
+    fully_shard(task, mesh=mesh)
+    fingerprints["sharded"] = rank_fingerprint(task, torch.optim.SGD(task.parameters(), lr=1.0))["params"]
+    head = task.head.layers[0].weight
+    save_file(full_state_dict(task.state_dict()), out / f"rank{rank}_gathered.safetensors")
+    optimizer = torch.optim.AdamW(task.parameters(), lr=1e-2)
+    torch.manual_seed(rank)
+    F.cross_entropy(task(torch.rand(2, 3, 32, 32)), torch.tensor([0, 2])).backward()
+    optimizer.step()  # weights and moments now differ from ``whole``
+    tensors, structure = split_optimizer_state(optimizer.state_dict())  # what a checkpoint holds
+    restored = torch.optim.AdamW(task.parameters(), lr=1e-2)
+    restored.load_state_dict(shard_optimizer_state(join_optimizer_state(tensors, structure), restored))
+    index = [i for i, p in enumerate(task.parameters()) if p is head][0]
+    local = {f"{name}.{key}": state[key].to_local().contiguous()
+             for name, state in (("saved", optimizer.state[head]), ("restored", restored.state[head]))
+             for key in ("exp_avg", "exp_avg_sq")}
+    save_file({**local, "head_moment_in_checkpoint": tensors[f"{index}.exp_avg"]}, out / f"rank{rank}_moments.safetensors")
+    task.load_weights(whole, "the weights before the step")
+    save_file(full_state_dict(task.state_dict()), out / f"rank{rank}_reloaded.safetensors")
+    save_file(whole, out / f"rank{rank}_whole.safetensors")
+    report = {"fingerprints": fingerprints, "head_local_rows": head.to_local().shape[0]}
+    (out / f"rank{rank}_report.json").write_text(json.dumps(report))
+
+
 def main() -> None:
     scenario, data_root, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     batch_size = int(sys.argv[4]) if len(sys.argv) > 4 else 4
@@ -166,6 +238,12 @@ def main() -> None:
             except RankMismatchError as error:
                 outcome = str(error)
             (out / name / f"rank{torch.distributed.get_rank()}_error.txt").write_text(outcome)
+    elif scenario == "fully_sharded":
+        train_fully_sharded(data_root, out / "uninterrupted", batch_size, resume=None)
+        first_epoch = sorted((out / "uninterrupted" / "checkpoints").glob("step-*"))[0]
+        train_fully_sharded(data_root, out / "resumed", batch_size, resume=str(first_epoch))
+    elif scenario == "sharded_state":
+        sharded_state_round_trip(out)
     elif scenario == "no_resync":
         train_without_resync(data_root, out, batch_size)
     else:

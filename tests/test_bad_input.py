@@ -15,7 +15,7 @@ from dist_finetune import ImageClassificationData, ImageClassifier
 from dist_finetune.checkpoint import read_metadata
 from dist_finetune import images as images_module
 from dist_finetune.errors import DataError
-from dist_finetune.images import scan_images
+from dist_finetune.images import scan, scan_images
 
 
 @pytest.fixture()
@@ -48,6 +48,26 @@ def test_scan_finds_exactly_the_bad_files_and_caches(messy, monkeypatch, tmp_pat
     calls = []
     monkeypatch.setattr(images_module, "image_problem", lambda path: calls.append(path))
     assert scan_images(paths, tmp_path / "scan.json") == problems and calls == []  # all from the cache
+
+
+def test_a_scan_split_over_processes_fills_every_processs_cache(messy, monkeypatch, tmp_path):
+    """Under several processes each checks only its part (``share``, as distributed.split_over_ranks does)
+    and stores the merged verdicts in its own cache (node-local caches): the next run there is warm."""
+    root, bad = messy
+    paths = sorted(str(p) for p in root.rglob("*") if p.is_file())
+    real, checked = images_module.image_problem, []
+    monkeypatch.setattr(images_module, "image_problem", lambda path: checked.append(path) or real(path))
+
+    def two_processes(items, check):  # this process's part, merged with the other's (the all-gather)
+        return {**check(items[1::2]), **check(items[0::2])}
+
+    for node in ("node_a", "node_b"):
+        checked.clear()
+        verdicts = scan(paths, tmp_path / f"{node}.json", share=two_processes)
+        assert list(verdicts) == paths and {p for p, (problem, _) in verdicts.items() if problem} == bad
+        assert sorted(checked) == paths, "every file checked once, by one of the processes"
+    checked.clear()
+    assert set(scan_images(paths, tmp_path / "node_b.json")) == bad and checked == [], "all from the cache"
 
 
 def test_bad_file_stops_the_run_before_training(messy):

@@ -30,7 +30,7 @@ DOCUMENTED_TRAIN_FLAGS = """
 --output-dir --no-feature-cache --save-every-n-steps --keep-last --no-rank-check --channels-last
 --no-channels-last --compile --compile-backend --compile-mode --check-every-n-steps --no-progress-bar
 --unfreeze-warmup-epochs --layer-decay --metric-for-best --keep-last-model --early-stopping-patience
---early-stopping-min-delta --log-every-n-steps
+--early-stopping-min-delta --log-every-n-steps --deterministic
 """.split()
 
 
@@ -51,6 +51,17 @@ def test_flags_override_yaml(tmp_path):
     assert config.trainer.lr == 0.1 and config.trainer.max_epochs == 4 and config.model.backbone == "resnet34"
     assert config.model.pretrained is False and config.strategy.milestones == (1, 2)
     assert config.strategy.train_bn is False and config.trainer.output_dir == "outputs"
+
+
+def test_deterministic_flag_reaches_the_config_and_config_yaml(tmp_path):
+    from dist_finetune.run_records import config_yaml
+
+    assert train_config(build_parser().parse_args(["train"])).trainer.deterministic is False
+    config = train_config(build_parser().parse_args(["train", "--deterministic"]))
+    assert config.trainer.deterministic is True
+    path = tmp_path / "config.yaml"
+    path.write_text(config_yaml(config))  # what a run writes as OUTPUT_DIR/config.yaml
+    assert "  deterministic: true\n" in path.read_text() and load_yaml(path).trainer.deterministic is True
 
 
 def help_flags(capsys, *command) -> set[str]:

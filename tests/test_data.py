@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import pytest
 import torch
@@ -147,3 +149,36 @@ def test_file_names_that_look_like_split_names_are_all_kept(tmp_path):
     assert len(data.train_paths) + len(data.val_paths) == 8 and data.classes == ["cat", "dog"]
     for path, label in zip(data.train_paths + data.val_paths, data.train_labels + data.val_labels):
         assert f"/{data.classes[label]}/" in path
+
+
+# every character a file system allows in a name is read as itself: never a glob pattern, a URL or an option
+ODD_NAMES = ("x[1].png", "x1.png", "y*.png", "y.png", "why?.png", "whyz.png", "sp ace.png", " lead.png",
+             "tail .png", "ünï códe.png", "#1%20.png", "-dash.png", "hf:x.png", "a::b.png", "s3:x.png")
+
+
+def write_odd_names(folder, seed: int) -> list[str]:
+    """One distinct 8 px image under each of ODD_NAMES in ``folder``; their absolute paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in ODD_NAMES:
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / name)
+    return [str(folder / name) for name in ODD_NAMES]
+
+
+def test_file_and_class_names_with_pattern_characters_are_read_as_themselves(tmp_path):
+    """x[1].png next to x1.png: both read, each once (the imagefolder builder read the list as glob patterns)."""
+    listed = []
+    for split in ("train", "val"):
+        for seed, name in enumerate(("a[1]", "a1", "b*")):
+            listed += write_odd_names(tmp_path / split / name, seed + (10 if split == "val" else 0))
+    data = ImageClassificationData.from_folders(str(tmp_path / "train"), str(tmp_path / "val"), num_workers=0)
+    assert data.classes == ["a1", "a[1]", "b*"]
+    assert sorted(data.train_paths + data.val_paths) == sorted(listed)  # every file once, none twice
+    for path, label in zip(data.train_paths + data.val_paths, data.train_labels + data.val_labels):
+        assert path.split("/")[-2] == data.classes[label]
+    top = write_odd_names(tmp_path, seed=20)  # csv: the same names, also as a whole cell (" lead.png")
+    with open(tmp_path / "all.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([*((f"train/{name}/{file}", name) for name in ("a1", "a[1]")
+                                        for file in ODD_NAMES), *((file, "top") for file in ODD_NAMES)])
+    data = ImageClassificationData.from_csv(str(tmp_path / "all.csv"), val_split=0.5)
+    assert sorted(data.train_paths + data.val_paths) == sorted([p for p in listed if "/train/a" in p] + top)

@@ -142,3 +142,20 @@ def test_write_report_without_matplotlib(report, tmp_path, monkeypatch):
     written = write_report(report, tmp_path)
     assert [path.name for path in written] == ["report.json", "confusion_matrix.csv"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["confusion_matrix.csv", "report.json"]
+
+
+def test_evaluation_loader_sizes_workers_for_this_machines_processes(monkeypatch, image_folders):
+    """2 nodes x 8 processes on 64-core machines: 64 // 8 - 1 = 7 workers per process, not 64 // 16 - 1 = 3
+    (on 16 cores the global count gave 0 workers and the GPUs waited for images)."""
+    from types import SimpleNamespace
+
+    from dist_finetune import ImageClassificationData, ImageClassifier
+    from dist_finetune.inference import eval_loader
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    data = ImageClassificationData.from_folders(str(image_folders / "train"), str(image_folders / "val"),
+                                                image_size=32, batch_size=4)
+    on_the_cpu = SimpleNamespace(device=torch.device("cpu"), num_processes=16, prepare_data_loader=lambda loader: loader)
+    assert eval_loader(ImageClassifier(3, "tiny_resnet", pretrained=False), data, on_the_cpu).num_workers == 7

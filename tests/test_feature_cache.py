@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import tiny_trainer
 from torchvision.ops import StochasticDepth
 
 from dist_finetune import ImageClassificationData, ImageClassifier, seed_everything
+from dist_finetune import distributed
 from dist_finetune.feature_cache import backbone_is_static
 
 
@@ -62,3 +66,59 @@ def test_not_cacheable_while_dropout_or_drop_path_is_active(layer, static_in_tra
     backbone[0].weight.requires_grad_(True)
     assert not backbone_is_static(backbone.eval()), "a trainable parameter is never static"
 
+
+
+class ThreadRanks:
+    """``world`` ranks as threads of this process, with accelerate's ``gather`` (concatenate every rank's
+    tensor, in rank order) done through shared slots; records what each rank puts into each collective."""
+
+    def __init__(self, world: int):
+        self.world, self.slots, self.barrier = world, [None] * world, threading.Barrier(world)
+        self.local = threading.local()
+        self.sent: list[tuple[int, int]] = []  # (rank, bytes it contributed to one collective)
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        rank = self.local.rank
+        self.sent.append((rank, tensor.nbytes))
+        self.slots[rank] = tensor.clone()
+        self.barrier.wait()
+        result = torch.cat(self.slots)
+        self.barrier.wait()  # every rank has read the slots before the next collective refills them
+        return result
+
+    def run(self, work) -> list:
+        """``work(rank, accelerator)`` on every rank at once; their results in rank order."""
+        results = [None] * self.world
+
+        def rank_main(rank: int) -> None:
+            self.local.rank = rank
+            accelerator = SimpleNamespace(num_processes=self.world, process_index=rank, device=torch.device("cpu"))
+            results[rank] = work(rank, accelerator)
+
+        threads = [threading.Thread(target=rank_main, args=(rank,)) for rank in range(self.world)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        return results
+
+
+def test_the_cache_is_gathered_in_chunks_into_its_rows(monkeypatch):
+    """3 ranks holding 7, 6 and 6 rows of 5 features (sample i encoded by rank i % 3 as its row i // 3);
+    a chunk of 2 rows (40 bytes): every rank's cache equals the whole gather, every sample in its row,
+    and no rank ever puts more than one chunk into a collective."""
+    ranks = ThreadRanks(3)
+    monkeypatch.setattr(distributed, "gather", ranks.gather)
+    rows = [torch.arange(count * 5, dtype=torch.float32).reshape(count, 5) + 1000 * rank
+            for rank, count in enumerate((7, 6, 6))]
+
+    def into_the_cache(rank, accelerator):
+        cache = torch.empty(19, 5)
+        distributed.gather_rows(accelerator, rows[rank], [cache[r::3] for r in range(3)], chunk_bytes=40)
+        return cache
+
+    expected = torch.stack([rows[i % 3][i // 3] for i in range(19)])
+    for cache in ranks.run(into_the_cache):
+        assert torch.equal(cache, expected)
+    assert max(size for _, size in ranks.sent) <= 40
+    assert [size for rank, size in ranks.sent if rank == 0] == [40, 40, 40, 20]  # 7 rows as 2 + 2 + 2 + 1

@@ -1,14 +1,17 @@
 """The GPU-path settings a CPU can check: torch.compile (the compiled training forward learns what the
 eager one does, recompiles at an unfreeze, leaves checkpoints untouched, takes over a compile request
-from the launch config) and non-blocking host-to-device copies."""
+from the launch config), non-blocking host-to-device copies, and the CUDA flags of deterministic mode."""
 
 from __future__ import annotations
+
+import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import tiny_trainer
 
-from dist_finetune import ImageClassifier
+from dist_finetune import ImageClassifier, trainer as trainer_module
 from dist_finetune.cli import build_parser, train_config
 from dist_finetune.config import ConfigError, TrainerConfig
 from dist_finetune.distributed import launcher_compile_settings, make_accelerator
@@ -58,3 +61,33 @@ def test_compile_flags_and_validation():
         TrainerConfig(compile_mode="fastest")
     with pytest.raises(ConfigError, match="check_every_n_steps must be >= 1"):
         TrainerConfig(check_every_n_steps=0)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_mode_sets_the_cuda_flags_before_cuda_starts(deterministic, monkeypatch):
+    """On a (faked) CUDA device: by default cuDNN benchmarks and torch's TF32 defaults stay; deterministic=True
+    turns benchmark and TF32 off, cuDNN and every op deterministic, and sets cuBLAS's workspace before the
+    accelerator starts CUDA."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    fresh_process = ((cudnn, "benchmark", False), (cudnn, "deterministic", False), (cudnn, "allow_tf32", True),
+                     (matmul, "allow_tf32", False))
+    for module, flag, value in fresh_process:  # the test's own flags; monkeypatch restores the process's
+        monkeypatch.setattr(module, flag, value)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode, **_: calls.append(("algorithms", mode)))
+
+    def cuda_accelerator(*args):
+        calls.append(("accelerator starts", os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        return SimpleNamespace(device=torch.device("cuda", 0))
+
+    monkeypatch.setattr(trainer_module, "make_accelerator", cuda_accelerator)
+    tiny_trainer(deterministic=deterministic)._make_accelerator()
+    flags = (cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32)
+    if deterministic:
+        assert flags == (False, True, False, False)
+        assert calls == [("algorithms", True), ("accelerator starts", ":4096:8")]
+    else:
+        assert flags == (True, False, True, False)
+        assert calls == [("accelerator starts", None)]

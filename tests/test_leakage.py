@@ -18,6 +18,7 @@ from dist_finetune import ImageClassificationData, ImageClassifier, seed_everyth
 from dist_finetune.callbacks import Callback
 from dist_finetune.checkpoint import read_metadata
 from dist_finetune.data import REPEAT_STRIDE, BalancedSampler
+from dist_finetune.errors import DataError
 from dist_finetune.images import content_digests
 from dist_finetune.splits import stratified_split
 
@@ -149,3 +150,31 @@ def test_balanced_sampler_on_a_dataset_resumes_bit_exactly(tmp_path, capsys):
     assert "at epoch 1, batch 1, step 5" in capsys.readouterr().out
     different = [name for name in uninterrupted if not torch.equal(uninterrupted[name], resumed[name])]
     assert uninterrupted.keys() == resumed.keys() and not different
+
+
+def test_a_file_listed_twice_is_kept_once_and_a_file_in_both_splits_is_leakage(tmp_path):
+    """csv: the same path twice in train is one image (kept once, said once); the same path in train and
+    val is leakage, found by path; --dedupe keeps exactly one copy of each image, the train one."""
+    root = write_image_folder(tmp_path, classes=("a", "b"), per_class=5, size=16)
+    shutil.copy(root / "b" / "b_0.png", root / "b" / "copy.png")  # other file, same bytes
+    train = ["a/a_0.png", "a/a_0.png", "a/a_1.png", "a/a_2.png", "a/a_3.png", "b/b_0.png", "b/b_1.png", "b/b_2.png"]
+    val = ["a/a_3.png", "a/a_4.png", "b/b_3.png", "b/b_4.png", "b/copy.png"]
+    for name, rows in (("train.csv", train), ("val.csv", val)):
+        (tmp_path / name).write_text("".join(f"{row},{row[0]}\n" for row in rows))
+    csvs = (str(tmp_path / "train.csv"), str(root), str(tmp_path / "val.csv"))
+    data = ImageClassificationData.from_csv(*csvs, **SETTINGS)
+    data.check_images()
+    summary = "\n".join(data.summary)
+    assert "images per class (train / val), 7 / 5 in all:" in summary
+    assert f"warning: train lists 1 file(s) more than once, kept once each: {root / 'a' / 'a_0.png'} (2 times)" \
+        in summary
+    assert (f"warning: 1 file(s) listed in both train and val (leakage: validation overstates accuracy); remove "
+            f"them from one side (--dedupe drops them from val): {root / 'a' / 'a_3.png'}") in summary
+    assert "1 image(s) in val are byte-identical to train images" in summary
+    deduped = ImageClassificationData.from_csv(*csvs, dedupe=True, **SETTINGS)
+    deduped.check_images()
+    assert sorted(deduped.train_paths) == sorted({str(root / row) for row in train})  # 7: nothing lost
+    assert sorted(deduped.val_paths) == sorted(str(root / row) for row in val[1:4])  # a_3 and the copy dropped
+    (tmp_path / "train.csv").write_text("a/a_0.png,a\nb/b_0.png,b\na/a_0.png,b\n")
+    with pytest.raises(DataError, match=r"train lists .*a_0.png twice, as a and as b: keep the row"):
+        ImageClassificationData.from_csv(*csvs, **SETTINGS).check_images()

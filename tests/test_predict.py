@@ -27,6 +27,7 @@ from dist_finetune.prediction import (
     UNREADABLE_EXIT_CODE,
     Prediction,
     model_device,
+    predict_batches,
     predict_paths,
     predict_to_file,
     select_device,
@@ -144,6 +145,32 @@ def test_gpu_is_selected_when_cuda_is_present(monkeypatch):
     assert select_device("auto") == model_device(model) == torch.device("cpu")
     with pytest.raises(ConfigError, match="no CUDA device"):
         select_device("cuda")
+
+
+@pytest.mark.parametrize("launched, expected", [(None, None), ("bf16", torch.bfloat16)])
+def test_one_process_predicts_in_the_launch_configs_precision(monkeypatch, image_folders, launched, expected):
+    """`accelerate launch --num_processes 1 --mixed_precision bf16 -m dist_finetune predict` runs without an
+    accelerator; its precision (ACCELERATE_MIXED_PRECISION) is still the default, as --mixed-precision says."""
+    if launched:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)
+    model = fixed_probability_model([0.5, 0.5])
+    seen = []
+    model.register_forward_hook(lambda module, inputs, output: seen.append(
+        torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
+    predict_paths(model, list_image_files(image_folders / "val" / "red")[:2], device="cpu", num_workers=0)
+    assert seen == [expected]
+
+
+def test_a_chosen_gpu_is_made_current_before_batches_are_pinned(monkeypatch, image_folders):
+    """Pinned memory goes to the current CUDA device: with --device cuda:1 that must be GPU 1, or the
+    loader opens a second context on cuda:0. The device is set when prediction starts, before any batch."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    model = fixed_probability_model([0.5, 0.5])
+    batches = predict_batches(model, list_image_files(image_folders / "val" / "red"), device="cuda:1")
+    assert made_current == [torch.device("cuda", 1)]
+    batches.close()  # never started: nothing touched a GPU
 
 
 def launch_predict(*args, processes: int = 2) -> subprocess.CompletedProcess:

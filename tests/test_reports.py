@@ -132,3 +132,33 @@ def test_evaluate_refuses_unknown_classes(saved_model, tmp_path, capsys):
         main(evaluate_args(saved_model[0], folder, tmp_path / "out"))
     assert exited.value.code == 2
     assert "class(es) ['purple'] the model does not know" in capsys.readouterr().err
+
+
+def test_evaluate_reads_only_the_split_it_evaluates(saved_model, tmp_path, monkeypatch):
+    """--split test: the validation split, with a class the model does not know, is neither read nor checked."""
+    import datasets
+    from test_sources import image_dataset
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    purple = image_dataset(1, seed=2).map(lambda row: {"label": "purple"})
+    datasets.DatasetDict({"test": image_dataset((1, 0, 2)), "validation": purple}).save_to_disk(tmp_path / "saved")
+    main(["evaluate", "--checkpoint", str(saved_model[0]), "--dataset", str(tmp_path / "saved"), "--split", "test",
+          "--output-dir", str(tmp_path / "out"), "--batch-size", "4", "--num-workers", "0"])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["num_images"] == 3 and [row["support"] for row in report["per_class"]] == [1, 0, 2]
+
+
+def test_evaluate_takes_images_of_one_of_the_models_classes(saved_model, tmp_path, monkeypatch):
+    """A folder (or a dataset split) holding one class is a subset of the model's classes like any other."""
+    import datasets
+    from test_sources import image_dataset
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = write_image_folder(tmp_path / "green_only", classes=("green",), per_class=2, size=36)
+    datasets.DatasetDict({"test": image_dataset((0, 0, 3))}).save_to_disk(tmp_path / "saved")
+    sources = {"--data-folder": (folder, [0, 2, 0]), "--dataset": (tmp_path / "saved", [0, 0, 3])}
+    for option, (source, supports) in sources.items():
+        main(["evaluate", "--checkpoint", str(saved_model[0]), option, str(source), "--output-dir",
+              str(tmp_path / "out"), "--batch-size", "4", "--num-workers", "0"])
+        report = json.loads((tmp_path / "out" / "report.json").read_text())
+        assert report["classes"] == CLASSES and [row["support"] for row in report["per_class"]] == supports

@@ -444,3 +444,60 @@ def test_a_checkpoint_from_before_the_seed_optimizer_and_image_records_is_not_re
     check_signature({"backbone": "tiny_resnet"}, current, tmp_path)
     with pytest.raises(CheckpointError, match="seed: checkpoint has 1, this run has 0"):
         check_signature({"backbone": "tiny_resnet", "seed": 1}, current, tmp_path)
+
+
+class FakeCudaRng:
+    """torch.cuda's RNG functions on a node with ``count`` GPUs and no real one: device i's state is i."""
+
+    def __init__(self, monkeypatch, count: int, current: int):
+        self.restored: list[tuple[int, int]] = []  # (device, the state's value)
+        for name, value in {"is_available": lambda: True, "device_count": lambda: count,
+                            "current_device": lambda: current, "get_rng_state": self.get,
+                            "get_rng_state_all": lambda: [self.get(i) for i in range(count)],
+                            "set_rng_state": self.set,
+                            "set_rng_state_all": lambda states: [self.set(s, i) for i, s in enumerate(states)]}.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+        self.count = count
+
+    def get(self, device="cuda") -> torch.Tensor:
+        index = torch.device(device).index if not isinstance(device, int) else device
+        return torch.full((8,), index, dtype=torch.uint8)
+
+    def set(self, state: torch.Tensor, device="cuda") -> None:
+        index = torch.device(device).index if not isinstance(device, int) else device
+        if index >= self.count:
+            raise IndexError(f"no GPU {index} among {self.count}")
+        self.restored.append((index, int(state[0])))
+
+
+def test_rng_saves_and_restores_only_this_process_cuda_device(monkeypatch):
+    """Rank 3 of a 1 x 8 node saves its own GPU's state and no other; restored on another node layout
+    (its device is cuda:1 of 4 there) it lands on its own device."""
+    from dist_finetune.training_state import capture_rng, restore_rng
+
+    FakeCudaRng(monkeypatch, count=8, current=3)
+    tensors, extra = capture_rng(torch.device("cuda", 3))
+    assert sorted(tensors) == ["cuda", "numpy", "torch"]
+    assert tensors["cuda"].tolist() == [3] * 8
+    fake = FakeCudaRng(monkeypatch, count=4, current=1)
+    restore_rng(tensors, extra, torch.device("cuda", 1))
+    assert fake.restored == [(1, 3)]
+
+
+def test_rng_of_an_old_checkpoint_with_every_gpu_state(monkeypatch):
+    """Checkpoints that held every visible GPU's state (cuda0..cuda11, where text order puts cuda10
+    before cuda2) restore this process's device's entry; with none for it, a warning and no restore."""
+    from dist_finetune.training_state import capture_rng, restore_rng
+
+    FakeCudaRng(monkeypatch, count=12, current=0)
+    tensors, extra = capture_rng(torch.device("cpu"))
+    assert "cuda" not in tensors, "a CPU process saves no CUDA state"
+    old = {**tensors, **{f"cuda{i}": torch.full((8,), 100 + i, dtype=torch.uint8) for i in range(12)}}
+    fake = FakeCudaRng(monkeypatch, count=4, current=2)
+    restore_rng(old, extra, torch.device("cuda", 2))
+    assert fake.restored == [(2, 102)]
+    two_gpus = {k: v for k, v in old.items() if k not in {f"cuda{i}" for i in range(2, 12)}}
+    fake = FakeCudaRng(monkeypatch, count=4, current=3)
+    with pytest.warns(UserWarning, match=r"no CUDA RNG state for this process's device cuda:3 .*not bit-exact"):
+        restore_rng(two_gpus, extra, torch.device("cuda", 3))
+    assert fake.restored == []

@@ -3,8 +3,8 @@
 Needs root and ``apt-get install -y slurm-wlm munge``; otherwise every test here is skipped with a
 reason. ``tests/slurm_cluster.py`` brings the cluster up once per session (about 1 s) in a private
 temporary directory and stops it by PID afterwards. The batch scripts run unchanged: everything
-test-specific is an sbatch option (``--nodes``, ``--gres=none``, ``--output``, ``--chdir``) or an
-environment variable.
+test-specific is an sbatch option (``--nodes``, ``--gres=none`` with the CPUs and memory of this
+machine's small nodes, ``--output``, ``--chdir``) or an environment variable.
 
 Nodes n1 and n2 are two slurmd daemons on this host, so "multi-node" here means two
 ``accelerate launch`` agents on loopback that rendezvous like two machines would.
@@ -70,8 +70,8 @@ def submit(cluster, script: Path, args: list[str], *, nodes: int, workdir: Path,
     An explicit free port: parallel test sessions all see job id 1 on their fresh controllers."""
     env = {"MAIN_PROCESS_PORT": str(free_port()), "OMP_NUM_THREADS": "1", **(env or {})}
     return cluster.sbatch(
-        [f"--nodes={nodes}", "--gres=none", f"--chdir={workdir}", f"--output={log}",
-         "--job-name=dftest", str(script), *args],
+        [f"--nodes={nodes}", "--gres=none", "--cpus-per-task=1", "--mem=1G", f"--chdir={workdir}",
+         f"--output={log}", "--job-name=dftest", str(script), *args],
         env=env,
     )
 

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -397,6 +398,40 @@ def test_sbatch_headers(script):
     # sbatch stops reading options at the first command: every header comes before `set -euo`
     assert text.index("set -euo pipefail") > max(m.start() for m in re.finditer("^#SBATCH", text, re.M))
     assert text.startswith("#!/bin/bash\n")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cpus_and_memory_are_requested_for_every_gpu(script):
+    """One launcher task per node holds all its processes: without --cpus-per-task it may get one CPU for
+    every GPU process together, and default_num_workers then starts no loader workers. Each process
+    needs a core of its own and one more for at least one worker; memory is asked for explicitly."""
+    headers = dict(h.partition("=")[::2] for h in re.findall(r"^#SBATCH\s+(\S+)", script.read_text(), flags=re.M))
+    assert headers["--ntasks-per-node"] == "1"
+    gpus = int(headers["--gres"].rsplit(":", 1)[1])
+    cpus = int(headers["--cpus-per-task"])
+    assert cpus >= 2 * gpus and cpus % gpus == 0, f"{cpus} CPUs for {gpus} GPUs"
+    memory = re.fullmatch(r"(\d+)G", headers["--mem"])
+    assert memory and int(memory.group(1)) >= 16 * gpus, f"--mem={headers['--mem']} for {gpus} GPUs"
+
+
+def test_too_few_cpus_for_the_processes_are_warned_about_naming_the_sbatch_option(monkeypatch):
+    """What a job with one CPU per node and 4 GPU processes sees: the main process warns once, naming
+    the option to change; with enough CPUs, or outside SLURM, nothing is said."""
+    from dist_finetune.distributed import make_accelerator
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "1")
+    with pytest.warns(UserWarning, match=r"SLURM gave this node 1 CPU\(s\) for 4 processes: .* no workers.*"
+                                         r"`#SBATCH --cpus-per-task=N`"):
+        make_accelerator()
+    for cpus in ("4", None):
+        if cpus is None:
+            monkeypatch.delenv("SLURM_CPUS_ON_NODE")
+        else:
+            monkeypatch.setenv("SLURM_CPUS_ON_NODE", cpus)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            make_accelerator()
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

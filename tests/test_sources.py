@@ -220,3 +220,30 @@ def test_predict_labels_a_dataset_split_as_it_labels_the_same_images_as_files(tm
     with pytest.raises(SystemExit) as exited:
         main(["predict", "--checkpoint", str(model), "--dataset", str(tmp_path / "saved"), "--split", "validation"])
     assert exited.value.code == 2 and "has no split 'validation'" in capsys.readouterr().err
+
+
+def test_a_dataset_folder_whose_path_has_pattern_characters_is_read_as_itself(tmp_path, scan_cache):
+    """datasets reads a local folder's path as a glob pattern: data[1]/ matched data1/ (another dataset)."""
+    for name, per_class in (("data[1]", 2), ("data1", 3)):
+        (tmp_path / name).mkdir()
+        image_dataset(per_class).to_parquet(str(tmp_path / name / "train.parquet"))
+        datasets.DatasetDict({"train": image_dataset(per_class)}).save_to_disk(tmp_path / f"saved{name}")
+    for folder in ("data[1]", "saveddata[1]"):
+        data = ImageClassificationData.from_hub(str(tmp_path / folder), val_split=0.5, **SETTINGS)
+        assert len(data.train_paths) + len(data.val_paths) == 6, folder
+
+
+def test_a_csv_or_a_list_of_paths_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM, which glued onto the header: '\\ufeffpath' read as an image."""
+    from dist_finetune.prediction import expand_inputs
+
+    root = write_image_folder(tmp_path / "images", classes=("blue", "red"), per_class=2, size=16)
+    (tmp_path / "train.csv").write_text("path,label\nblue/blue_0.png,blue\nblue/blue_1.png,blue\n"
+                                        "red/red_0.png,red\nred/red_1.png,red\n", encoding="utf-8-sig")
+    data = ImageClassificationData.from_csv(str(tmp_path / "train.csv"), str(root), val_split=0.5)
+    assert sorted(data.train_paths + data.val_paths) == sorted(str(p) for p in root.rglob("*.png"))
+    (tmp_path / "list.txt").write_text(f"{root / 'red' / 'red_0.png'}\n", encoding="utf-8-sig")
+    assert expand_inputs([], tmp_path / "list.txt") == [str(root / "red" / "red_0.png")]
+    (tmp_path / "latin1.csv").write_bytes("path,label\nblue/blue_0.png,bl\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.csv is not UTF-8 text .*save it as UTF-8"):
+        ImageClassificationData.from_csv(str(tmp_path / "latin1.csv"), str(root))

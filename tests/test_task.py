@@ -120,3 +120,20 @@ def test_head_options_and_top5(tmp_path):
     assert top1 < top5 < 1, "the data must tell top-5 apart from top-1 and from top-8"
     loaded = ImageClassifier.load_from_checkpoint(tmp_path / "out" / "model.safetensors")
     assert loaded.head_hidden == 16 and loaded.predict(data.val_paths) == task.eval().predict(data.val_paths)
+
+
+@pytest.mark.parametrize("outputs", [2, 4])
+def test_a_model_with_another_class_count_than_the_data_is_refused_before_anything_runs(tiny_data, tmp_path, outputs):
+    """3 classes: 2 outputs failed in the loss (IndexError; a device assert on GPU), 4 trained every epoch
+    and wrote model files that could not be loaded."""
+    from dist_finetune.errors import ConfigError
+
+    task = ImageClassifier(outputs, backbone="tiny_resnet", pretrained=False)
+    trainer = tiny_trainer(max_epochs=1, output_dir=str(tmp_path / "run"))
+    refused = (rf"the model has num_classes={outputs} outputs but the data has 3 classes \(blue, green, red\); "
+               r"build it with ImageClassifier\(num_classes=data.num_classes, \.\.\.\)")
+    for run in (lambda: trainer.finetune(task, tiny_data), lambda: trainer.validate(task, tiny_data),
+                lambda: trainer.evaluate(task, tiny_data)):
+        with pytest.raises(ConfigError, match=refused):
+            run()
+    assert not (tmp_path / "run").exists()

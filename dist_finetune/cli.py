@@ -80,8 +80,9 @@ TRAIN_FLAGS: list[tuple[str, str, dict]] = [
     ("--process-group-timeout", "trainer.process_group_timeout_s",
      {"type": float, "metavar": "SECONDS", "help": "how long a rank waits for the others in any collective before "
                                                    "the job fails (1800; NCCL's own default is 600)"}),
-    ("--channels-last", "trainer.channels_last", {"action": argparse.BooleanOptionalAction,
-                                                  "help": "channels_last memory format (default: on for conv nets)"}),
+    ("--channels-last", "trainer.channels_last",
+     {"action": argparse.BooleanOptionalAction, "help": "channels_last memory format (default: on for conv nets on "
+                                                        "GPU, off on CPU, where asking for it runs a check first)"}),
     ("--tune-cpu-allocator", "trainer.tune_cpu_allocator",
      {"action": argparse.BooleanOptionalAction, "help": "CPU runs: glibc malloc keeps freed memory for the next step "
                                                         "instead of page-faulting it anew (default: on)"}),

@@ -141,7 +141,7 @@ class TrainerConfig:
     cache_frozen_features: bool = True  # only ever used when augment=False and the backbone is frozen+eval
     save_every_n_steps: int | None = None  # training-state checkpoints; one is always written per epoch
     keep_last: int = 2
-    channels_last: bool | None = None  # None: on for conv nets (GPU and CPU)
+    channels_last: bool | None = None  # None: on for conv nets on GPU, off on CPU; True on CPU is checked first
     tune_cpu_allocator: bool = True  # CPU runs: glibc malloc keeps freed memory for the next step (host_memory)
     compile: bool = False  # torch.compile the training forward; each strategy transition recompiles it
     compile_backend: str = "inductor"

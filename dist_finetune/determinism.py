@@ -21,7 +21,8 @@ CUBLAS_WORKSPACE_CONFIG = ":4096:8"  # cuBLAS needs a fixed workspace to be dete
 def configure_determinism(deterministic: bool) -> None:
     """Deterministic kernels everywhere when asked; call before CUDA starts (cuBLAS reads its setting then).
 
-    ``deterministic=False`` changes nothing: the trainer keeps cuDNN's benchmark for speed.
+    ``deterministic=False`` changes nothing: the trainer keeps cuDNN's benchmark for speed. The flags are
+    torch's process-wide ones and stay set for the rest of the process (README says so).
     """
     if not deterministic:
         return

@@ -39,8 +39,11 @@ def is_image_file(path: str | os.PathLike) -> bool:
 
 
 def list_image_files(folder: str | os.PathLike) -> list[str]:
-    """Every image file under ``folder`` (recursively, hidden files included), sorted by path."""
-    return sorted(str(p) for p in Path(folder).rglob("*") if p.is_file() and is_image_file(p))
+    """Every image file under ``folder`` (recursively, hidden files included, but nothing inside a hidden
+    folder such as ``.ipynb_checkpoints``: tools keep copies there), sorted by path."""
+    root = Path(folder)
+    return sorted(str(p) for p in root.rglob("*") if p.is_file() and is_image_file(p)
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts[:-1]))
 
 
 def load_rgb(source, min_side: int | None = None) -> Image.Image:

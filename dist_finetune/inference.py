@@ -17,7 +17,7 @@ from torch import nn
 def eval_loader(task: nn.Module, data, accelerator):
     """``data``'s val images, unshuffled, split over the processes (``task``, checked to fit ``data``, moved
     to their device)."""
-    task.check_data(data)
+    task.check_data(data, scoring=True)
     task.to(accelerator.device)
     return accelerator.prepare_data_loader(data.dataloader(data.val_dataset(), shuffle=False))
 

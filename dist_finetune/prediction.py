@@ -34,6 +34,7 @@ from .distributed import from_main_process, launcher_mixed_precision, local_worl
 from .errors import ConfigError, DataError
 from .host_memory import keep_freed_memory
 from .images import IMAGE_EXTENSIONS, FileImages, list_image_files, load_rgb
+from .memory_format import channels_last_by_default
 
 CSV_COLUMNS = ("path", "label", "probability", "error")
 UNREADABLE_EXIT_CODE = 3  # `predict --strict` when any file could not be read (its rows are still written)
@@ -222,7 +223,7 @@ def predict_batches(task, paths: Sequence[str], batch_size: int = 32, top_k: int
 def _prediction_stream(task, paths: Sequence[str], loader, target: torch.device, dtype: torch.dtype | None,
                        top_k: int, accelerator, reader) -> Iterator[list[Prediction]]:
     main = accelerator is None or accelerator.is_main_process
-    channels_last = bool(task.is_convnet)
+    channels_last = channels_last_by_default(task, target)
     was_training = task.training
     task.to(target)
     if channels_last:

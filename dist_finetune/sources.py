@@ -249,11 +249,15 @@ def _load_folder(folder: Path):
     pattern, so a path with ``[``, ``]``, ``*`` or ``?`` is escaped and its files are listed here the way
     load_dataset lists them: ``data[1]/`` is read as itself, never as ``data1/``."""
     import datasets
-    from datasets.data_files import DataFilesDict, get_data_patterns
-    from datasets.load import infer_module_for_data_files
 
     if not any(character in str(folder.resolve()) for character in "[]*?"):
         return datasets.load_dataset(str(folder))
+    try:  # datasets' own listing helpers: not public API, so a release may move them
+        from datasets.data_files import DataFilesDict, get_data_patterns
+        from datasets.load import infer_module_for_data_files
+    except ImportError as error:
+        raise DataError(f"dataset folder {folder}: this datasets release cannot read a folder whose path has "
+                        f"[, ], * or ? as itself ({error}); rename the folder without them") from error
     base = glob.escape(str(folder.resolve()))
     files = DataFilesDict.from_patterns(get_data_patterns(base), base_path=base)
     module, options = infer_module_for_data_files(files)

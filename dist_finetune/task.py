@@ -95,14 +95,22 @@ class ImageClassifier(nn.Module):
             keep_frozen_norms_in_eval(self)
         return self
 
-    def check_data(self, data) -> None:
+    def check_data(self, data, scoring: bool = False) -> None:
         """Refuse data this model cannot take, before any step: another class count than its outputs (a label
         past the outputs fails deep in the loss, a device assert on GPU; extra outputs give a model file that
-        cannot be loaded), or an input size the backbone cannot take (learned position embeddings)."""
+        cannot be loaded), or an input size the backbone cannot take (learned position embeddings).
+        ``scoring`` (validate, evaluate): a model that knows its class names must be scored on data labelled
+        with those names in its order, else every metric would compare the wrong classes."""
         if data.num_classes != self.num_classes:
             raise ConfigError(
                 f"the model has num_classes={self.num_classes} outputs but the data has {data.num_classes} classes "
                 f"({', '.join(data.classes)}); build it with ImageClassifier(num_classes=data.num_classes, ...)"
+            )
+        if scoring and self.labels and list(self.labels) != list(data.classes):
+            raise ConfigError(
+                f"the model's classes are {list(self.labels)} but the data's are {list(data.classes)}: scores would "
+                "compare the wrong classes. Label the data with the model's classes, in its order (dist-finetune "
+                "evaluate --checkpoint FILE --data-folder DIR maps them by name)"
             )
         if self.fixed_image_size is not None and data.image_size != self.fixed_image_size:
             raise ConfigError(

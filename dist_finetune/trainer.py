@@ -27,6 +27,7 @@ from .data import ImageClassificationData
 from .determinism import configure_determinism
 from .distributed import (
     DDPResync,
+    any_rank,
     average_gradients,
     broadcast_buffers,
     check_rank_consistency,
@@ -40,6 +41,7 @@ from .feature_cache import epoch_loader
 from .finetuning import BaseFinetuning, NoFreeze, StrategyCallback, build_optimizer, resolve_strategy, trainable_parameters
 from .host_memory import keep_freed_memory
 from .inference import eval_loader, validation_metrics
+from .memory_format import resolve_channels_last
 from .metrics import MetricsLogger
 from .model_selection import MODEL_FILENAME, BestModel, EarlyStopping
 from .preemption import Preemption
@@ -252,7 +254,10 @@ class Trainer:
         """Loaders, memory format, ``accelerator.prepare``, and the schedule."""
         config, accelerator, task = run.config, run.accelerator, run.task
         train_loader, val_loader = self._loaders(run.data, accelerator)
-        if self._use_channels_last(task):
+        wanted = resolve_channels_last(config.channels_last, task, accelerator.device, task.image_size,
+                                       run.data.batch_size)
+        run.extras["channels_last"] = not any_rank(accelerator, not wanted)  # all ranks alike: DDP checks strides
+        if run.extras["channels_last"]:
             task.to(memory_format=torch.channels_last)
         run.model, run.optimizer, run.train_loader, run.val_loader = accelerator.prepare(
             task, run.optimizer, train_loader, val_loader)
@@ -279,12 +284,6 @@ class Trainer:
         val = data.dataloader(data.val_dataset(), shuffle=False, local_processes=local, pin_memory=pin,
                               persistent_workers=False)
         return train, val
-
-    def _use_channels_last(self, task: ImageClassifier) -> bool:
-        """channels_last for conv nets unless configured: faster on GPUs (tensor cores) and on CPUs (oneDNN)."""
-        if self.config.channels_last is not None:
-            return self.config.channels_last
-        return task.is_convnet
 
     def _training_forward(self, run: RunState):
         """``run.model``, or its torch.compile'd wrapper, compiled anew for each DDP wrapper.
@@ -340,7 +339,7 @@ class Trainer:
             loader.set_epoch(position.epoch)
         params = trainable_parameters(run.model)
         forward = task.head if head_only else self._training_forward(run)
-        channels_last = self._use_channels_last(task) and not head_only
+        channels_last = run.extras["channels_last"] and not head_only
         class_weights = torch.tensor(task.class_weights, device=accelerator.device) if task.class_weights else None
         # [loss sum, images, non-finite losses, batches]; totals carried over a resume count once, on rank 0
         carried = [position.loss_sum, position.seen] if accelerator.is_main_process else [0.0, 0.0]

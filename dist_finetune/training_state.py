@@ -65,17 +65,23 @@ def capture_rng(device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
 
 def restore_rng(tensors: dict[str, torch.Tensor], extra: dict, device: torch.device) -> None:
     """Restore what :func:`capture_rng` saved. Checkpoints written before it saved one device held
-    every visible GPU's state as ``cuda0``..``cudaN``: the entry of this process's device is used."""
+    every visible GPU's state as ``cuda0``..``cudaN``: the entry of this process's device is used when
+    the machine shows as many GPUs as the checkpoint holds (the same node layout); on another layout
+    the device index names another rank's generator, so none is restored and a warning says so."""
     torch.set_rng_state(tensors["torch"])
     cuda_index = _cuda_index(device)
     if cuda_index is not None:
-        state = tensors.get("cuda", tensors.get(f"cuda{cuda_index}"))
+        saved_gpus = sum(key.startswith("cuda") and key != "cuda" for key in tensors)
+        state = tensors.get("cuda")
+        if state is None and saved_gpus == torch.cuda.device_count():
+            state = tensors.get(f"cuda{cuda_index}")
         if state is not None:
             torch.cuda.set_rng_state(state, cuda_index)
-        elif any(key.startswith("cuda") for key in tensors):
+        elif saved_gpus:
             warnings.warn(f"the checkpoint holds no CUDA RNG state for this process's device cuda:{cuda_index} "
-                          f"(it has {', '.join(sorted(k for k in tensors if k.startswith('cuda')))}): its CUDA "
-                          "random numbers do not continue the saved run's, so this resume is not bit-exact")
+                          f"(it has the states of the {saved_gpus} GPU(s) its machine showed, this one shows "
+                          f"{torch.cuda.device_count()}): its CUDA random numbers do not continue the saved "
+                          "run's, so this resume is not bit-exact")
     kind, pos, has_gauss, cached = extra["numpy"]
     np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
     version, state, gauss = extra["python"]
@@ -86,13 +92,13 @@ def restore_rng(tensors: dict[str, torch.Tensor], extra: dict, device: torch.dev
 
 
 def split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer ``state_dict`` -> (whole tensors for safetensors, JSON-able structure); every rank calls it
-    (sharded state is gathered)."""
+    """Optimizer ``state_dict`` -> (whole tensors, JSON-able structure); every rank calls it (sharded state
+    is gathered). Tensors stay where they are: only the process that writes them copies them to the host."""
     tensors, scalars = {}, {}
     for index, values in state["state"].items():
         for key, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = full_tensor(value.detach()).cpu().contiguous()
+                tensors[f"{index}.{key}"] = full_tensor(value.detach())
             else:
                 scalars[f"{index}.{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -157,7 +163,7 @@ def write_training_state(run: RunState) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_file({k: v.cpu().contiguous() for k, v in model_tensors.items()}, partial / "model.safetensors")
-        save_file(optimizer_tensors, partial / "optimizer.safetensors")
+        save_file({k: v.cpu().contiguous() for k, v in optimizer_tensors.items()}, partial / "optimizer.safetensors")
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         _write_json(partial / "state.json", {
             "position": asdict(position), "optimizer": optimizer_structure, "schedule": run.schedule.state_dict(),

@@ -107,8 +107,10 @@ def match_trainer_backend(device) -> None:
 
 
 def uses_channels_last(task, device) -> bool:
-    """The Trainer's default (TrainerConfig.channels_last=None): on for conv nets, on any device."""
-    return bool(task.is_convnet)
+    """The Trainer's default (TrainerConfig.channels_last=None): on for conv nets on a GPU, off on the CPU."""
+    from dist_finetune.memory_format import channels_last_by_default
+
+    return channels_last_by_default(task, device)
 
 
 def autocast_dtype(mixed_precision: str):

@@ -21,6 +21,7 @@ def job_predict(job: dict, common: dict) -> dict:
     from dist_finetune import ImageClassifier, seed_everything
     from dist_finetune.data import default_num_workers, eval_resize_size, eval_transform
     from dist_finetune.images import load_rgb
+    from dist_finetune.memory_format import channels_last_by_default
     from dist_finetune.prediction import autocast_dtype, predict_to_file, select_device
 
     device = select_device(common["device"])
@@ -44,7 +45,7 @@ def job_predict(job: dict, common: dict) -> dict:
     transform, min_side = eval_transform(size), eval_resize_size(size)
     images = torch.stack([transform(load_rgb(path, min_side)) for path in paths]).to(device)
     predecode_s = time.perf_counter() - start
-    channels_last = bool(task.is_convnet)
+    channels_last = channels_last_by_default(task, device)  # as predict_to_file chose
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     dtype = autocast_dtype(common["mixed_precision"])

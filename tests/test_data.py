@@ -182,3 +182,18 @@ def test_file_and_class_names_with_pattern_characters_are_read_as_themselves(tmp
                                         for file in ODD_NAMES), *((file, "top") for file in ODD_NAMES)])
     data = ImageClassificationData.from_csv(str(tmp_path / "all.csv"), val_split=0.5)
     assert sorted(data.train_paths + data.val_paths) == sorted([p for p in listed if "/train/a" in p] + top)
+
+
+def test_images_in_subfolders_count_for_their_class_but_hidden_folders_are_left_out(tmp_path):
+    """``train/red/more/x.png`` is a red image; ``train/red/.ipynb_checkpoints/x-checkpoint.png`` is a
+    tool's copy and never training data."""
+    write_image_folder(tmp_path / "train", per_class=3, seed=1)
+    write_image_folder(tmp_path / "val", per_class=2, seed=2)
+    write_image_folder(tmp_path / "nested", classes=("more",), per_class=2, seed=3)
+    (tmp_path / "nested" / "more").rename(tmp_path / "train" / "red" / "more")
+    write_image_folder(tmp_path / "train" / "red", classes=(".ipynb_checkpoints",), per_class=2, seed=4)
+    data = ImageClassificationData.from_folders(str(tmp_path / "train"), str(tmp_path / "val"), num_workers=0)
+    assert len(data.train_paths) == 3 * 3 + 2
+    red = [p for p, y in zip(data.train_paths, data.train_labels) if data.classes[y] == "red"]
+    assert sorted(p.split("/red/", 1)[1] for p in red) == ["more/more_0.png", "more/more_1.png",
+                                                          "red_0.png", "red_1.png", "red_2.png"]

@@ -51,7 +51,7 @@ def test_checkpoint_round_trip_predictions_and_metadata(tiny_data, tmp_path):
     paths = tiny_data.val_paths
     task.eval()
     assert loaded.predict(paths) == task.predict(paths)
-    ours, theirs = loaded.predict_with_scores(paths), task.predict_with_scores(paths)  # channels_last vs not
+    ours, theirs = loaded.predict_with_scores(paths), task.predict_with_scores(paths)
     assert [label for label, _ in ours] == [label for label, _ in theirs]
     assert [score for _, score in ours] == pytest.approx([score for _, score in theirs], abs=1e-5)
     assert trainer.validate(loaded, tiny_data)["val_acc"] == pytest.approx(metrics[-1]["val_acc"])
@@ -137,3 +137,19 @@ def test_a_model_with_another_class_count_than_the_data_is_refused_before_anythi
         with pytest.raises(ConfigError, match=refused):
             run()
     assert not (tmp_path / "run").exists()
+
+
+def test_a_model_is_scored_only_on_data_labelled_with_its_classes_in_its_order(tiny_data):
+    """Same class count, other order: every metric would compare the wrong classes (validate, evaluate)."""
+    from dist_finetune.errors import ConfigError
+
+    task = ImageClassifier(3, backbone="tiny_resnet", pretrained=False)
+    task.labels = ["red", "green", "blue"]  # as a loaded model knows them; the data has blue, green, red
+    trainer = tiny_trainer()
+    refused = (r"the model's classes are \['red', 'green', 'blue'\] but the data's are \['blue', 'green', 'red'\]"
+               r".*dist-finetune evaluate --checkpoint FILE --data-folder DIR maps them by name")
+    for run in (lambda: trainer.validate(task, tiny_data), lambda: trainer.evaluate(task, tiny_data)):
+        with pytest.raises(ConfigError, match=refused):
+            run()
+    task.labels = ["blue", "green", "red"]
+    assert set(trainer.validate(task, tiny_data)) >= {"val_loss", "val_acc"}

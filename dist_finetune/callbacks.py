@@ -66,6 +66,7 @@ class RunState:
     last_checkpoint: Path | None = None
     history: list[dict] = field(default_factory=list)  # one record per finished epoch
     stop_reason: str | None = None  # set (identically on every rank) to end training after this epoch
+    model_epoch: int | None = None  # after training: the epoch whose weights the task holds (BestModel sets it)
     extras: dict = field(default_factory=dict)  # per-run scratch space of callbacks and helpers
 
     @property

@@ -26,7 +26,7 @@ from .distributed import any_rank
 from .errors import NonFiniteLossError
 from .sharding import local_tensor
 
-ADVICE = "Lower the lr or set max_grad_norm."
+ADVICE = "Lower the lr or set max_grad_norm (a resume from that checkpoint applies them)."
 
 
 @dataclass(frozen=True)

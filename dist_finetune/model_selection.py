@@ -11,12 +11,19 @@ decision that ends training is still taken through a collective so no rank can g
 from __future__ import annotations
 
 import math
+import os
+import time
+import warnings
+from pathlib import Path
 
 import torch
 
 from .callbacks import Callback, RunState
+from .checkpoint import load_model, read_metadata, save_model
 from .distributed import any_rank
+from .errors import CheckpointError
 from .sharding import full_state_dict
+from .training_state import CHECKPOINTS_DIR
 
 MODEL_FILENAME = "model.safetensors"
 LAST_MODEL_FILENAME = "last.safetensors"
@@ -33,6 +40,14 @@ def score(record: dict, metric: str) -> tuple[float, ...]:
     return (-record["val_loss"],)
 
 
+def _holds(path: Path, best: dict) -> bool:
+    """Whether the model file at ``path`` records exactly ``best``'s epoch and metrics."""
+    try:
+        return path.is_file() and read_metadata(path).get("training") == best
+    except CheckpointError:  # not a model file of ours, or damaged: it does not hold them
+        return False
+
+
 def describe(record: dict) -> str:
     top5 = f", val_top5 {record['val_top5']:.4f}" if "val_top5" in record else ""
     return f"epoch {record['epoch']} (val_acc {record['val_acc']:.4f}, val_loss {record['val_loss']:.4f}{top5})"
@@ -43,7 +58,8 @@ class BestModel(Callback):
 
     ``load_best_at_end``: after training the task holds the best epoch's weights (as HF Trainer's
     ``load_best_model_at_end``), so saving, validating and predicting use them; else the last ones.
-    The best weights are kept in host memory (and in the model file), one copy per process.
+    The best weights are kept in host memory (and in the model file), one copy per process; a resumed
+    run takes them only from where the best epoch's record proves them (see ``_recover``).
     """
 
     def __init__(self, metric: str = "val_acc", load_best_at_end: bool = True):
@@ -64,6 +80,40 @@ class BestModel(Callback):
         if run.output_dir is not None:  # written before the epoch's training state, so never behind it
             trainer.save_checkpoint(run.output_dir / MODEL_FILENAME, training=self.best)
 
+    def on_fit_start(self, trainer, run: RunState) -> None:
+        if self.best is not None and self._weights is None:  # resumed after a best epoch was chosen
+            self._recover(trainer, run)
+
+    def _recover(self, trainer, run: RunState) -> None:
+        """Find the best epoch's weights chosen before the resume: the resumed checkpoint when it is that
+        epoch's end, else a model file whose recorded epoch and metrics are the best's (this output dir's,
+        or that of the run the checkpoint belongs to). This output dir's model file then holds them (it
+        may lack them: another output dir); one holding another epoch (written by the continuation this
+        run replaces) is moved aside, never taken for the best."""
+        position, best = run.position, self.best
+        files = [run.output_dir / MODEL_FILENAME] if run.output_dir is not None else []
+        of_checkpoint = run.resumed_from.parent.parent / MODEL_FILENAME  # the model file of the checkpoint's run
+        if run.resumed_from.parent.name == CHECKPOINTS_DIR and of_checkpoint.resolve() not in map(Path.resolve, files):
+            files.append(of_checkpoint)
+        if (position.epoch, position.batch) == (best["epoch"] + 1, 0):
+            self._weights = {k: v.to("cpu", copy=True) for k, v in full_state_dict(run.task.state_dict()).items()}
+        else:
+            source = next((path for path in files if _holds(path, best)), None)
+            self._weights = load_model(source)[0] if source is not None else None
+        if self._weights is None:
+            warnings.warn(f"the best epoch so far, {describe(best)}, was chosen before the resume and its weights "
+                          f"are in none of {', '.join(map(str, files)) or 'no model file'}: unless a later epoch "
+                          "does better, the run ends with the last epoch's weights")
+        if run.output_dir is None or not run.is_main_process or _holds(files[0], best):
+            return
+        if files[0].exists():
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            aside = files[0].with_name(f"model.replaced-{stamp}.safetensors")
+            os.replace(files[0], aside)
+            trainer.announce(f"{files[0]} did not hold this run's best epoch {best['epoch']}: moved to {aside}")
+        if self._weights is not None:
+            save_model(files[0], self._weights, {**run.task.metadata(), "training": best})
+
     def on_fit_end(self, trainer, run: RunState) -> None:
         if not run.history or self.best is None:
             return
@@ -71,22 +121,18 @@ class BestModel(Callback):
         if run.output_dir is not None:
             trainer.save_checkpoint(run.output_dir / LAST_MODEL_FILENAME,
                                     training={k: last[k] for k in self.best if k in last})
-        if self.load_best_at_end and self.best["epoch"] != last["epoch"]:
-            self._load_best(trainer, run)
-        kept = self.best if self.load_best_at_end else last
+        have_best = self.best["epoch"] == last["epoch"] or self._weights is not None
+        kept = self.best if self.load_best_at_end and have_best else last
+        if kept["epoch"] != last["epoch"]:
+            device = run.accelerator.device
+            run.task.load_weights({k: v.to(device) for k, v in self._weights.items()}, "the best epoch's weights")
+        run.model_epoch = kept["epoch"]
         message = f"best {describe(self.best)}"
         if run.output_dir is not None:
             message += f" -> {run.output_dir / MODEL_FILENAME}; last epoch {last['epoch']} -> " \
                        f"{run.output_dir / LAST_MODEL_FILENAME}"
-        trainer.announce(f"{message}; the task now holds epoch {kept['epoch']}'s weights")
-
-    def _load_best(self, trainer, run: RunState) -> None:
-        weights = self._weights
-        if weights is None:  # chosen before a resume: only the model file has it
-            from .checkpoint import load_model
-
-            weights, _ = load_model(run.output_dir / MODEL_FILENAME)
-        run.task.load_weights({k: v.to(run.accelerator.device) for k, v in weights.items()}, "the best epoch's weights")
+        missing = "" if have_best else " (the best epoch's weights were not found: see the warning at the resume)"
+        trainer.announce(f"{message}; the task now holds epoch {kept['epoch']}'s weights{missing}")
 
     def state_dict(self) -> dict:
         return {"best": self.best}

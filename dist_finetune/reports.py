@@ -91,7 +91,7 @@ class Reports(Callback):
             return
         report = validation_report(run.task, run.val_loader, run.accelerator, run.data, self.top_losses)
         best = [record["epoch"] for record in run.history if record.get("best")]
-        epoch = best[-1] if best and run.config.load_best_model_at_end else run.history[-1]["epoch"]
+        epoch = run.history[-1]["epoch"] if run.model_epoch is None else run.model_epoch
         report["model"] = {"epoch": epoch, "weights": "best" if best and epoch == best[-1] else "last"}
         if run.is_main_process:
             trainer.announce(f"validation report of epoch {epoch}'s weights:")

@@ -13,15 +13,16 @@ whatever groups exist now:
 
 Layer-wise lr decay (timm's ``--layer-decay`` convention) splits a group that spans several
 backbone layers into one group per layer, scaled by ``decay ** distance`` from the head. The
-schedule's state and each group's ``initial_lr``/``joined_step`` are saved with the optimizer, so
-a resumed run continues the same curves. Stepped once per optimizer step by the trainer (not
-through ``accelerator.prepare``, which would step it once per process).
+schedule's step and each group's ``initial_lr``/``joined_step`` are saved with the optimizer, so
+a resumed run continues the same curves (over this run's horizon, see ``resume``). Stepped once per
+optimizer step by the trainer (not through ``accelerator.prepare``, which would step it once per
+process).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -79,10 +80,18 @@ class WarmupSchedule:
         return {"step_count": self.step_count, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
                 "kind": self.kind, "new_group_warmup_steps": self.new_group_warmup_steps}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.step_count = int(state["step_count"])
-        self.total_steps, self.warmup_steps, self.kind = state["total_steps"], state["warmup_steps"], state["kind"]
-        self.new_group_warmup_steps = state.get("new_group_warmup_steps", 0)
+    def load_state_dict(self, state: dict, step_of: Callable[[int], int] | None = None) -> None:
+        """Continue at the saved step on this schedule's own curve: the horizon, warmup and kind stay this
+        run's (a larger max_epochs extends the decay instead of leaving the added steps at lr 0).
+
+        ``step_of``: maps a step of the checkpoint's run onto this run's steps (another batch size or
+        process count), applied to the step count and to every group's ``joined_step`` alike.
+        """
+        step_of = step_of or int
+        self.step_count = step_of(int(state["step_count"]))
+        for group in self.optimizer.param_groups:
+            if group.get("joined_step") is not None:
+                group["joined_step"] = step_of(group["joined_step"])
         self.refresh()
 
 

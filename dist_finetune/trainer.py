@@ -48,6 +48,7 @@ from .metrics import MetricsLogger
 from .model_selection import MODEL_FILENAME, BestModel, EarlyStopping
 from .preemption import Preemption
 from .reports import validation_report
+from .resume import resume_from
 from .run_records import run_outputs
 from .schedule import WarmupSchedule
 from .sharding import full_state_dict
@@ -58,7 +59,6 @@ from .training_state import (
     check_signature,
     checkpoint_to_resume,
     load_training_state,
-    restore_training_state,
     run_signature,
     write_training_state,
 )
@@ -106,7 +106,7 @@ class Trainer:
         # class weights (None unless data.class_weights='auto') weight the training loss and go into the model file
         task.labels, task.image_size, task.class_weights = list(data.classes), data.image_size, data.loss_weights()
         run = RunState(config=config, accelerator=accelerator, task=task, data=data, strategy=strategy,
-                       signature=run_signature(task, data, strategy))
+                       signature=run_signature(task, data, strategy, config))
         run.callbacks = callbacks = CallbackList(self._run_callbacks(strategy))
         self.run, self.task = run, task
         try:
@@ -121,13 +121,7 @@ class Trainer:
                 task.load_weights(saved["model"], str(checkpoint))
             self._prepare(run)
             if saved is not None:
-                run.position = restore_training_state(accelerator, saved, run.optimizer, run.schedule,
-                                                      data.batch_size, checkpoint)
-                run.resumed_from = run.last_checkpoint = checkpoint
-                run.extras["saved_position"] = dataclasses.asdict(run.position)
-                position = run.position
-                self.announce(f"resumed from {checkpoint} at epoch {position.epoch}, batch {position.batch}, "
-                              f"step {position.global_step}")
+                resume_from(self, run, saved, checkpoint)
             callbacks.call("on_fit_start", self, run)
             self._fit(run)
             if config.check_rank_consistency:
@@ -184,9 +178,7 @@ class Trainer:
         if run.extras.get("saved_position") == position:
             return run.last_checkpoint  # this exact state is saved already: never rewrite it in place
         refuse_non_finite_weights(run.accelerator, run.task.state_dict(), "a checkpoint", run.last_checkpoint)
-        run.last_checkpoint = write_training_state(
-            run.accelerator, run.output_dir, run.task.state_dict(), run.optimizer, run.schedule, run.position,
-            run.signature, run.config.keep_last, run.callbacks.state_dict())
+        run.last_checkpoint = write_training_state(run)
         run.extras["saved_position"] = position
         return run.last_checkpoint
 

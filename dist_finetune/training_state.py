@@ -2,7 +2,8 @@
 
 A checkpoint is a folder ``output_dir/checkpoints/step-XXXXXXXX`` holding the model, the optimizer
 (tensors as safetensors, structure as JSON), the schedule, the GradScaler, the position in the
-epoch's sample order, each rank's RNG states, and a manifest of every file's size and SHA-256.
+epoch's sample order, the batch layout and optimizer settings it was written with (``resume``
+maps or applies other ones), each rank's RNG states, and a manifest of every file's size and SHA-256.
 It is written under a temporary name and renamed only when complete, so a crash mid-write never
 leaves a folder that looks finished; a folder whose files do not match its manifest is skipped
 with a warning and the newest intact one is used instead.
@@ -19,6 +20,7 @@ import json
 import os
 import random
 import shutil
+import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -30,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from .callbacks import Callback, Position, RunState
 from .errors import CheckpointError
-from .sharding import full_state_dict, full_tensor, shard_optimizer_state
+from .sharding import full_state_dict, full_tensor
 
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "manifest.json"
@@ -126,12 +128,27 @@ def _write_json(path: Path, payload) -> None:
     path.write_text(json.dumps(payload, sort_keys=True))
 
 
-def write_training_state(accelerator, output_dir: Path, model_state: dict, optimizer, schedule, position: Position,
-                        signature: dict, keep_last: int, callback_states: dict) -> Path:
-    """Write one checkpoint (every rank takes part: each saves its own RNG and gathers sharded tensors)
-    and prune old ones."""
-    root = Path(output_dir) / CHECKPOINTS_DIR
-    final = root / f"step-{position.global_step:08d}"
+def layout_of(run: RunState) -> dict:
+    """What an optimizer step and an epoch are in ``run``: a resume with another layout maps onto it."""
+    return {"batch_size": run.data.batch_size, "num_processes": run.accelerator.num_processes,
+            "gradient_accumulation_steps": run.config.gradient_accumulation_steps,
+            "steps_per_epoch": run.steps_per_epoch}
+
+
+def optimizer_settings(config) -> dict:
+    """The optimizer hyper-parameters ``config`` (a TrainerConfig) sets: a resume applies changed ones."""
+    settings = {"lr": config.lr, "weight_decay": config.weight_decay}
+    if config.optimizer == "sgd":
+        settings["momentum"] = config.momentum
+    return settings
+
+
+def write_training_state(run: RunState) -> Path:
+    """Write one checkpoint of ``run`` (every rank takes part: each saves its own RNG and gathers sharded
+    tensors) and prune old ones; never the one just written or the one this run resumed from."""
+    accelerator, position = run.accelerator, run.position
+    root = run.output_dir / CHECKPOINTS_DIR
+    final = root / checkpoint_name(position.global_step)
     partial = root / f".{final.name}.partial"
     if accelerator.is_main_process:
         for stale in root.glob(".step-*.partial"):  # writes a crash never finished
@@ -141,17 +158,18 @@ def write_training_state(accelerator, output_dir: Path, model_state: dict, optim
     rng_tensors, rng_extra = capture_rng(accelerator.device)
     save_file(rng_tensors, partial / f"rng_rank{accelerator.process_index}.safetensors",
               metadata={"extra": json.dumps(rng_extra)})
-    model_tensors = full_state_dict(model_state)
-    optimizer_tensors, optimizer_structure = split_optimizer_state(optimizer.state_dict())
+    model_tensors = full_state_dict(run.task.state_dict())
+    optimizer_tensors, optimizer_structure = split_optimizer_state(run.optimizer.state_dict())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_file({k: v.cpu().contiguous() for k, v in model_tensors.items()}, partial / "model.safetensors")
         save_file({k: v.cpu().contiguous() for k, v in optimizer_tensors.items()}, partial / "optimizer.safetensors")
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         _write_json(partial / "state.json", {
-            "position": asdict(position), "optimizer": optimizer_structure, "schedule": schedule.state_dict(),
-            "scaler": scaler, "signature": signature, "num_processes": accelerator.num_processes,
-            "callbacks": callback_states,
+            "position": asdict(position), "optimizer": optimizer_structure, "schedule": run.schedule.state_dict(),
+            "scaler": scaler, "signature": run.signature, "num_processes": accelerator.num_processes,
+            "layout": layout_of(run), "optimizer_settings": optimizer_settings(run.config),
+            "callbacks": run.callbacks.state_dict(),
         })
         files = sorted(p for p in partial.iterdir() if p.is_file())
         _write_json(partial / MANIFEST, {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files})
@@ -161,18 +179,22 @@ def write_training_state(accelerator, output_dir: Path, model_state: dict, optim
         if final.exists():  # left by an earlier run that did not resume from it (it failed verification)
             shutil.rmtree(final)
         os.replace(partial, final)
-        _prune(root, keep_last)
+        kept = {final.resolve(), *([run.resumed_from.resolve()] if run.resumed_from else [])}
+        for old in step_checkpoints(root)[:-run.config.keep_last]:
+            if old.resolve() not in kept:
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
-def _checkpoints(root: Path) -> list[Path]:
+def checkpoint_name(global_step: int) -> str:
+    """``step-XXXXXXXX``: names sort as the steps do."""
+    return f"step-{global_step:08d}"
+
+
+def step_checkpoints(root: Path) -> list[Path]:
+    """The checkpoint folders directly in ``root``, oldest first."""
     return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
-
-
-def _prune(root: Path, keep_last: int) -> None:
-    for old in _checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ reading
@@ -204,7 +226,7 @@ def find_checkpoint(resume: str, output_dir: str | None) -> Path | None:
     if not output_dir:
         raise CheckpointError("resume='latest' needs an output_dir (--output-dir) to look for checkpoints in")
     root = Path(output_dir) / CHECKPOINTS_DIR
-    candidates = _checkpoints(root)
+    candidates = step_checkpoints(root)
     for candidate in reversed(candidates):
         try:
             verify(candidate)
@@ -235,21 +257,49 @@ def load_training_state(checkpoint: Path, rank: int) -> dict:
     return state
 
 
-def run_signature(task, data, strategy) -> dict:
-    """What must not change between a checkpoint and the run that resumes it (JSON-able)."""
+# recorded since resumes check what the sample order and the optimizer depend on: an older checkpoint lacks them
+RECORDED_LATER = ("seed", "optimizer", "layer_decay", "train_images", "val_images")
+
+
+def run_signature(task, data, strategy, config) -> dict:
+    """What must not change between a checkpoint and the run that resumes it (JSON-able): the model, the
+    classes and strategy, the optimizer and its param groups' layer decay, and what the sample order and
+    the saved position depend on beyond the batch layout (the images, the seed; a changed batch size or
+    process count is mapped, and a changed lr or weight decay applied, see ``resume``)."""
     return json.loads(json.dumps({
         "backbone": task.backbone_name, "classes": list(data.classes), "image_size": data.image_size,
         "head": [task.head_hidden, task.head_dropout], "strategy": strategy.describe(), "data": data.signature(),
+        "seed": config.seed, "optimizer": config.optimizer, "layer_decay": config.layer_decay,
+        **image_lists(data.train_paths, data.train_labels, data.val_paths, data.val_labels),
     }))
 
 
+def image_lists(train_paths: list[str], train_labels: list[int], val_paths: list[str],
+                val_labels: list[int]) -> dict[str, str]:
+    """``train_images``/``val_images``: "<count> images <digest>" of the items and their labels, paths taken
+    relative to their common folder so that a data folder moved (or staged to a local disk) still matches."""
+    try:
+        root = os.path.commonpath(train_paths + val_paths) if train_paths + val_paths else ""
+    except ValueError:  # absolute and relative paths mixed
+        root = ""
+    lists = {}
+    for name, paths, labels in (("train_images", train_paths, train_labels), ("val_images", val_paths, val_labels)):
+        digest = hashlib.sha256()
+        for path, label in zip(paths, labels):
+            digest.update(f"{os.path.relpath(path, root) if root else path}\0{label}\n".encode())
+        lists[name] = f"{len(paths)} images {digest.hexdigest()[:16]}"
+    return lists
+
+
 def check_signature(saved: dict, current: dict, checkpoint: Path) -> None:
-    """Refuse to resume into another backbone, class set, image size or strategy."""
+    """Refuse to resume into another backbone, class set, image size, strategy, image list, seed, optimizer
+    or layer decay."""
     strategy = saved.get("strategy")
     if isinstance(strategy, dict) and strategy.get("name") in ("FreezeUnfreeze", "UnfreezeMilestones"):
         # written before initial_denom_lr was a setting: its groups joined at lr / 10
         saved = {**saved, "strategy": {**strategy, "initial_denom_lr": strategy.get("initial_denom_lr", 10.0)}}
-    different = {k: (saved.get(k), current.get(k)) for k in current if saved.get(k) != current.get(k)}
+    compared = [k for k in current if k in saved or k not in RECORDED_LATER]
+    different = {k: (saved.get(k), current.get(k)) for k in compared if saved.get(k) != current.get(k)}
     if different:
         details = "; ".join(f"{k}: checkpoint has {a!r}, this run has {b!r}" for k, (a, b) in different.items())
         raise CheckpointError(f"cannot resume from {checkpoint}: it belongs to a different run ({details}). "
@@ -259,7 +309,7 @@ def check_signature(saved: dict, current: dict, checkpoint: Path) -> None:
 def checkpoint_to_resume(resume: str | None, output_dir: str | None) -> Path | None:
     """The checkpoint a run starts from; refuses to start afresh over another run's checkpoints."""
     if resume is None:
-        if output_dir and _checkpoints(Path(output_dir) / CHECKPOINTS_DIR):
+        if output_dir and step_checkpoints(Path(output_dir) / CHECKPOINTS_DIR):
             raise CheckpointError(
                 f"output dir {output_dir} already holds checkpoints of a run: continue it with "
                 "resume='latest' (--resume latest) or choose another output_dir"
@@ -268,31 +318,30 @@ def checkpoint_to_resume(resume: str | None, output_dir: str | None) -> Path | N
     return find_checkpoint(resume, output_dir)
 
 
-def restore_training_state(accelerator, saved: dict, optimizer, schedule, batch_size: int,
-                           checkpoint: Path) -> Position:
-    """Load optimizer, schedule, scaler and RNG; map the epoch position onto this process count."""
-    position = saved["position"]
-    optimizer.load_state_dict(shard_optimizer_state(saved["optimizer"], optimizer))
-    schedule.load_state_dict(saved["schedule"])
-    if accelerator.scaler is not None and saved["scaler"]:
-        accelerator.scaler.load_state_dict(saved["scaler"])
-    if saved["num_processes"] != accelerator.num_processes:
-        global_batch = batch_size * accelerator.num_processes
-        if position.samples_done % global_batch:
-            raise CheckpointError(
-                f"{checkpoint} stopped {position.samples_done} samples into epoch {position.epoch}, not a multiple "
-                f"of this run's global batch {global_batch}: resume with {saved['num_processes']} processes"
-            )
-        position.batch = position.samples_done // global_batch
-        warnings.warn(f"resuming a {saved['num_processes']}-process checkpoint with {accelerator.num_processes} "
-                      "processes: training continues correctly but not bit-identically")
-    elif saved["rng"] is not None:
-        restore_rng(*saved["rng"], accelerator.device)
-    return position
+def set_aside_newer(root: Path, checkpoint: Path, global_step: int) -> tuple[list[str], Path] | None:
+    """Move the checkpoints in ``root`` at or after ``global_step`` (other than ``checkpoint``) into a new
+    ``abandoned-<UTC time>`` folder there; returns their names and the folder, or None if there were none."""
+    newer = [path for path in step_checkpoints(root)
+             if path.name >= checkpoint_name(global_step) and path.resolve() != checkpoint.resolve()]
+    if not newer:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    folder, attempt = root / f"abandoned-{stamp}", 1
+    while folder.exists():
+        attempt += 1
+        folder = root / f"abandoned-{stamp}-{attempt}"
+    folder.mkdir()
+    for path in newer:
+        os.replace(path, folder / path.name)
+    return [path.name for path in newer], folder
 
 
 class CheckpointCadence(Callback):
     """Saves the training state at every epoch end and every ``every_n_steps`` optimizer steps.
+
+    When a run resumes from a checkpoint that is not the newest, the newer ones belong to the
+    continuation it replaces: they are moved to ``checkpoints/abandoned-<UTC time>/`` (nothing is
+    deleted) as training starts (not in a dry run), so ``--resume latest`` never returns to them.
 
     A step that ends an epoch is left to the epoch-end save, which follows after validation: the
     same step is never written twice (rewriting a checkpoint in place would leave a moment in which
@@ -301,6 +350,14 @@ class CheckpointCadence(Callback):
 
     def __init__(self, every_n_steps: int | None = None):
         self.every_n_steps = every_n_steps
+
+    def on_fit_start(self, trainer, run: RunState) -> None:
+        if run.resumed_from is not None and run.output_dir is not None and run.is_main_process:
+            moved = set_aside_newer(run.output_dir / CHECKPOINTS_DIR, run.resumed_from, run.position.global_step)
+            if moved:
+                names, folder = moved
+                trainer.announce(f"{', '.join(names)}: as new as or newer than {run.resumed_from.name}, from a "
+                                 f"continuation this run replaces; moved to {folder}")
 
     def on_step_end(self, trainer, run: RunState) -> None:
         position = run.position

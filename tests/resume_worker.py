@@ -58,7 +58,7 @@ def main() -> None:
     seed_everything(0)
     task = ImageClassifier(data.num_classes, backbone=args.backbone, pretrained=False, head_dropout=0.2)
     trainer = Trainer(max_epochs=3, lr=1e-2, seed=0, progress_bar=False, output_dir=args.out, save_every_n_steps=1,
-                      keep_last=3, callbacks=[Saboteur(args.out, args.kill_at, args.signal_at)])
+                      keep_last=3, log_every_n_steps=1, callbacks=[Saboteur(args.out, args.kill_at, args.signal_at)])
     strategy = ("freeze_unfreeze", 1) if args.strategy == "freeze_unfreeze" else args.strategy
     try:
         trainer.finetune(task, data, strategy=strategy, train_bn=True, resume=args.resume)

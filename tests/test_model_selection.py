@@ -5,6 +5,7 @@ unfreeze."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -151,3 +152,70 @@ def test_a_non_finite_validation_is_never_an_improvement(metric):
         stopping.on_validation_end(trainer, run, record)
     assert [bool(r.get("best")) for r in records] == [True, False, False] and best.best["epoch"] == 0
     assert stopping.best_epoch == 0 and run.stop_reason.startswith("early stopping after epoch 2")
+
+
+class ScoreEpochs(Callback):
+    """Sets each epoch's val_acc before model selection reads it, so which epoch is best is known in advance."""
+
+    def __init__(self, scores: dict[int, float]):
+        self.scores = scores
+
+    def on_validation_end(self, trainer, run, record: dict) -> None:
+        record["val_acc"] = self.scores[record["epoch"]]
+
+
+def equal_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+
+
+def test_a_best_epoch_chosen_before_a_resume_is_found_from_another_output_dir_or_none(tiny_data, tmp_path):
+    """Epoch 0 is the best; the run stops in epoch 1 and is resumed from its checkpoint into another output
+    dir, and into none: each ends holding epoch 0's weights (the first run's model.safetensors); the other
+    output dir gets that file and its report names epoch 0."""
+    scores = {0: 1.0, 1: 0.0}
+    with pytest.raises(Interrupt):
+        finetune(tiny_data, tmp_path / "first", "no_freeze", callbacks=[ScoreEpochs(scores), StopAt(9)],
+                 max_epochs=2, save_every_n_steps=1)
+    checkpoint = str(tmp_path / "first" / "checkpoints" / "step-00000008")
+    best = load_file(tmp_path / "first" / "model.safetensors")
+    _, task, _ = finetune(tiny_data, tmp_path / "other", "no_freeze", callbacks=[ScoreEpochs(scores)],
+                          resume=checkpoint, max_epochs=2)
+    assert equal_weights(task.state_dict(), best)
+    assert equal_weights(load_file(tmp_path / "other" / "model.safetensors"), best)
+    assert read_metadata(tmp_path / "other" / "model.safetensors")["training"]["epoch"] == 0
+    assert json.loads((tmp_path / "other" / "report.json").read_text())["model"]["epoch"] == 0
+    seed_everything(0)
+    task = ImageClassifier(tiny_data.num_classes, backbone=BACKBONE, pretrained=False)
+    tiny_trainer(max_epochs=2, callbacks=[ScoreEpochs(scores)]).finetune(task, tiny_data, "no_freeze",
+                                                                         resume=checkpoint)
+    assert equal_weights(task.state_dict(), best)
+
+
+@pytest.mark.parametrize("resume_at, recovered", [("step-00000006", True), ("step-00000008", False)])
+def test_a_model_file_of_an_abandoned_continuation_is_never_taken_for_the_best(tiny_data, tmp_path, resume_at,
+                                                                                recovered):
+    """A finished run's model.safetensors holds epoch 1; resumed from an older checkpoint whose best is epoch 0
+    (and whose epoch 1 does worse), that file is moved aside and the run ends with epoch 0's weights when the
+    checkpoint is epoch 0's end (model.safetensors holds them again); from mid-epoch 1 they are nowhere: it
+    says so and ends with the last epoch's weights, which its report names."""
+    settings = dict(max_epochs=2, save_every_n_steps=1, keep_last=12)
+    finetune(tiny_data, tmp_path, "no_freeze", callbacks=[ScoreEpochs({0: 0.0, 1: 1.0})], **settings)
+    assert read_metadata(tmp_path / "model.safetensors")["training"]["epoch"] == 1
+    epoch_0_end = load_file(tmp_path / "checkpoints" / "step-00000006" / "model.safetensors")
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        _, task, _ = finetune(tiny_data, tmp_path, "no_freeze", callbacks=[ScoreEpochs({1: -1.0})],
+                              resume=str(tmp_path / "checkpoints" / resume_at), **settings)
+    not_found = [str(w.message) for w in warned if "was chosen before the resume" in str(w.message)]
+    report = json.loads((tmp_path / "report.json").read_text())["model"]
+    replaced = list(tmp_path.glob("model.replaced-*.safetensors"))
+    assert len(replaced) == 1 and read_metadata(replaced[0])["training"]["epoch"] == 1
+    if recovered:
+        assert not not_found and report == {"epoch": 0, "weights": "best"}
+        assert equal_weights(task.state_dict(), epoch_0_end)
+        assert equal_weights(load_file(tmp_path / "model.safetensors"), epoch_0_end)
+        assert read_metadata(tmp_path / "model.safetensors")["training"]["epoch"] == 0
+    else:
+        assert len(not_found) == 1 and "the run ends with the last epoch's weights" in not_found[0]
+        assert report == {"epoch": 1, "weights": "last"} and not (tmp_path / "model.safetensors").exists()
+        assert equal_weights(task.state_dict(), load_file(tmp_path / "last.safetensors"))

@@ -5,6 +5,7 @@ resumes (not bit-exactly) or is refused; a damaged or foreign checkpoint is neve
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import signal
@@ -106,23 +107,32 @@ def test_sigkill_then_resume_is_bit_identical(image_folders, baselines, killed, 
     assert epochs == [0, 1, 2]
 
 
-@pytest.mark.parametrize("saved, resumed_with, checkpoint, first_step, last_step", [
-    (2, 1, "latest", 2, 17),  # 8 samples done = 2 one-process batches; 4 + 6 + 6 steps to go
-    (1, 2, "step-00000004", 5, 11),  # 16 samples done = 2 two-process batches; 1 + 3 + 3 steps to go
+@pytest.mark.parametrize("saved, resumed_with, checkpoint, first_step, last_step, schedule_step, horizon", [
+    (2, 1, "latest", 2, 17, 2, 18),  # 8 samples done = 2 one-process batches; 4 + 6 + 6 steps to go
+    (1, 2, "step-00000004", 5, 11, 2, 9),  # 16 samples done = 2 two-process batches; 1 + 3 + 3 steps to go
 ])
 def test_resume_with_another_process_count_warns_and_finishes(image_folders, killed, tmp_path, saved, resumed_with,
-                                                              checkpoint, first_step, last_step):
+                                                              checkpoint, first_step, last_step, schedule_step,
+                                                              horizon):
     """A 2-process checkpoint continued by 1 process and a 1-process one by 2 (named by path): the position
-    in the epoch maps onto the new global batch, with a warning; the run finishes every epoch."""
+    in the epoch maps onto the new global batch, with a warning; the run finishes every epoch, its head's lr
+    on a cosine over this run's 3 epochs from the mapped step (never at lr 0 before the last step)."""
     out = killed(saved, 2 if saved == 2 else 5, tmp_path / "run")
     resume = checkpoint if checkpoint == "latest" else str(out / "checkpoints" / checkpoint)
     result = run(image_folders, out, "--resume", resume, processes=resumed_with)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resuming a {saved}-process checkpoint with {resumed_with} processes" in result.stderr
+    assert f"resuming a checkpoint of batch_size 4 x {saved} process(es) x 1 accumulation step(s) with batch_size 4 " \
+           f"x {resumed_with} process(es)" in result.stderr
     assert [f["step"] for f in first_steps(out, resumed_with)] == [first_step] * resumed_with
     assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == f"step-{last_step:08d}"
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2] and (out / "last.safetensors").is_file()
+    head_lrs = {s["step"]: s["lr"][0] for s in map(json.loads, (out / "steps.jsonl").read_text().splitlines())}
+    mapped = schedule_step - (first_step - 1)  # this run's schedule step at global step s is s + mapped
+    assert sorted(head_lrs) == list(range(1, last_step + 1))
+    for step in range(first_step, last_step + 1):
+        expected = 1e-2 * 0.5 * (1 + math.cos(math.pi * (step + mapped) / horizon))
+        assert head_lrs[step] == pytest.approx(expected, abs=1e-12), step
 
 
 def test_resume_position_that_does_not_divide_the_new_global_batch_is_refused(image_folders, killed, tmp_path):
@@ -131,7 +141,8 @@ def test_resume_position_that_does_not_divide_the_new_global_batch_is_refused(im
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
     result = run(image_folders, out, "--resume", str(out / "checkpoints" / "step-00000003"), processes=2)
     assert result.returncode != 0
-    assert "stopped 12 samples into epoch 0, not a multiple of this run's global batch 8: resume with 1 processes" \
+    assert "stopped 12 samples into epoch 0, not a multiple of this run's 8 samples per optimizer step (batch_size 4 " \
+           "x 2 process(es) x 1 accumulation step(s)): resume with the checkpoint's batch_size 4 x 1 process(es)" \
         in result.stderr, result.stderr[-3000:]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
@@ -239,7 +250,10 @@ def test_corrupt_latest_checkpoint_falls_back_to_an_intact_one(image_folders, ba
     assert f"{root / 'step-00000007'} is corrupt" in resumed.stderr and "step 6" in resumed.stdout
     assert [(f["step"], Path(f["resumed_from"]).name) for f in first_steps(out, 1)] == [(7, "step-00000006")]
     assert_bit_identical(final_weights(out), final_weights(baselines[1]))
-    assert sorted(p.name for p in root.iterdir()) == ["step-00000016", "step-00000017", "step-00000018"]
+    # the checkpoint resumed from is kept; the corrupt ones, newer than it, are set aside
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000006", "step-00000016", "step-00000017",
+                                                          "step-00000018"]
+    assert sorted(p.name for p in next(root.glob("abandoned-*")).iterdir()) == ["step-00000007", "step-00000008"]
 
 
 def test_resume_latest_without_checkpoints_starts_fresh(image_folders, tmp_path):
@@ -263,12 +277,13 @@ def test_resume_latest_without_checkpoints_starts_fresh(image_folders, tmp_path)
 
 def test_resume_refuses_another_run(image_folders, tmp_path):
     """A checkpoint of a tiny_resnet, 3-class, 32 px "freeze" run is continued by nothing else: another
-    backbone, strategy, class set or image size is refused before anything trains; so is a fresh run
-    over it; a checkpoint folder without its manifest is incomplete."""
+    backbone, strategy, class set, image size, image list, seed, optimizer or layer decay is refused
+    before anything trains; so is a fresh run over it; a checkpoint folder without its manifest is
+    incomplete. The same images in a moved folder are the same image list."""
     from conftest import tiny_trainer, write_image_folder
 
     from dist_finetune import ImageClassificationData, ImageClassifier
-    from dist_finetune.training_state import find_checkpoint
+    from dist_finetune.training_state import find_checkpoint, image_lists
 
     def data(train=image_folders / "train", size=32):
         return ImageClassificationData.from_folders(str(train), val_split=0.25, image_size=size, batch_size=4,
@@ -278,18 +293,29 @@ def test_resume_refuses_another_run(image_folders, tmp_path):
     tiny_trainer(max_epochs=1, output_dir=out).finetune(ImageClassifier(3, "tiny_resnet", pretrained=False), data(),
                                                         "freeze")
     other_classes = write_image_folder(tmp_path / "other", classes=("blue", "green", "violet"), per_class=8)
-    for backbone, strategy, dataset, difference in (
-        ("resnet18", "freeze", data(), r"backbone: checkpoint has 'tiny_resnet', this run has 'resnet18'"),
-        ("tiny_resnet", "no_freeze", data(), r"strategy: checkpoint has \{[^}]*'name': 'Freeze'[^}]*\}, "
-                                             r"this run has \{[^}]*'name': 'NoFreeze'"),
-        ("tiny_resnet", "freeze", data(other_classes),
+    fewer = shutil.copytree(image_folders / "train", tmp_path / "fewer" / "train")
+    (fewer / "red" / "red_7.png").unlink()
+    moved = shutil.copytree(image_folders / "train", tmp_path / "moved" / "train")
+    lists = [image_lists(d.train_paths, d.train_labels, d.val_paths, d.val_labels) for d in (data(), data(moved))]
+    assert lists[0] == lists[1]
+    for backbone, strategy, dataset, settings, difference in (
+        ("resnet18", "freeze", data(), {}, r"backbone: checkpoint has 'tiny_resnet', this run has 'resnet18'"),
+        ("tiny_resnet", "no_freeze", data(), {}, r"strategy: checkpoint has \{[^}]*'name': 'Freeze'[^}]*\}, "
+                                                 r"this run has \{[^}]*'name': 'NoFreeze'"),
+        ("tiny_resnet", "freeze", data(other_classes), {},
          r"classes: checkpoint has \['blue', 'green', 'red'\], this run has \['blue', 'green', 'violet'\]"),
-        ("tiny_resnet", "freeze", data(size=48), r"image_size: checkpoint has 32, this run has 48"),
+        ("tiny_resnet", "freeze", data(size=48), {}, r"image_size: checkpoint has 32, this run has 48"),
+        ("tiny_resnet", "freeze", data(fewer), {},
+         r"train_images: checkpoint has '18 images [0-9a-f]{16}', this run has '17 images [0-9a-f]{16}'"),
+        ("tiny_resnet", "freeze", data(), {"seed": 1}, r"seed: checkpoint has 0, this run has 1"),
+        ("tiny_resnet", "freeze", data(), {"optimizer": "sgd"},
+         r"optimizer: checkpoint has 'adamw', this run has 'sgd'"),
+        ("tiny_resnet", "freeze", data(), {"layer_decay": 0.5}, r"layer_decay: checkpoint has None, this run has 0.5"),
     ):
         task = ImageClassifier(3, backbone, pretrained=False)
         before = {n: p.clone() for n, p in task.named_parameters()}
         with pytest.raises(CheckpointError, match="belongs to a different run") as refused:
-            tiny_trainer(max_epochs=2, output_dir=out).finetune(task, dataset, strategy, resume="latest")
+            tiny_trainer(max_epochs=2, output_dir=out, **settings).finetune(task, dataset, strategy, resume="latest")
         assert re.search(difference, str(refused.value)), str(refused.value)
         assert all(torch.equal(before[n], p) for n, p in task.named_parameters()), "refused before training"
     with pytest.raises(CheckpointError, match="already holds checkpoints"):
@@ -314,6 +340,110 @@ def test_a_checkpoint_from_before_initial_denom_lr_is_read_as_lr_over_10(tmp_pat
                                                   r": 100.0\}"):
             check_signature({"strategy": old}, {"strategy": strategy().describe()}, tmp_path)
         assert "initial_denom_lr" not in old  # the checkpoint's own record is left as it was read
+
+
+def test_a_longer_max_epochs_extends_the_schedule(tiny_data, tmp_path, capsys):
+    """A finished 2-epoch run (6 steps an epoch) resumed with max_epochs 4: the cosine runs over 24 steps,
+    continuing at step 13 (it did not train the added epochs at lr 0); resumed again, nothing is left."""
+    from test_model_selection import StopAt, finetune
+
+    finetune(tiny_data, tmp_path, "no_freeze", max_epochs=2)
+    probe = StopAt()
+    finetune(tiny_data, tmp_path, "no_freeze", callbacks=[probe], resume="latest", max_epochs=4)
+    assert sorted(probe.lrs) == list(range(13, 25))
+    for step, lrs in probe.lrs.items():
+        assert lrs == [pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * step / 24)), abs=1e-12)], step
+    assert "schedule horizon: 24 steps (checkpoint had 12)" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="at the end of epoch 3: with max_epochs 4 nothing is left to train"):
+        finetune(tiny_data, tmp_path, "no_freeze", resume="latest", max_epochs=4)
+
+
+def test_another_batch_size_continues_by_samples_done_or_is_refused(image_folders, tiny_data, tmp_path):
+    """Stopped after step 3 of batch 4 (checkpoints at 8 and 12 samples into epoch 0): batch 8 cannot continue
+    at 12 samples (refused, naming both layouts); batch 2 continues at 8 samples = batch 4 of 12 an epoch,
+    every image of epoch 0 once, on a cosine over 2 x 12 steps from its step 4 (global steps 3-22)."""
+    from dist_finetune import ImageClassificationData
+    from test_model_selection import Interrupt, StopAt, finetune
+
+    def data(batch_size):
+        return ImageClassificationData.from_folders(str(image_folders / "train"), str(image_folders / "val"),
+                                                    image_size=32, batch_size=batch_size, num_workers=0)
+
+    settings = dict(max_epochs=2, save_every_n_steps=1)
+    with pytest.raises(Interrupt):
+        finetune(tiny_data, tmp_path, "no_freeze", callbacks=[StopAt(4)], **settings)
+    root = tmp_path / "checkpoints"
+    with pytest.raises(CheckpointError, match=re.escape(
+            "stopped 12 samples into epoch 0, not a multiple of this run's 8 samples per optimizer step (batch_size 8 "
+            "x 1 process(es) x 1 accumulation step(s)): resume with the checkpoint's batch_size 4 x 1 process(es) x 1 "
+            "accumulation step(s)")):
+        finetune(data(8), tmp_path, "no_freeze", resume=str(root / "step-00000003"), **settings)
+    probe = StopAt()
+    with pytest.warns(UserWarning, match="resuming a checkpoint of batch_size 4 x 1 process.* with batch_size 2"):
+        _, _, metrics = finetune(data(2), tmp_path, "no_freeze", callbacks=[probe],
+                                 resume=str(root / "step-00000002"), **settings)
+    assert sorted(probe.lrs) == list(range(3, 23))
+    for step, lrs in probe.lrs.items():
+        assert lrs == [pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * (step + 2) / 24)), abs=1e-12)], step
+    assert [m["train_images"] for m in metrics] == [24, 24]
+
+
+def test_a_changed_lr_weight_decay_and_momentum_apply_from_the_resume_point(tiny_data, tmp_path, capsys):
+    """SGD, constant schedule, the backbone joined at epoch 1 at lr / initial_denom_lr; resumed at step 8 with
+    a 10x lower lr, another weight decay and momentum: both groups train at the new lr, keeping their ratio."""
+    from test_model_selection import Interrupt, StopAt, finetune
+
+    from dist_finetune.finetuning import DEFAULT_INITIAL_DENOM_LR, FreezeUnfreeze
+
+    settings = dict(max_epochs=2, optimizer="sgd", scheduler="constant", unfreeze_warmup_epochs=0,
+                    save_every_n_steps=1)
+    with pytest.raises(Interrupt):
+        finetune(tiny_data, tmp_path, FreezeUnfreeze(unfreeze_epoch=1), callbacks=[StopAt(9)], lr=1e-2,
+                 weight_decay=1e-4, momentum=0.9, **settings)
+    probe = StopAt()
+    trainer, _, _ = finetune(tiny_data, tmp_path, FreezeUnfreeze(unfreeze_epoch=1), callbacks=[probe],
+                             resume="latest", lr=1e-3, weight_decay=5e-4, momentum=0.5, **settings)
+    assert sorted(probe.lrs) == list(range(9, 13))
+    assert all(lrs == pytest.approx([1e-3, 1e-3 / DEFAULT_INITIAL_DENOM_LR]) for lrs in probe.lrs.values())
+    groups = trainer.run.optimizer.param_groups
+    assert [(g["weight_decay"], g["momentum"]) for g in groups] == [pytest.approx((5e-4, 0.5))] * 2
+    out = capsys.readouterr().out
+    for line in ("lr 0.001 applied from the resume point on (checkpoint had 0.01): every param group's initial_lr "
+                 "scaled by 0.1", "weight_decay 0.0005 applied from the resume point on (checkpoint had 0.0001)",
+                 "momentum 0.5 applied from the resume point on (checkpoint had 0.9)"):
+        assert line in out
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tiny_data, tmp_path):
+    """Resumed from step 10 of a finished run (steps 10-12 kept), the abandoned 11 and 12 move to
+    checkpoints/abandoned-*/; the new step 11 survives keep_last=1 and so does the checkpoint resumed from;
+    after a stop at step 12, "latest" is the new 11."""
+    from test_model_selection import Interrupt, StopAt, finetune
+
+    finetune(tiny_data, tmp_path, "no_freeze", max_epochs=2, save_every_n_steps=1, keep_last=3)
+    root = tmp_path / "checkpoints"
+    with pytest.raises(Interrupt):
+        finetune(tiny_data, tmp_path, "no_freeze", callbacks=[StopAt(12)], resume=str(root / "step-00000010"),
+                 max_epochs=2, save_every_n_steps=1, keep_last=1)
+    aside = list(root.glob("abandoned-*"))
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step-00000011", "step-00000012"]
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000010", "step-00000011"]
+    trainer, _, _ = finetune(tiny_data, tmp_path, "no_freeze", resume="latest", max_epochs=2, save_every_n_steps=1,
+                             keep_last=1)
+    assert trainer.run.resumed_from.name == "step-00000011" and trainer.run.last_checkpoint.is_dir()
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000011", "step-00000012"]
+
+
+def test_a_checkpoint_from_before_the_seed_optimizer_and_image_records_is_not_refused_for_lacking_them(tmp_path):
+    """Older checkpoints' signatures lack the seed, optimizer and image lists: those are not compared; a
+    recorded one that differs is refused."""
+    from dist_finetune.training_state import check_signature
+
+    current = {"backbone": "tiny_resnet", "seed": 0, "optimizer": "adamw", "train_images": "18 images 0123456789abcdef",
+               "val_images": "6 images fedcba9876543210"}
+    check_signature({"backbone": "tiny_resnet"}, current, tmp_path)
+    with pytest.raises(CheckpointError, match="seed: checkpoint has 1, this run has 0"):
+        check_signature({"backbone": "tiny_resnet", "seed": 1}, current, tmp_path)
 
 
 class FakeCudaRng:

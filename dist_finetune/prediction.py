@@ -225,9 +225,7 @@ def _prediction_stream(task, paths: Sequence[str], loader, target: torch.device,
     main = accelerator is None or accelerator.is_main_process
     channels_last = channels_last_by_default(task, target)
     was_training = task.training
-    task.to(target)
-    if channels_last:
-        task.to(memory_format=torch.channels_last)
+    task.to(target, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     task.eval()
     done = 0
     try:

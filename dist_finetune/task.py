@@ -106,7 +106,8 @@ class ImageClassifier(nn.Module):
                 f"the model has num_classes={self.num_classes} outputs but the data has {data.num_classes} classes "
                 f"({', '.join(data.classes)}); build it with ImageClassifier(num_classes=data.num_classes, ...)"
             )
-        if scoring and self.labels and list(self.labels) != list(data.classes):
+        named = list(self.labels) != [str(i) for i in range(self.num_classes)]  # not the placeholder names
+        if scoring and named and list(self.labels) != list(data.classes):
             raise ConfigError(
                 f"the model's classes are {list(self.labels)} but the data's are {list(data.classes)}: scores would "
                 "compare the wrong classes. Label the data with the model's classes, in its order (dist-finetune "

@@ -233,8 +233,8 @@ class Trainer:
         wanted = resolve_channels_last(config.channels_last, task, accelerator.device, task.image_size,
                                        run.data.batch_size)
         run.extras["channels_last"] = not any_rank(accelerator, not wanted)  # all ranks alike: DDP checks strides
-        if run.extras["channels_last"]:
-            task.to(memory_format=torch.channels_last)
+        # both ways: weights left channels_last (by a GPU predict, an earlier run) must not take the CPU's unsafe path
+        task.to(memory_format=torch.channels_last if run.extras["channels_last"] else torch.contiguous_format)
         run.model, run.optimizer, run.train_loader, run.val_loader = accelerator.prepare(
             task, run.optimizer, train_loader, val_loader)
         run.steps_per_epoch = steps = math.ceil(len(run.train_loader) / config.gradient_accumulation_steps)

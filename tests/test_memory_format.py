@@ -185,3 +185,29 @@ if __name__ == "__main__":  # one_step per backbone, in a process of its own: fo
     for name in sys.argv[3:]:
         print(json.dumps(one_step(name, Path(sys.argv[1]) / name.replace(":", "_"), **json.loads(sys.argv[2]))),
               flush=True)
+
+
+def test_a_gradient_difference_alone_refuses_channels_last(monkeypatch):
+    """A model with no crash-prone convolution whose gradients still differ (as resnet18's did at 64 px)."""
+    from dist_finetune import memory_format
+
+    model = ImageClassifier(3, backbone="mobilenet_v3_small", pretrained=False, image_size=IMAGE_SIZE)
+    monkeypatch.setattr(memory_format, "channels_last_gradient_difference", lambda *args: 1e-2)
+    with pytest.warns(UserWarning, match=r"channels_last=True ignored: its gradients in channels_last differ from "
+                                         r"the contiguous ones by 1\.0e-02 .*contiguous layout"):
+        assert resolve_channels_last(True, model, torch.device("cpu"), IMAGE_SIZE, BATCH) is False
+    monkeypatch.setattr(memory_format, "channels_last_gradient_difference", lambda *args: float("nan"))
+    with pytest.warns(UserWarning, match="differ from the contiguous ones by nan"):
+        assert resolve_channels_last(True, model, torch.device("cpu"), IMAGE_SIZE, BATCH) is False
+
+
+def test_weights_left_channels_last_train_contiguous_on_the_cpu(tmp_path):
+    """A task whose weights an earlier GPU run or predict left channels_last trains contiguous here."""
+    torch.manual_seed(0)
+    task = ImageClassifier(3, backbone="tiny_resnet", pretrained=False, image_size=IMAGE_SIZE)
+    task.to(memory_format=torch.channels_last)
+    assert not task.backbone.conv1.weight.is_contiguous()  # 3x3 weights: the layout shows in the strides
+    step = _FirstStep(task)
+    Trainer(max_epochs=1, progress_bar=False, seed=0, callbacks=[step]).finetune(task, _data(tmp_path))
+    assert step.record["channels_last"] is False
+    assert all(p.is_contiguous() for p in task.parameters())

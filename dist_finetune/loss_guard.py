@@ -37,7 +37,7 @@ class LossTotals:
     finite_images: int = 0  # images whose batch loss was finite
     images: int = 0  # every image trained on
     non_finite: int = 0  # batches whose loss was NaN or infinite
-    lost_window: int = 0  # ranks whose last check_every_n_steps optimizer steps all had a non-finite loss
+    lost_window: bool = False  # the last check_every_n_steps optimizer steps each had a non-finite loss on a rank
 
     @property
     def mean_loss(self) -> float:
@@ -45,7 +45,8 @@ class LossTotals:
         return self.loss_sum / self.finite_images if self.finite_images else math.nan
 
 
-TOTAL_TYPES = [(field.name, float if field.type == "float" else int) for field in fields(LossTotals)]
+EPOCH_TOTALS = [(field.name, float if field.type == "float" else int) for field in fields(LossTotals)
+                if field.name != "lost_window"]  # the per-rank sums, in the order the guard keeps them
 
 
 def _last_good(last_checkpoint) -> str:
@@ -60,8 +61,11 @@ class LossGuard:
         self.check_every_n_steps = check_every_n_steps
         self.skips_non_finite = accelerator.scaler is not None  # a GradScaler skips non-finite steps
         device = accelerator.device
-        # optimizer steps in a row with a non-finite loss on this rank: kept across epochs
-        self._lost_steps = torch.zeros((), dtype=torch.float64, device=device)
+        # whether each of the last check_every_n_steps optimizer steps had a non-finite loss on this rank (a
+        # ring, kept across epochs): summed over ranks at a check, since one rank's overflow makes the scaler
+        # skip the step on every rank, and which rank overflows can change from step to step
+        self._recent_lost = torch.zeros(check_every_n_steps, dtype=torch.bool, device=device)
+        self._steps = 0  # optimizer steps this process has taken (the same on every rank)
         self._step_lost = torch.zeros((), dtype=torch.bool, device=device)
         self._epoch: torch.Tensor | None = None  # loss_sum, finite_images, images, non_finite (this rank)
         self._synced: tuple[tuple[int, int], LossTotals] | None = None
@@ -82,7 +86,8 @@ class LossGuard:
                                     torch.full_like(value, images), (~finite).double()])
         self._step_lost |= ~finite
         if step_done:
-            self._lost_steps.add_(1.0).mul_(self._step_lost)
+            self._recent_lost[self._steps % self.check_every_n_steps] = self._step_lost
+            self._steps += 1
             self._step_lost.fill_(False)
 
     def totals(self, position: Position) -> LossTotals | None:
@@ -91,11 +96,14 @@ class LossGuard:
             return None
         here = (position.epoch, position.batch)
         if self._synced is None or self._synced[0] != here:
-            lost_window = (self._lost_steps >= self.check_every_n_steps).double().reshape(1)
-            values = torch.cat([self._epoch, lost_window])
+            values = torch.cat([self._epoch, self._recent_lost.double()])
             if self.accelerator.num_processes > 1:
                 values = self.accelerator.reduce(values, reduction="sum")
-            totals = LossTotals(**{name: kind(v) for (name, kind), v in zip(TOTAL_TYPES, values.tolist())})
+            values = values.tolist()
+            epoch, recent = values[:len(EPOCH_TOTALS)], values[len(EPOCH_TOTALS):]
+            lost_window = self._steps >= self.check_every_n_steps and all(recent)
+            totals = LossTotals(**{name: kind(v) for (name, kind), v in zip(EPOCH_TOTALS, epoch)},
+                                lost_window=lost_window)
             self._synced = (here, totals)
         totals = self._synced[1]
         position.loss_sum, position.seen = totals.loss_sum, totals.images

@@ -195,6 +195,59 @@ def test_fp16_guard_counts_lost_steps_across_epochs(tiny_data, cpu_grad_scaler):
         trainer.finetune(task(), tiny_data, "no_freeze")
 
 
+class TwoThreadRanks:
+    """Two LossGuard "ranks" in threads whose accelerator sums a tensor over both, as an all-reduce would."""
+
+    def __init__(self):
+        self.slots, self.barrier = [None, None], threading.Barrier(2)
+
+    def accelerator(self, rank: int):
+        from types import SimpleNamespace
+
+        def reduce(tensor, reduction):
+            self.slots[rank] = tensor.clone()
+            self.barrier.wait()
+            total = self.slots[0] + self.slots[1]
+            self.barrier.wait()
+            return total
+
+        return SimpleNamespace(scaler=object(), device=torch.device("cpu"), num_processes=2,
+                               is_main_process=rank == 0, reduce=reduce)
+
+
+@pytest.mark.parametrize("clean_step", [None, 5])
+def test_fp16_guard_sees_non_finite_losses_that_move_between_ranks(clean_step):
+    """Under DDP one rank's overflow makes every rank's GradScaler skip the step. Losses NaN on rank 0 at
+    even steps and on rank 1 at odd ones: every step was skipped, but neither rank had 8 in a row, so a
+    per-rank count never stopped the run. One step finite on both ranks (clean_step) is not a lost window."""
+    from dist_finetune.callbacks import Position
+    from dist_finetune.loss_guard import LossGuard
+
+    ranks, outcomes = TwoThreadRanks(), [None, None]
+
+    def rank(index: int) -> None:
+        guard = LossGuard(ranks.accelerator(index), check_every_n_steps=8)
+        guard.start_epoch(Position())
+        for step in range(12):
+            lost = step % 2 == index and step != clean_step
+            guard.add(torch.tensor(math.nan if lost else 1.0), images=2, step_done=True)
+        try:
+            outcomes[index] = guard.check(Position(global_step=12), None)
+        except NonFiniteLossError as error:
+            outcomes[index] = error
+
+    threads = [threading.Thread(target=rank, args=(index,)) for index in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    if clean_step is None:
+        assert all(isinstance(o, NonFiniteLossError) and "the last 8 optimizer steps all had one" in str(o)
+                   for o in outcomes), outcomes
+    else:  # steps 4-11 hold the finite step 5
+        assert all(o.lost_window is False and o.non_finite == 11 for o in outcomes), outcomes
+
+
 def test_train_loss_is_the_mean_of_the_finite_losses_never_0_for_an_all_nan_epoch(tiny_data, cpu_grad_scaler,
                                                                                    tmp_path, monkeypatch, capsys):
     """Epoch 1: every loss NaN; epoch 2: every other one. The non-finite ones were left out of the loss

@@ -123,6 +123,6 @@ def apply_optimizer_settings(optimizer, saved: dict, current: dict) -> list[str]
 
 
 def _schedule_changes(saved: dict, current: dict) -> list[str]:
-    changed = [f"{label}: {current[key]}{' steps' if key != 'kind' else ''} (checkpoint had {saved.get(key)})"
-               for key, label in SCHEDULE_SETTINGS.items() if saved.get(key) != current[key]]
+    changed = [f"{label}: {current[key]}{' steps' if key != 'kind' else ''} (checkpoint had {saved[key]})"
+               for key, label in SCHEDULE_SETTINGS.items() if key in saved and saved[key] != current[key]]
     return ["; ".join(changed)] if changed else []

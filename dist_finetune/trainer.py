@@ -155,7 +155,8 @@ class Trainer:
         return task.predict(paths, batch_size=batch_size)
 
     def save_checkpoint(self, path: str | os.PathLike, training: dict | None = None) -> None:
-        """Write the task's model file (weights + metadata, safetensors) from the main process only.
+        """Write the task's model file (weights + metadata, safetensors); every rank calls it (the finite
+        check and gathering sharded weights are collective), the main process writes.
 
         ``training``: what to record about the epoch the weights come from (epoch, metrics).
         """

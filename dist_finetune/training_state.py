@@ -153,6 +153,12 @@ def write_training_state(run: RunState) -> Path:
     if accelerator.is_main_process:
         for stale in root.glob(".step-*.partial"):  # writes a crash never finished
             shutil.rmtree(stale, ignore_errors=True)
+        for aside in root.glob(".step-*.replaced"):  # a crash while a checkpoint was being replaced
+            restored = root / aside.name[1:-len(".replaced")]
+            if restored.exists():
+                shutil.rmtree(aside)
+            else:
+                os.replace(aside, restored)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
     rng_tensors, rng_extra = capture_rng(accelerator.device)
@@ -176,9 +182,13 @@ def write_training_state(run: RunState) -> Path:
         for path in partial.iterdir():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
-        if final.exists():  # left by an earlier run that did not resume from it (it failed verification)
-            shutil.rmtree(final)
+        # the same step again: a preemption saved at an epoch's last step, and the resumed run's epoch-end
+        # save is at that step too; the old folder (perhaps the one resumed from) goes only once the new is in
+        aside = root / f".{final.name}.replaced"
+        if final.exists():
+            os.replace(final, aside)
         os.replace(partial, final)
+        shutil.rmtree(aside, ignore_errors=True)
         kept = {final.resolve(), *([run.resumed_from.resolve()] if run.resumed_from else [])}
         for old in step_checkpoints(root)[:-run.config.keep_last]:
             if old.resolve() not in kept:
@@ -343,9 +353,9 @@ class CheckpointCadence(Callback):
     continuation it replaces: they are moved to ``checkpoints/abandoned-<UTC time>/`` (nothing is
     deleted) as training starts (not in a dry run), so ``--resume latest`` never returns to them.
 
-    A step that ends an epoch is left to the epoch-end save, which follows after validation: the
-    same step is never written twice (rewriting a checkpoint in place would leave a moment in which
-    it does not exist).
+    A step that ends an epoch is left to the epoch-end save, which follows after validation, so the
+    cadence never writes one step twice. A preemption at an epoch's last step can: the resumed run's
+    epoch-end save is at the same step, and replaces that folder without a moment in which none exists.
     """
 
     def __init__(self, every_n_steps: int | None = None):

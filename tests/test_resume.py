@@ -502,3 +502,39 @@ def test_rng_of_an_old_checkpoint_with_every_gpu_state(monkeypatch):
                                          r".*not bit-exact"):
         restore_rng(old, extra, torch.device("cuda", 2))
     assert fake.restored == []
+
+
+def test_a_checkpoint_written_again_at_its_step_is_replaced_never_missing(tiny_data, tmp_path, monkeypatch):
+    """A preemption at an epoch's last step and the resumed run's epoch-end save share a step number: the
+    second write replaces the folder (perhaps the one resumed from). It was deleted before its
+    replacement was in place; a crash between the two now leaves it aside, and the next write restores it."""
+    import os
+
+    from conftest import tiny_trainer
+
+    from dist_finetune import ImageClassifier, seed_everything
+    from dist_finetune.training_state import verify
+
+    seed_everything(0)
+    trainer = tiny_trainer(max_epochs=1, output_dir=str(tmp_path))
+    trainer.finetune(ImageClassifier(3, backbone="tiny_resnet", pretrained=False), tiny_data)
+    checkpoint = tmp_path / "checkpoints" / "step-00000006"
+    first = (checkpoint / "manifest.json").read_text()
+    real_replace, calls = os.replace, []
+
+    def crash_on_the_second_rename(source, target):
+        calls.append(Path(target).name)
+        if len(calls) == 2:  # the old folder is aside, the new one not yet in place
+            raise OSError("killed")
+        real_replace(source, target)
+
+    trainer.run.extras.pop("saved_position")
+    monkeypatch.setattr(os, "replace", crash_on_the_second_rename)
+    with pytest.raises(OSError, match="killed"):
+        trainer.save_training_state(trainer.run)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert calls == [".step-00000006.replaced", "step-00000006"] and not checkpoint.exists()
+    assert (tmp_path / "checkpoints" / ".step-00000006.replaced" / "manifest.json").read_text() == first  # kept
+    trainer.save_training_state(trainer.run)  # restores the one aside, then replaces it whole
+    verify(checkpoint)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000006"]

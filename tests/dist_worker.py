@@ -2,7 +2,8 @@
 
     python dist_worker.py SCENARIO DATA_ROOT OUT_DIR [BATCH_SIZE]
 
-Scenarios: strategies (freeze_unfreeze, unfreeze_milestones, the guide's custom strategy, in turn),
+Scenarios: strategies (freeze_unfreeze, unfreeze_milestones, the guide's custom strategy, in turn; then
+the balanced sampler with one rank that alone would stop early),
 equivalence (one deterministic run), mismatch (at a transition rank 1 alone alters a weight, adds its
 groups in another layout, or gives a group another lr; each rank writes the error it got), no_resync
 (a plain Accelerate loop that unfreezes after ``prepare`` without rebuilding DDP: the drift the
@@ -116,6 +117,44 @@ def train(strategy: BaseFinetuning, data_root: Path, out: Path, batch_size: int,
     return trainer
 
 
+def train_balanced_with_a_rank_that_would_stop(data_root: Path, out: Path, batch_size: int) -> None:
+    """The balanced sampler under 2 ranks, and early stopping decided together: lr ~0 so nothing improves
+    after epoch 0; rank 1 alone has patience 1 (it would stop after epoch 1), rank 0 patience 5. Each rank
+    writes the train keys it loaded per epoch, the epochs it ran and why it stopped."""
+    from dist_finetune.data import ImageListDataset
+
+    out.mkdir(parents=True, exist_ok=True)
+    data = ImageClassificationData.from_folders(str(data_root / "train"), str(data_root / "val"), image_size=32,
+                                                batch_size=batch_size, num_workers=0, balanced_sampler=True)
+    loaded: dict[int, list[int]] = {}
+    epoch = [0]
+
+    class EpochMarker(Callback):
+        def on_epoch_start(self, trainer, run) -> None:
+            epoch[0] = run.position.epoch
+
+    original = ImageListDataset.__getitem__
+
+    def recording(self, key):
+        if self.random_transform:  # the train set (augmentation on); val items are not sampled
+            loaded.setdefault(epoch[0], []).append(key)
+        return original(self, key)
+
+    ImageListDataset.__getitem__ = recording
+    try:
+        rank = torch.distributed.get_rank()
+        seed_everything(0)
+        task = ImageClassifier(data.num_classes, backbone=BACKBONE, pretrained=False)
+        trainer = Trainer(max_epochs=4, lr=1e-12, seed=0, progress_bar=False, output_dir=str(out),
+                          early_stopping_patience=1 if rank == 1 else 5, callbacks=[EpochMarker()])
+        metrics = trainer.finetune(task, data, strategy="no_freeze")
+    finally:
+        ImageListDataset.__getitem__ = original
+    report = {"epochs": [m["epoch"] for m in metrics], "stop_reason": trainer.run.stop_reason, "keys": loaded,
+              "train_labels": data.train_labels}
+    (out / f"rank{rank}_report.json").write_text(json.dumps(report))
+
+
 def train_without_resync(data_root: Path, out: Path, batch_size: int) -> None:
     """The trap, in a plain Accelerate loop: DDP wrapped while the backbone was frozen, then unfrozen."""
     out.mkdir(parents=True, exist_ok=True)
@@ -226,6 +265,7 @@ def main() -> None:
                   batch_size),
             train(GuideStrategy(unfreeze_epoch=1), data_root, out / "custom", batch_size),
         ]
+        train_balanced_with_a_rank_that_would_stop(data_root, out / "balanced_early_stop", batch_size)
         rank = trainers[0].accelerator.process_index
         shutdown()
         (out / f"rank{rank}_gloo_threads_after_shutdown.json").write_text(json.dumps(gloo_threads()))

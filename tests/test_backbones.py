@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,13 +12,41 @@ from safetensors.torch import save_file
 
 from dist_finetune.backbones import BackboneError, available_backbones, build_backbone, layer_groups
 
-REQUIRED = ["resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
-            "convnext_tiny", "vit_b_16"]
+# README, "Backbones": the torchvision architectures it lists, written out (not the registry's own list)
+README_BACKBONES = ["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_small", "mobilenet_v3_large",
+                    "efficientnet_b0", "efficientnet_b3", "convnext_tiny", "vit_b_16"]
+RESNET_LAYERS = [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
 
 
-@pytest.mark.parametrize("name", available_backbones() + ["timm:resnet18", "timm:vit_tiny_patch16_224"])
+def features_layers(count: int, last_extra: list[str]) -> list[list[str]]:
+    return [[f"features.{i}"] for i in range(count - 1)] + [[f"features.{count - 1}", *last_extra]]
+
+
+# README, "Layers": each architecture's blocks, input to output (torchvision's own module names)
+README_LAYERS = {
+    **{name: RESNET_LAYERS for name in ("resnet18", "resnet34", "resnet50", "resnet101")},
+    "mobilenet_v3_small": features_layers(13, ["classifier.0"]),  # the pre-logits Linear joins the last
+    "mobilenet_v3_large": features_layers(17, ["classifier.0"]),
+    "efficientnet_b0": features_layers(9, []),
+    "efficientnet_b3": features_layers(9, []),
+    "convnext_tiny": [["features.0"], ["features.1"], ["features.2", "features.3"], ["features.4", "features.5"],
+                      ["features.6", "features.7", "classifier.0"]],  # downsampling with its stage; final norm last
+    "vit_b_16": [["class_token", "conv_proj", "encoder.pos_embedding"],
+                 *[[f"encoder.layers.encoder_layer_{i}"] for i in range(11)], ["encoder.layers.encoder_layer_11",
+                                                                               "encoder.ln"]],
+}
+# timm: the blocks of group_matcher(coarse=True), named by parameter; the top-level modules of each
+README_TIMM_LAYERS = {"timm:resnet18": [{"conv1", "bn1"}, {"layer1"}, {"layer2"}, {"layer3"}, {"layer4"}]}
+
+
+@pytest.mark.parametrize("name", sorted(set(available_backbones()) | set(README_BACKBONES))
+                         + ["timm:resnet18", "timm:vit_tiny_patch16_224"])
 def test_backbone_layers_partition_every_parameter(name):
     backbone = build_backbone(name, pretrained=False)
+    if name in README_LAYERS:
+        assert backbone.layer_names == README_LAYERS[name]
+    if name in README_TIMM_LAYERS:
+        assert [{n.split(".")[0] for n in names} for names in backbone.layer_names] == README_TIMM_LAYERS[name]
     groups = layer_groups(backbone.module, backbone.layer_names)
     ids = [id(p) for group in groups for p in group.parameters()]
     assert len(ids) == len(set(ids)), "a parameter is in two layers"
@@ -31,7 +60,7 @@ def test_backbone_layers_partition_every_parameter(name):
 
 
 def test_required_architectures_are_registered():
-    assert set(REQUIRED) <= set(available_backbones())
+    assert set(README_BACKBONES) <= set(available_backbones())
 
 
 def test_unknown_backbone_lists_the_choices():
@@ -132,3 +161,24 @@ def test_vit_at_another_image_size_is_refused_before_training(tiny_data, name):
     with pytest.raises(ConfigError, match=rf"backbone {name} takes 224px images .* image_size=32; use image_size=224"):
         trainer.finetune(task, tiny_data, "freeze")
     assert trainer.accelerator is None, "refused before anything was built"
+
+
+def test_pretrained_weights_are_downloaded_once_into_torchvisions_cache(tmp_path, monkeypatch):
+    """pretrained=True: the architecture's default weights, fetched into $TORCH_HOME/hub/checkpoints, read
+    from there afterwards (the "download" writes a state dict whose conv1 is all 0.25)."""
+    downloads = []
+    published = torchvision.models.resnet18().state_dict()
+    published["conv1.weight"].fill_(0.25)
+
+    def download(url, destination, *args, **kwargs):
+        downloads.append((url, destination))
+        torch.save(published, destination)
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    for _ in range(2):
+        backbone = build_backbone("resnet18", pretrained=True)
+        assert torch.equal(backbone.module.conv1.weight, torch.full((64, 3, 7, 7), 0.25))
+    url = "https://download.pytorch.org/models/resnet18-f37072fd.pth"  # torchvision's ResNet18_Weights.DEFAULT
+    assert [(u, Path(d).parent) for u, d in downloads] == [(url, tmp_path / "torch" / "hub" / "checkpoints")]
+    assert (tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth").is_file()

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -166,7 +167,18 @@ def test_skip_bad_images_from_the_command_line(example_run):
     assert records[0]["train_images"] == 24  # the 24 good images, none of the 3 bad ones
 
 
-def check_demo_output(result, output_dir: Path) -> None:
+def check_demo_output(result, output_dir: Path, epochs: int) -> None:
+    """What README's Quickstart says the demo does: a generated 4-class dataset in OUTPUT_DIR/data, resnet18
+    from random initialisation (no cached weights: it says so), freeze_unfreeze at 64 px, the model saved,
+    held-out images labelled, and where its curves and report are."""
+    data = output_dir / "data"
+    assert sorted(p.name for p in (data / "train").iterdir()) == ["checker", "dots", "horizontal", "vertical"]
+    assert "randomly initialised (no cached pretrained weights, offline) resnet18" in result.stdout, result.stdout
+    recorded = load_yaml(output_dir / "config.yaml")  # the run's own record of its settings
+    assert (recorded.data.train_folder, recorded.data.val_folder) == (str(data / "train"), str(data / "val"))
+    assert (recorded.model.backbone, recorded.model.pretrained) == ("resnet18", False)
+    assert (recorded.strategy.name, recorded.data.image_size, recorded.trainer.max_epochs) == \
+        ("freeze_unfreeze", 64, epochs)
     assert (output_dir / "model.safetensors").is_file()
     assert "predictions on held-out images" in result.stdout
     predictions = result.stdout.split("predictions on held-out images", 1)[1].split("final val_acc", 1)[0]
@@ -175,17 +187,37 @@ def check_demo_output(result, output_dir: Path) -> None:
         assert (output_dir / name).is_file() and str(output_dir / name) in result.stdout
 
 
+def demo(output_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """The installed ``dist-finetune`` console script, running this checkout's package, with an empty
+    torch cache (no pretrained weights on this machine) and no network."""
+    script = shutil.which("dist-finetune")
+    assert script is not None, "the dist-finetune console script is not installed (pip install -e .)"
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([root, ENV.get("PYTHONPATH", "")]),
+           "TORCH_HOME": str(output_dir / "torch_cache")}
+    result = subprocess.run([script, "demo", "--output-dir", str(output_dir), *args], capture_output=True,
+                            text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_demo_defaults_are_the_documented_ones():
+    args = build_parser().parse_args(["demo"])
+    assert (args.output_dir, args.max_epochs) == ("demo_output", 8)
+
+
 def test_demo_runs_every_step_in_two_epochs(tmp_path):
-    """The demo's pipeline (data, finetune through the unfreeze, save, predict, report, curves), short."""
-    result = cli("demo", "--output-dir", str(tmp_path), "--max-epochs", "2")
-    check_demo_output(result, tmp_path)
+    """The demo's pipeline (data, finetune through the unfreeze, save, predict, report, curves), short,
+    through the installed console script."""
+    result = demo(tmp_path, "--max-epochs", "2")
+    check_demo_output(result, tmp_path, epochs=2)
     assert [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1]
 
 
 @pytest.mark.slow
 def test_demo_as_shipped_learns(tmp_path):
-    """The demo with its defaults, as the README's first command runs it, reaches what README says."""
-    result = cli("demo", "--output-dir", str(tmp_path))
-    check_demo_output(result, tmp_path)
+    """The demo with its defaults, as the README's first command runs it, reaches what README says (about 0.8)."""
+    result = demo(tmp_path)
+    check_demo_output(result, tmp_path, epochs=8)
     final = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
-    assert final["val_acc"] > 0.6, result.stdout  # chance is 0.25
+    assert final["val_acc"] >= 0.7, result.stdout  # chance is 0.25

@@ -197,3 +197,33 @@ def test_images_in_subfolders_count_for_their_class_but_hidden_folders_are_left_
     red = [p for p, y in zip(data.train_paths, data.train_labels) if data.classes[y] == "red"]
     assert sorted(p.split("/red/", 1)[1] for p in red) == ["more/more_0.png", "more/more_1.png",
                                                           "red_0.png", "red_1.png", "red_2.png"]
+
+
+def test_train_crops_and_flips_at_random_and_eval_resizes_to_size_over_0_875_then_center_crops(tmp_path):
+    """A 80x64 PNG, dark left half and bright right half (red), rows graded top to bottom (green).
+    Eval (and training with augment=False): short side to 28 / 0.875 = 32, then the central 28x28,
+    as torchvision computes them here. Training: over 24 epochs some crops are flipped (bright side on
+    the left), some are not, and crops differ in scale and place (not just the central crop or its mirror)."""
+    from torchvision.transforms.v2 import functional
+
+    pixels = np.zeros((64, 80, 3), dtype=np.uint8)
+    pixels[:, 40:, 0] = 255
+    pixels[:, :, 1] = (np.arange(64) * 4)[:, None]
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    source = torch.from_numpy(pixels).permute(2, 0, 1)
+    expected = functional.center_crop(functional.resize(source, 32, antialias=True), [28, 28])
+    path = str(tmp_path / "a.png")
+    plain = ImageClassificationData([path], [0], [path], [0], ["a"], image_size=28, augment=False)
+    assert torch.equal(plain.val_dataset()[0][0], expected)
+    assert torch.equal(plain.train_dataset()[0][0], expected)
+    augmented = ImageClassificationData([path], [0], [path], [0], ["a"], image_size=28).train_dataset(seed=0)
+    crops = [augmented[epoch][0] for epoch in range(24)]  # one image: item `epoch` is its draw in that epoch
+    assert all(crop.shape == (3, 28, 28) for crop in crops)
+    bright_right = [crop[0, :, -1].float().mean() > crop[0, :, 0].float().mean() for crop in crops]
+    bright_left = [crop[0, :, 0].float().mean() > crop[0, :, -1].float().mean() for crop in crops]
+    assert any(bright_right) and any(bright_left), "horizontal flips, about half the time"
+    mirror = functional.horizontal_flip(expected)
+    others = [crop for crop in crops if not torch.equal(crop, expected) and not torch.equal(crop, mirror)]
+    assert len(others) >= 20, "random resized crops, not one fixed crop"
+    green_ranges = {(int(crop[1].min()), int(crop[1].max())) for crop in crops}
+    assert len(green_ranges) >= 12, "crops come from different heights and scales"

@@ -95,6 +95,31 @@ def test_a_finished_run_holds_no_process_group_after_shutdown(strategies_run):
         assert json.loads((strategies_run / f"rank{rank}_gloo_threads_after_shutdown.json").read_text()) == []
 
 
+def test_early_stopping_is_decided_by_all_ranks_together(strategies_run):
+    """Rank 1 alone runs out of patience after epoch 1 (rank 0 would go on): both stop there, saying why."""
+    reports = [json.loads((strategies_run / "balanced_early_stop" / f"rank{r}_report.json").read_text())
+               for r in (0, 1)]
+    assert [r["epochs"] for r in reports] == [[0, 1], [0, 1]]
+    assert all(r["stop_reason"].startswith("early stopping after epoch 1") for r in reports)
+
+
+def test_the_balanced_sampler_splits_one_draw_over_the_ranks(strategies_run):
+    """Every rank draws the same sequence of 24 (seed, epoch) and trains its own batches of it: the keys
+    the two ranks loaded are disjoint and together are that epoch's whole draw, each once."""
+    from dist_finetune.data import BalancedSampler
+
+    reports = [json.loads((strategies_run / "balanced_early_stop" / f"rank{r}_report.json").read_text())
+               for r in (0, 1)]
+    labels = reports[0]["train_labels"]
+    assert len(labels) == 24 and reports[1]["train_labels"] == labels
+    for epoch in ("0", "1"):
+        mine, theirs = reports[0]["keys"][epoch], reports[1]["keys"][epoch]
+        assert len(mine) == len(theirs) == 12 and not set(mine) & set(theirs)
+        sampler = BalancedSampler(labels, seed=0)
+        sampler.set_epoch(int(epoch))
+        assert sorted(mine + theirs) == sorted(sampler)
+
+
 def test_checkpoint_and_metrics_written_once_by_the_main_process(strategies_run, image_folders):
     from dist_finetune import ImageClassificationData, ImageClassifier, Trainer
 

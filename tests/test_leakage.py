@@ -8,6 +8,7 @@ import re
 import shutil
 from collections import Counter
 
+import datasets
 import pytest
 import torch
 from conftest import BACKBONE, tiny_trainer, write_image_folder
@@ -178,3 +179,65 @@ def test_a_file_listed_twice_is_kept_once_and_a_file_in_both_splits_is_leakage(t
     (tmp_path / "train.csv").write_text("a/a_0.png,a\nb/b_0.png,b\na/a_0.png,b\n")
     with pytest.raises(DataError, match=r"train lists .*a_0.png twice, as a and as b: keep the row"):
         ImageClassificationData.from_csv(*csvs, **SETTINGS).check_images()
+
+
+def test_auto_class_weights_are_counted_after_drops_and_weight_only_the_training_loss(tmp_path):
+    """Train lists 13 / 5 / 8 images: a copy of a blue image (dedupe drops it) and an unreadable green
+    one (skipped), so the counts are 12 / 4 / 8 and the weights N / (C n_c) = 24/36, 24/12, 24/24.
+    The head is set to weight 0 and bias (0, 1, 2) and barely moves (lr 1e-12), so every image's loss
+    is l_c = logsumexp(0, 1, 2) - b_c; with one batch of all 24 images the weighted mean is
+    sum_c n_c w_c l_c / sum_c n_c w_c = the plain mean of l_c over classes, while val (6 / 2 / 4
+    images) stays unweighted: (6 l_0 + 2 l_1 + 4 l_2) / 12."""
+    import math
+
+    train = image_dataset((12, 4, 8)).to_dict()
+    train["image"] += [train["image"][0], {"bytes": b"\x89PNG\r\n\x1a\n cut short", "path": None}]
+    train["label"] += ["blue", "green"]
+    train = datasets.Dataset.from_dict(train, features=image_dataset(1).features)
+    data = ImageClassificationData.from_datasets(train, image_dataset((6, 2, 4), seed=1), class_weights="auto",
+                                                 dedupe=True, skip_bad_images=True, image_size=32, batch_size=24,
+                                                 num_workers=0)
+    seed_everything(0)
+    task = ImageClassifier(3, BACKBONE, pretrained=False)
+    with torch.no_grad():
+        task.head.layers[-1].weight.zero_()
+        task.head.layers[-1].bias.copy_(torch.tensor([0.0, 1.0, 2.0]))
+    metrics = tiny_trainer(max_epochs=1, lr=1e-12, output_dir=str(tmp_path)).finetune(task, data, "freeze")
+    assert task.class_weights == pytest.approx([24 / 36, 24 / 12, 24 / 24])
+    assert read_metadata(tmp_path / "model.safetensors")["class_weights"] == pytest.approx([24 / 36, 2.0, 1.0])
+    losses = [math.log(1 + math.e + math.e ** 2) - bias for bias in (0.0, 1.0, 2.0)]
+    assert metrics[0]["train_images"] == 24
+    assert metrics[0]["train_loss"] == pytest.approx(sum(losses) / 3, rel=1e-5)
+    assert metrics[0]["val_loss"] == pytest.approx((6 * losses[0] + 2 * losses[1] + 4 * losses[2]) / 12, rel=1e-5)
+
+
+def test_a_repeated_image_gets_its_own_augmentation_each_time():
+    """One green image among seven blue: the balanced sampler draws it about 4 times an epoch; each draw is
+    another crop/flip of it."""
+    data = ImageClassificationData.from_datasets(image_dataset((7, 1)), image_dataset((2, 2), seed=1),
+                                                 balanced_sampler=True, **SETTINGS)
+    dataset = data.train_dataset(seed=0)
+    red = data.train_labels.index(1)
+    sampler = BalancedSampler(data.train_labels, seed=0)
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        repeats = [key for key in sampler if key % len(data.train_labels) == red]
+        assert len(repeats) >= 2, repeats
+        images = [dataset[key][0] for key in repeats]
+        assert all(label == 1 for _, label in (dataset[key] for key in repeats))
+        assert all(not torch.equal(a, b) for i, a in enumerate(images) for b in images[i + 1:])
+
+
+def test_identical_images_with_different_labels_are_listed_with_their_labels(tmp_path):
+    train = write_image_folder(tmp_path / "train", per_class=3, size=16, seed=1)
+    val = write_image_folder(tmp_path / "val", per_class=2, size=16, seed=2)
+    shutil.copy(train / "red" / "red_0.png", train / "blue" / "looks_red.png")  # within train, labelled blue
+    shutil.copy(train / "green" / "green_1.png", val / "red" / "looks_green.png")  # across the split, labelled red
+    data = ImageClassificationData.from_folders(str(train), str(val), **SETTINGS)
+    data.check_images()
+    conflicting = [line for line in data.summary if "carry different labels" in line]
+    assert len(conflicting) == 1, data.summary
+    assert conflicting[0].startswith("warning: 2 group(s) of identical images carry different labels")
+    # in listing order: train before val, class folders sorted
+    assert f"{train / 'blue' / 'looks_red.png'} (blue) = {train / 'red' / 'red_0.png'} (red)" in conflicting[0]
+    assert f"{train / 'green' / 'green_1.png'} (green) = {val / 'red' / 'looks_green.png'} (red)" in conflicting[0]

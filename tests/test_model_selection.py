@@ -5,7 +5,9 @@ unfreeze."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,3 +221,93 @@ def test_a_model_file_of_an_abandoned_continuation_is_never_taken_for_the_best(t
         assert len(not_found) == 1 and "the run ends with the last epoch's weights" in not_found[0]
         assert report == {"epoch": 1, "weights": "last"} and not (tmp_path / "model.safetensors").exists()
         assert equal_weights(task.state_dict(), load_file(tmp_path / "last.safetensors"))
+
+
+class KeepMeasured(Callback):
+    """Copies the measured val_acc to ``measured_val_acc`` before :class:`ScoreEpochs` replaces it."""
+
+    def on_validation_end(self, trainer, run, record: dict) -> None:
+        record["measured_val_acc"] = record["val_acc"]
+
+
+@pytest.fixture(scope="module")
+def best_in_the_middle(tiny_data, tmp_path_factory):
+    """One 3-epoch run whose epochs score 0.5, 1.0, 0.25: epoch 1 is kept, neither the first nor the last."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("best_in_the_middle")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        trainer, task, metrics = finetune(tiny_data, out, "no_freeze", max_epochs=3,
+                                          callbacks=[KeepMeasured(), ScoreEpochs({0: 0.5, 1: 1.0, 2: 0.25})])
+    return trainer, task, metrics, out, printed.getvalue()
+
+
+def header(path) -> dict:
+    """The run metadata in a safetensors header, read without the package."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return json.loads(handle.metadata()["dist_finetune"])
+
+
+def test_save_checkpoint_writes_the_best_epochs_weights(best_in_the_middle):
+    trainer, _, _, out, _ = best_in_the_middle
+    trainer.save_checkpoint(out / "saved.safetensors")
+    saved = load_file(out / "saved.safetensors")
+    end_of_epoch_1 = load_file(out / "checkpoints" / "step-00000012" / "model.safetensors")  # 6 steps per epoch
+    assert equal_weights(saved, end_of_epoch_1)
+    assert not equal_weights(saved, load_file(out / "last.safetensors"))
+    assert header(out / "saved.safetensors")["num_classes"] == 3
+
+
+def test_model_file_headers_record_their_epoch_and_its_metrics(best_in_the_middle):
+    _, _, metrics, out, _ = best_in_the_middle
+    assert header(out / "model.safetensors")["training"] == {"epoch": 1, "val_acc": 1.0,
+                                                             "val_loss": metrics[1]["val_loss"]}
+    assert header(out / "last.safetensors")["training"] == {"epoch": 2, "val_acc": 0.25,
+                                                            "val_loss": metrics[2]["val_loss"]}
+
+
+def test_printed_epoch_lines_mark_each_new_best_and_the_end_names_the_kept_epoch(best_in_the_middle):
+    _, _, metrics, out, printed = best_in_the_middle
+    lines = [line for line in printed.splitlines() if re.match(r"epoch \d+: train_loss ", line)]
+    assert [int(line.split(":")[0].split()[1]) for line in lines] == [0, 1, 2]
+    assert [line.endswith("*best*") for line in lines] == [True, True, False]
+    assert [m.get("best", False) for m in metrics] == [True, True, False]
+    assert all(f"val_acc {acc:.3f}" in line for line, acc in zip(lines, (0.5, 1.0, 0.25)))
+    ends = [line for line in printed.splitlines() if line.startswith("best epoch ")]
+    assert len(ends) == 1, printed
+    end = ends[0]
+    assert end.startswith("best epoch 1 (val_acc 1.0000") and str(out / "model.safetensors") in end
+    assert "last epoch 2" in end and end.endswith("the task now holds epoch 1's weights")
+
+
+def test_trainer_evaluate_and_predict_use_the_kept_model(best_in_the_middle, tiny_data, image_folders):
+    trainer, task, metrics, _, _ = best_in_the_middle
+    report = trainer.evaluate(task, tiny_data)
+    assert (report["num_images"], report["classes"]) == (12, ["blue", "green", "red"])
+    assert report["accuracy"] == pytest.approx(metrics[1]["measured_val_acc"])  # epoch 1's, as validated then
+    labels = trainer.predict(task, str(image_folders / "val"))
+    assert len(labels) == 12 and set(labels.values()) <= {"blue", "green", "red"}
+    right = sum(Path(path).parent.name == label for path, label in labels.items())
+    assert right / 12 == pytest.approx(report["accuracy"])
+    one = sorted(labels)[0]
+    assert trainer.predict(task, one) == labels[one] and trainer.predict(task, [one, one]) == [labels[one]] * 2
+
+
+def test_equal_val_acc_goes_to_the_lower_val_loss():
+    from types import SimpleNamespace
+
+    from dist_finetune.model_selection import BestModel
+
+    run = SimpleNamespace(task=torch.nn.Linear(1, 1), output_dir=None)
+    selection = BestModel("val_acc")
+    records = [{"epoch": 0, "val_acc": 0.5, "val_loss": 1.0}, {"epoch": 1, "val_acc": 0.5, "val_loss": 0.8},
+               {"epoch": 2, "val_acc": 0.5, "val_loss": 0.9}, {"epoch": 3, "val_acc": 0.75, "val_loss": 2.0},
+               {"epoch": 4, "val_acc": 0.75, "val_loss": 2.0}]
+    for record in records:
+        selection.on_validation_end(SimpleNamespace(), run, record)
+    assert [bool(r.get("best")) for r in records] == [True, True, False, True, False]
+    assert selection.best == {"epoch": 3, "val_acc": 0.75, "val_loss": 2.0}

@@ -36,8 +36,10 @@ def readme_world(tmp_path, monkeypatch):
     write_image_folder(tmp_path / "data" / "train", classes=classes, per_class=8, seed=1)
     write_image_folder(tmp_path / "data" / "val", classes=classes, per_class=4, seed=2)
     for path in re.findall(r"data/val/\w+/[\w.]+\.jpg", README.read_text()):
-        write_image_folder(tmp_path / "tmp", classes=("one",), per_class=1, seed=3)
-        (tmp_path / path).write_bytes((tmp_path / "tmp" / "one" / "one_0.png").read_bytes())
+        # an unseen image drawn as its folder's class is (conftest: the class index picks the square's colour)
+        write_image_folder(tmp_path / "tmp", classes=classes, per_class=1, seed=3)
+        label = Path(path).parent.name
+        (tmp_path / path).write_bytes((tmp_path / "tmp" / label / f"{label}_0.png").read_bytes())
     hub = tmp_path / "torch_home"
     weights = torchvision.models.ResNet18_Weights.DEFAULT
     (hub / "hub" / "checkpoints").mkdir(parents=True)
@@ -57,11 +59,31 @@ def test_readme_has_the_examples_users_copy():
 
 
 def test_every_python_block_of_the_readme_runs(readme_world):
+    """Each block runs; the results its comments state hold: the saved model is the best epoch's (also in
+    runs/bees/), predict labels the bees image "bees", a list gives a list and a folder {path: label};
+    the schedule that never fires says so in exactly one warning of ours."""
+    from safetensors.torch import load_file
+
+    package = str(Path(__file__).resolve().parents[1] / "dist_finetune")
     namespace: dict = {"__name__": "readme"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # e.g. the documented "never unfreezes in this run" warning
-        for index, block in enumerate(python_blocks()):
+    ours: list[list[str]] = []  # per block, the warnings raised from dist_finetune
+    for index, block in enumerate(python_blocks()):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             try:
                 exec(compile(shrink(block), f"README.md python block {index}", "exec"), namespace)
             except Exception as error:  # noqa: BLE001 - name the block that broke
                 raise AssertionError(f"README python block {index} failed: {error!r}\n{block}") from error
+        ours.append([str(w.message) for w in caught if w.filename.startswith(package)])
+    saved, kept = load_file("model.safetensors"), load_file("runs/bees/model.safetensors")
+    assert saved.keys() == kept.keys() and all(torch.equal(saved[k], kept[k]) for k in saved)
+    clf = namespace["clf"]
+    assert clf.predict("data/val/bees/x.jpg") == "bees"
+    assert clf.predict(["data/val/bees/x.jpg"] * 2) == ["bees", "bees"]
+    labels = clf.predict("data/val/")
+    assert len(labels) == 9 and set(labels.values()) <= {"ants", "bees"}
+    blocks = python_blocks()
+    first = next(i for i, block in enumerate(blocks) if "clf.predict(" in block)
+    never = next(i for i, block in enumerate(blocks) if "FreezeUnfreeze(unfreeze_epoch=11)" in block)
+    assert ours[first] == [], ours[first]
+    assert len(ours[never]) == 1 and "never happens" in ours[never][0], ours[never]

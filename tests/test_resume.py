@@ -277,7 +277,8 @@ def test_resume_latest_without_checkpoints_starts_fresh(image_folders, tmp_path)
 
 def test_resume_refuses_another_run(image_folders, tmp_path):
     """A checkpoint of a tiny_resnet, 3-class, 32 px "freeze" run is continued by nothing else: another
-    backbone, strategy, class set, image size, image list, seed, optimizer or layer decay is refused
+    backbone, strategy, class set, image size, image list, seed, optimizer, layer decay, dedupe, class
+    weights or balanced sampler is refused
     before anything trains; so is a fresh run over it; a checkpoint folder without its manifest is
     incomplete. The same images in a moved folder are the same image list."""
     from conftest import tiny_trainer, write_image_folder
@@ -285,9 +286,9 @@ def test_resume_refuses_another_run(image_folders, tmp_path):
     from dist_finetune import ImageClassificationData, ImageClassifier
     from dist_finetune.training_state import find_checkpoint, image_lists
 
-    def data(train=image_folders / "train", size=32):
+    def data(train=image_folders / "train", size=32, **options):
         return ImageClassificationData.from_folders(str(train), val_split=0.25, image_size=size, batch_size=4,
-                                                    num_workers=0, augment=False)
+                                                    num_workers=0, augment=False, **options)
 
     out = str(tmp_path / "run")
     tiny_trainer(max_epochs=1, output_dir=out).finetune(ImageClassifier(3, "tiny_resnet", pretrained=False), data(),
@@ -311,6 +312,12 @@ def test_resume_refuses_another_run(image_folders, tmp_path):
         ("tiny_resnet", "freeze", data(), {"optimizer": "sgd"},
          r"optimizer: checkpoint has 'adamw', this run has 'sgd'"),
         ("tiny_resnet", "freeze", data(), {"layer_decay": 0.5}, r"layer_decay: checkpoint has None, this run has 0.5"),
+        # README: a resume must keep dedupe, class_weights and balanced_sampler
+        ("tiny_resnet", "freeze", data(dedupe=True), {}, r"data: checkpoint has None, this run has \{'dedupe': True"),
+        ("tiny_resnet", "freeze", data(class_weights="auto"), {},
+         r"data: checkpoint has None, this run has \{[^}]*'class_weights': 'auto'"),
+        ("tiny_resnet", "freeze", data(balanced_sampler=True), {},
+         r"data: checkpoint has None, this run has \{[^}]*'balanced_sampler': True"),
     ):
         task = ImageClassifier(3, backbone, pretrained=False)
         before = {n: p.clone() for n, p in task.named_parameters()}

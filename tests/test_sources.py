@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
 
 import datasets
 import numpy as np
@@ -15,6 +16,7 @@ from conftest import BACKBONE, tiny_trainer, write_image_folder
 from PIL import Image
 
 from dist_finetune import ImageClassificationData, ImageClassifier, seed_everything
+from dist_finetune.callbacks import Callback
 from dist_finetune.checkpoint import read_metadata
 from dist_finetune.cli import main
 from dist_finetune.config import ConfigError, config_from_dict
@@ -247,3 +249,126 @@ def test_a_csv_or_a_list_of_paths_saved_with_a_byte_order_mark_is_read(tmp_path)
     (tmp_path / "latin1.csv").write_bytes("path,label\nblue/blue_0.png,bl\xe9\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin1.csv is not UTF-8 text .*save it as UTF-8"):
         ImageClassificationData.from_csv(str(tmp_path / "latin1.csv"), str(root))
+
+
+def write_csv(path, root, files) -> None:
+    """``path``: rows ``<file relative to root>,<class folder>``, with a header."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("path,label\n" + "".join(f"{f.relative_to(root)},{f.parent.name}\n" for f in files))
+
+
+def test_the_cli_reads_csv_files_with_an_image_root_or_from_the_csvs_folder(tmp_path, scan_cache, capsys):
+    """--train-csv/--val-csv with --image-root (csvs elsewhere), and without it: paths relative to the csv's
+    folder, in the CLI (a dry run: every file read and checked) and in from_csv."""
+    root = write_image_folder(tmp_path / "images", per_class=8, size=16, seed=1)
+    files = sorted(root.rglob("*.png"))
+    val_files = [f for f in files if int(f.stem.split("_")[1]) >= 6]  # 2 per class
+    train_files = [f for f in files if f not in val_files]
+    write_csv(tmp_path / "lists" / "train.csv", root, train_files)
+    write_csv(tmp_path / "lists" / "val.csv", root, val_files)
+    write_csv(root / "all.csv", root, files)
+    common = ["--backbone", BACKBONE, "--no-pretrained", "--batch-size", "4", "--image-size", "32", "--num-workers", "0",
+              "--strategy", "no_freeze", "--max-epochs", "1", "--dry-run"]
+    main(["train", "--train-csv", str(tmp_path / "lists" / "train.csv"), "--val-csv", str(tmp_path / "lists" / "val.csv"),
+          "--image-root", str(root), *common])
+    printed = capsys.readouterr().out
+    assert re.search(r"train: 18 images from .*train\.csv: blue 6, green 6, red 6", printed), printed
+    assert re.search(r"val: 6 images from .*val\.csv: blue 2, green 2, red 2", printed), printed
+    main(["train", "--train-csv", str(root / "all.csv"), "--val-split", "0.25", *common])
+    printed = capsys.readouterr().out
+    assert re.search(r"train: 18 images .*: blue 6, green 6, red 6", printed) and "val: 6 images" in printed, printed
+    data = ImageClassificationData.from_csv(str(root / "all.csv"), val_split=0.25)
+    assert sorted(data.train_paths + data.val_paths) == sorted(str(f) for f in files)
+
+
+def test_the_image_column_may_hold_images_encoded_bytes_or_file_paths(tmp_path):
+    """The same three images as datasets.Image values, as raw PNG bytes, and as paths: the same tensors."""
+    rows = [(encoded(label, seed=label, mode=mode), NAMES[label]) for label, mode in enumerate(("RGB", "L", "P"))]
+    paths = []
+    for index, (content, _) in enumerate(rows):
+        paths.append(str(tmp_path / f"{index}.png"))
+        (tmp_path / f"{index}.png").write_bytes(content)
+    labels = [label for _, label in rows] * 2
+    columns = {
+        "image": datasets.Dataset.from_dict({"image": [{"bytes": c, "path": None} for c, _ in rows] * 2,
+                                             "label": labels}, features=image_dataset(1).features),
+        "bytes": datasets.Dataset.from_dict({"image": [c for c, _ in rows] * 2, "label": labels}),
+        "paths": datasets.Dataset.from_dict({"image": paths * 2, "label": labels}),
+    }
+    assert columns["bytes"].features["image"].dtype == "binary" and columns["paths"].features["image"].dtype == "string"
+    decoded = {}
+    for kind, dataset in columns.items():
+        data = ImageClassificationData.from_datasets(dataset, val_split=0.5, **SETTINGS)
+        data.check_images()
+        validation = data.val_dataset()
+        decoded[kind] = [validation[i] for i in range(len(validation))]
+        assert sorted(label for _, label in decoded[kind]) == [0, 1, 2]
+    for kind in ("bytes", "paths"):  # the same seeded split of the same bytes: the same val images, in order
+        assert all(torch.equal(a, b) and y == z for (a, y), (b, z) in zip(decoded[kind], decoded["image"])), kind
+
+
+class Killed(Exception):
+    pass
+
+
+class KillAt(Callback):
+    """Ends the run after optimizer step ``step``, before its checkpoint (as a SIGKILL would)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, run) -> None:
+        if run.position.global_step == self.step:
+            raise Killed
+
+
+@pytest.mark.parametrize("kind", ["in_memory", "csv"])
+def test_a_killed_run_on_any_source_resumes_bit_exactly(tmp_path, scan_cache, kind):
+    """Folders and save_to_disk datasets are resumed in test_resume and test_leakage (a parquet folder is
+    read as save_to_disk is: memory-mapped Arrow files); in-memory datasets and csv files here: killed in
+    epoch 1 after the step-5 checkpoint, resumed, the same final weights as uninterrupted."""
+    from safetensors.torch import load_file
+
+    if kind == "csv":
+        root = write_image_folder(tmp_path / "images", per_class=6, size=16, seed=1)
+        write_csv(root / "train.csv", root, sorted(root.rglob("*.png")))
+
+    def data():
+        if kind == "in_memory":
+            return ImageClassificationData.from_datasets(image_dataset(6), val_split=0.25, **SETTINGS)
+        return ImageClassificationData.from_csv(str(tmp_path / "images" / "train.csv"), val_split=0.25, **SETTINGS)
+
+    def finetune(out, callbacks=(), resume=None):
+        seed_everything(0)
+        task = ImageClassifier(3, BACKBONE, pretrained=False)
+        trainer = tiny_trainer(max_epochs=2, output_dir=str(out), save_every_n_steps=5, callbacks=list(callbacks))
+        trainer.finetune(task, data(), "no_freeze", resume=resume)
+        return load_file(out / "last.safetensors"), trainer
+
+    uninterrupted, _ = finetune(tmp_path / "a")
+    with pytest.raises(Killed):
+        finetune(tmp_path / "b", [KillAt(step=6)])  # 12 train images, 3 steps per epoch: epoch 1, batch 3
+    resumed, trainer = finetune(tmp_path / "b", resume="latest")
+    assert trainer.run.resumed_from.name == "step-00000005"
+    assert uninterrupted.keys() == resumed.keys()
+    assert [name for name in uninterrupted if not torch.equal(uninterrupted[name], resumed[name])] == []
+
+
+def test_a_hub_name_is_loaded_with_load_dataset_and_its_validation_split_used(monkeypatch):
+    """Offline stand-in for the Hub: datasets.load_dataset returns a train and a validation split for
+    "someone/beans", as it would after a download; from_hub reads them through the same path."""
+    asked = []
+
+    def load_dataset(name, *args, **kwargs):
+        asked.append(name)
+        return datasets.DatasetDict({"train": image_dataset(4, class_label=True, label_column="labels"),
+                                     "validation": image_dataset(2, seed=1, class_label=True, label_column="labels")})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    data = ImageClassificationData.from_hub("someone/beans", label_column="labels", **SETTINGS)
+    assert asked == ["someone/beans"]
+    assert data.classes == list(NAMES) and (len(data.train_paths), len(data.val_paths)) == (12, 6)
+    assert data.train_paths[0] == "someone/beans:train[0]" and data.val_paths[-1] == "someone/beans:validation[5]"
+    assert sorted(data.val_labels) == [0, 0, 1, 1, 2, 2]
+    image, label = data.val_dataset()[0]
+    assert image.shape == (3, 32, 32) and label == data.val_labels[0]

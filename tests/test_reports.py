@@ -197,3 +197,19 @@ def test_keep_last_model_reports_the_last_epochs_weights(tiny_data, tmp_path):
     assert report["model"] == {"epoch": 2, "weights": "last"}
     assert report["accuracy"] == pytest.approx(EpochZeroIsBest.real[2]["val_acc"])
     assert report["loss"] == pytest.approx(EpochZeroIsBest.real[2]["val_loss"], rel=1e-5)
+
+
+def test_evaluate_stops_on_an_unreadable_image_naming_it(saved_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = write_image_folder(tmp_path / "images", classes=("blue", "red"), per_class=2, size=36)
+    (folder / "red" / "broken.png").write_bytes(b"not a picture")
+    with pytest.raises(SystemExit) as exited:
+        main(evaluate_args(saved_model[0], folder, tmp_path / "out"))
+    assert exited.value.code == 2 and f"cannot read image {folder / 'red' / 'broken.png'}" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_evaluate_lists_as_many_top_losses_as_asked(saved_model, tmp_path):
+    main([*evaluate_args(*saved_model, tmp_path / "out"), "--top-losses", "2"])
+    losses = [row["loss"] for row in json.loads((tmp_path / "out" / "report.json").read_text())["top_losses"]]
+    assert len(losses) == 2 and losses[0] >= losses[1]

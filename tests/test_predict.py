@@ -360,3 +360,13 @@ def test_predict_keeps_freed_memory_on_the_cpu_unless_told_not_to(monkeypatch, i
     paths = list_image_files(image_folders / "val" / "red")[:1]
     predict_paths(fixed_probability_model([0.5, 0.5]), paths, device="cpu", num_workers=0, tune_cpu_allocator=tune)
     assert len(calls) == expected
+
+
+def test_load_from_checkpoint_map_location(saved_model, monkeypatch):
+    """"auto" without a GPU: the CPU; "cuda" without one is an error naming the fix (with one: select_device,
+    test_gpu_is_selected_when_cuda_is_present)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = ImageClassifier.load_from_checkpoint(saved_model, map_location="auto")
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    with pytest.raises(ConfigError, match="device cuda requested but torch sees no CUDA device"):
+        ImageClassifier.load_from_checkpoint(saved_model, map_location="cuda")

@@ -110,3 +110,14 @@ def test_tracker_names_and_missing_packages(tiny_data, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="wandb is not installed; pip install wandb"):
         tiny_trainer(output_dir=str(tmp_path / "run"), report_to="wandb").finetune(task, tiny_data)
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_report_to_all_is_every_installed_tracker(tmp_path, monkeypatch):
+    installed = {"tensorboard": True, "wandb": False, "mlflow": True, "comet_ml": False, "aim": False}
+    for name, present in installed.items():
+        monkeypatch.setitem(trackers.AVAILABLE, name, lambda present=present: present)
+    assert trackers.check_trackers("all", str(tmp_path)) == ["tensorboard", "mlflow"]
+    for name in installed:
+        monkeypatch.setitem(trackers.AVAILABLE, name, lambda: False)
+    with pytest.raises(ConfigError, match="report_to=all but no tracker is installed"):
+        trackers.check_trackers("all", str(tmp_path))

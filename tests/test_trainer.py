@@ -17,34 +17,43 @@ def finetune(tiny_data, **settings):
     return trainer
 
 
-@pytest.mark.parametrize("check, expected", [
-    (True, ["after the strategy transition at epoch 1", "at the end of training"]),
-    (False, []),
-])
-def test_the_rank_check_runs_after_each_transition_and_at_the_end_unless_turned_off(tiny_data, monkeypatch, check,
-                                                                                     expected):
+@pytest.fixture(scope="module")
+def compiled_run(tiny_data):
+    """freeze_unfreeze at 1 over 2 epochs with ACCELERATE_DYNAMO_BACKEND set (accelerate launch --dynamo_backend)
+    and compile=False: records every torch.compile call, every call of the compiled forward, every rank check."""
+    seen = {"compiled": [], "calls": [], "checked": []}
+
+    def fake_compile(model, backend=None, mode=None):
+        seen["compiled"].append((backend, mode))
+        return lambda images: seen["calls"].append(len(images)) or model(images)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ACCELERATE_DYNAMO_BACKEND", "AOT_EAGER")
+        patch.setattr(torch, "compile", fake_compile)
+        patch.setattr(trainer_module, "check_rank_consistency", lambda accelerator, model, optimizer, where:
+                      seen["checked"].append(where))
+        seen["trainer"] = finetune(tiny_data)
+    return seen
+
+
+def test_the_rank_check_runs_after_each_transition_and_at_the_end(compiled_run):
+    assert compiled_run["checked"] == ["after the strategy transition at epoch 1", "at the end of training"]
+
+
+def test_the_rank_check_can_be_turned_off(tiny_data, monkeypatch):
     checked = []
     monkeypatch.setattr(trainer_module, "check_rank_consistency", lambda accelerator, model, optimizer, where:
                         checked.append(where))
-    finetune(tiny_data, check_rank_consistency=check)
-    assert checked == expected
+    finetune(tiny_data, check_rank_consistency=False)
+    assert checked == []
 
 
-def test_a_launch_config_compile_request_compiles_training_only(tiny_data, monkeypatch):
-    """ACCELERATE_DYNAMO_BACKEND (accelerate launch --dynamo_backend) with compile=False: the trainer compiles
-    the training forward itself with that backend; validation runs the uncompiled model."""
-    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "AOT_EAGER")
-    compiled, calls = [], []
-
-    def fake_compile(model, backend=None, mode=None):
-        compiled.append((backend, mode))
-        return lambda images: calls.append(len(images)) or model(images)
-
-    monkeypatch.setattr(torch, "compile", fake_compile)
-    trainer = finetune(tiny_data)
-    assert compiled and set(compiled) == {("aot_eager", None)}
-    assert calls == [4] * 12  # 2 epochs x 6 training batches of 4; none of validation's 12 images
-    assert [record["val_images"] for record in trainer.metrics] == [12, 12]
+def test_a_launch_config_compile_request_compiles_training_only(compiled_run):
+    """The trainer compiles the training forward itself with the launch config's backend; validation runs
+    the uncompiled model."""
+    assert compiled_run["compiled"] and set(compiled_run["compiled"]) == {("aot_eager", None)}
+    assert compiled_run["calls"] == [4] * 12  # 2 epochs x 6 training batches of 4; none of validation's 12 images
+    assert [record["val_images"] for record in compiled_run["trainer"].metrics] == [12, 12]
 
 
 @pytest.mark.parametrize("tune, expected", [(True, 1), (False, 0)])

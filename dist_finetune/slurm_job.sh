@@ -146,7 +146,8 @@ if [[ $preempted == TERM ]]; then
     exit "$rc"
 fi
 # accelerate launch turns the workers' exit code 42 into 1, so a forwarded signal counts as well.
-if (( rc == 42 )) || [[ -n $preempted ]]; then
+# A prediction is never requeued, whatever its exit code: it has no checkpoint to resume from.
+if [[ $subcommand != predict ]] && { (( rc == 42 )) || [[ -n $preempted ]]; }; then
     log "training stopped (exit $rc, signal ${preempted:-none}); requeueing job $SLURM_JOB_ID"
     if scontrol requeue "$SLURM_JOB_ID"; then
         exit 0

@@ -44,7 +44,7 @@ def test_schedules_past_the_last_epoch_are_valid_configs():
     assert (type(strategy).__name__, strategy.unfreeze_epoch) == ("FreezeUnfreeze", 10)
     config = config_from_dict({"strategy": {"name": "unfreeze_milestones", "milestones": [1, 12]}})
     strategy = config.strategy.strategy()
-    assert (strategy.unfreeze_milestones, strategy.num_layers) == ((1, 12), config.strategy.num_layers)
+    assert (strategy.unfreeze_milestones, strategy.num_layers) == ((1, 12), 1)  # the default layer count
 
 
 def test_strategy_defaults_are_defined_once():
@@ -52,11 +52,17 @@ def test_strategy_defaults_are_defined_once():
     from dist_finetune.config import StrategyConfig
     from dist_finetune.finetuning import FreezeUnfreeze, UnfreezeMilestones, resolve_strategy
 
+    defaults = {  # README: unfreeze at epoch 3; milestones (2, 5) with 1 layer; train_bn=False; new groups at lr / 100
+        "freeze_unfreeze": {"name": "FreezeUnfreeze", "attr_names": ["backbone"], "train_bn": False,
+                            "unfreeze_epoch": 3, "initial_denom_lr": 100.0},
+        "unfreeze_milestones": {"name": "UnfreezeMilestones", "attr_names": ["backbone"], "train_bn": False,
+                                "unfreeze_milestones": (2, 5), "num_layers": 1, "initial_denom_lr": 100.0},
+    }
     for name, cls in (("freeze_unfreeze", FreezeUnfreeze), ("unfreeze_milestones", UnfreezeMilestones)):
         section = StrategyConfig(name=name)
-        assert section.strategy().describe() == resolve_strategy(name).describe() == cls().describe()
-    changed = StrategyConfig(name="freeze_unfreeze", initial_denom_lr=100, train_bn=True).strategy()
-    assert (changed.initial_denom_lr, changed.train_bn) == (100.0, True)
+        assert section.strategy().describe() == resolve_strategy(name).describe() == cls().describe() == defaults[name]
+    changed = StrategyConfig(name="freeze_unfreeze", initial_denom_lr=7, train_bn=True).strategy()
+    assert (changed.initial_denom_lr, changed.train_bn) == (7.0, True)  # not the defaults: the settings are used
 
 
 def test_unknown_override_and_missing_file(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 
 import numpy as np
 import pytest
@@ -227,3 +228,40 @@ def test_train_crops_and_flips_at_random_and_eval_resizes_to_size_over_0_875_the
     assert len(others) >= 20, "random resized crops, not one fixed crop"
     green_ranges = {(int(crop[1].min()), int(crop[1].max())) for crop in crops}
     assert len(green_ranges) >= 12, "crops come from different heights and scales"
+
+
+def test_augmented_training_decodes_at_twice_the_crop(tmp_path, monkeypatch):
+    """RandomResizedCrop can zoom in, so training decodes a JPEG to at least 2 x image_size: a 400x300 file at
+    image_size 32 is drafted at 1/4 (100x75), not at 1/8 (50x37, below 64)."""
+    from dist_finetune import data as data_module
+
+    path = tmp_path / "big.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(path)
+    decoded = []
+    monkeypatch.setattr(data_module, "load_rgb", lambda source, min_side=None: decoded.append(
+        load_rgb(source, min_side).size) or load_rgb(source, min_side))
+    data = ImageClassificationData([str(path)], [0], [str(path)], [0], ["a"], image_size=32, augment=True)
+    assert data.train_dataset()[0][0].shape == (3, 32, 32)
+    assert decoded == [(100, 75)]
+
+
+def test_loader_workers_default_and_val_workers_are_not_persistent(tiny_data, monkeypatch):
+    """Per process: cores / local processes - 1, at most 8; train workers persist, val workers start per validation."""
+    from types import SimpleNamespace
+
+    from dist_finetune import Trainer
+
+    data = ImageClassificationData(tiny_data.train_paths, tiny_data.train_labels, tiny_data.val_paths,
+                                   tiny_data.val_labels, tiny_data.classes, image_size=32, batch_size=4)
+    one_process = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    train, val = Trainer(max_epochs=1)._loaders(data, one_process)
+    assert (train.num_workers, val.num_workers) == (3, 3)
+    assert (train.persistent_workers, val.persistent_workers) == (True, False)
+    assert not train.pin_memory and not val.pin_memory  # pinned memory on GPU only
+    on_gpu = SimpleNamespace(num_processes=1, device=torch.device("cuda"))  # a device object; nothing runs on it
+    assert all(loader.pin_memory for loader in Trainer(max_epochs=1)._loaders(data, on_gpu))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert Trainer(max_epochs=1)._loaders(data, one_process)[0].num_workers == 8

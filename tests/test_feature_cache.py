@@ -12,16 +12,29 @@ from torchvision.ops import StochasticDepth
 
 from dist_finetune import ImageClassificationData, ImageClassifier, seed_everything
 from dist_finetune import distributed
-from dist_finetune.feature_cache import backbone_is_static
+from dist_finetune.callbacks import Callback
+from dist_finetune.feature_cache import CACHE_KEY, backbone_is_static, cache_fits
 
 
-def train(image_folders, cache: bool, strategy, epochs=3):
+class CacheSeen(Callback):
+    """Per epoch: whether the run held the feature cache when the epoch's training was done."""
+
+    def __init__(self):
+        self.per_epoch: list[bool] = []
+
+    def on_validation_end(self, trainer, run, record):
+        self.per_epoch.append(CACHE_KEY in run.extras)
+
+
+def train(image_folders, cache: bool, strategy, epochs=3, augment=False):
     data = ImageClassificationData.from_folders(str(image_folders / "train"), str(image_folders / "val"),
-                                                image_size=32, batch_size=4, num_workers=0, augment=False)
+                                                image_size=32, batch_size=4, num_workers=0, augment=augment)
     seed_everything(0)
     task = ImageClassifier(3, "tiny_resnet", pretrained=False, head_dropout=0.1)
-    trainer = tiny_trainer(max_epochs=epochs, cache_frozen_features=cache)
+    seen = CacheSeen()
+    trainer = tiny_trainer(max_epochs=epochs, cache_frozen_features=cache, callbacks=[seen])
     metrics = trainer.finetune(task, data, strategy, train_bn=False)
+    trainer.cache_seen = seen.per_epoch
     return task, metrics, trainer
 
 
@@ -41,9 +54,30 @@ def test_cached_features_train_the_head_like_recomputed_ones(image_folders, caps
 
 def test_cache_is_dropped_at_the_unfreeze(image_folders):
     cached, _, trainer = train(image_folders, True, ("freeze_unfreeze", 1))
-    recomputed, _, _ = train(image_folders, False, ("freeze_unfreeze", 1))
-    assert "feature_loader" not in trainer.run.extras
+    recomputed, _, untouched = train(image_folders, False, ("freeze_unfreeze", 1))
+    assert trainer.cache_seen == [True, False, False], "built for the frozen epoch 0, dropped at the unfreeze"
+    assert untouched.cache_seen == [False, False, False], "cache_frozen_features=False (--no-feature-cache)"
     assert_close(cached, recomputed)
+
+
+def test_no_cache_with_augmentation(image_folders):
+    """Augmented images change every epoch, so their features may not be cached, however frozen the backbone."""
+    _, _, trainer = train(image_folders, True, "freeze", epochs=2, augment=True)
+    assert trainer.cache_seen == [False, False]
+
+
+def test_the_cache_is_capped_at_4_gib():
+    assert cache_fits(2**28, 4)  # 2^28 images x 4 features x 4 bytes = 4 GiB exactly
+    assert not cache_fits(2**28 + 1, 4)
+    assert not cache_fits(2**20, 2**10 + 1)
+
+
+def test_no_feature_cache_flag_turns_the_cache_off(tmp_path):
+    from dist_finetune.cli import build_parser, train_config
+
+    args = ["train", "--train-folder", str(tmp_path), "--no-augment"]
+    assert train_config(build_parser().parse_args(args)).trainer.cache_frozen_features is True
+    assert train_config(build_parser().parse_args([*args, "--no-feature-cache"])).trainer.cache_frozen_features is False
 
 
 def test_not_cacheable_while_batchnorm_or_dropout_trains():

@@ -77,7 +77,13 @@ def test_imbalance_is_warned_under_one_tenth():
     assert "green has 2 train images, under 1/10 of blue (21)" in warning[0]
 
 
-def test_class_weights_auto_weight_the_loss_and_are_saved(tmp_path, capsys):
+def test_class_weights_auto_weight_the_loss_and_are_saved(tmp_path, capsys, monkeypatch):
+    weights_used = []  # the weight argument of every cross-entropy the run computes
+    cross_entropy = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *args, weight=None, **kwargs: (
+        weights_used.append(None if weight is None else weight.tolist()), cross_entropy(*args, weight=weight,
+                                                                                        **kwargs))[1])
+
     def run(class_weights, out=None):
         data = ImageClassificationData.from_datasets(image_dataset((12, 4, 8)), image_dataset(2, seed=1),
                                                      class_weights=class_weights, **SETTINGS)
@@ -87,6 +93,9 @@ def test_class_weights_auto_weight_the_loss_and_are_saved(tmp_path, capsys):
         return task, data
 
     weighted, data = run("auto", tmp_path / "weighted")
+    # 12, 4 and 8 train images: N / (C * n_c) = 24 / 36, 24 / 12, 24 / 24 weight each training step's loss
+    assert [w for w in weights_used if w is not None] == [pytest.approx([2 / 3, 2.0, 1.0])] * 6
+    weights_used.clear()
     assert data.loss_weights() == pytest.approx([24 / 36, 24 / 12, 24 / 24])
     assert read_metadata(tmp_path / "weighted" / "model.safetensors")["class_weights"] == data.loss_weights()
     assert ImageClassifier.load_from_checkpoint(tmp_path / "weighted" / "last.safetensors").class_weights == \
@@ -95,6 +104,7 @@ def test_class_weights_auto_weight_the_loss_and_are_saved(tmp_path, capsys):
     assert "images per class (train / val), 24 / 6 in all:" in printed and re.search(r"blue +12 / 2\n", printed)
     plain, _ = run("none")
     assert plain.class_weights is None and plain.metadata()["class_weights"] is None
+    assert weights_used and all(w is None for w in weights_used)
     assert not torch.equal(weighted.head.layers[-1].weight, plain.head.layers[-1].weight)
 
 

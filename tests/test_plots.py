@@ -56,15 +56,52 @@ def test_missing_metrics_file_is_explained(tmp_path):
         read_run(tmp_path)
 
 
-def test_plot_curves_writes_png(run_dir, tmp_path):
+def drawn_figures(monkeypatch) -> list:
+    """Every matplotlib Figure plot_curves saves, kept for inspection."""
+    from matplotlib.figure import Figure
+
+    figures, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda figure, *args, **kwargs: figures.append(figure) or save(
+        figure, *args, **kwargs))
+    return figures
+
+
+def lines(axes) -> dict[str, list[tuple[float, float]]]:
+    """The axes' labelled lines as {label: [(x, y), ...]}."""
+    return {line.get_label(): [(float(x), float(y)) for x, y in zip(line.get_xdata(), line.get_ydata())]
+            for line in axes.get_lines() if not line.get_label().startswith("_")}
+
+
+def test_plot_curves_draws_every_curve_and_marker(run_dir, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
+    from PIL import Image
+
     assert matplotlib_available()
+    figures = drawn_figures(monkeypatch)
     path = plot_curves(run_dir)
     assert path == run_dir / "curves.png"
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    loss, accuracy, lr = figures[0].axes
+    unfreeze_at_epoch_1 = [(0.5, 0.0), (0.5, 1.0)]  # dashed line between epochs 0 and 1 (x in data, y in axes)
+    assert lines(loss) == {"train loss": [(0, 1.2), (1, 0.9), (2, 0.7)], "val loss": [(0, 1.0), (1, 0.8), (2, 0.9)],
+                           "best (epoch 1)": [(1, 0.8)], "unfreeze": unfreeze_at_epoch_1}
+    assert lines(accuracy) == {"val accuracy": [(0, 0.5), (1, 0.7), (2, 0.6)], "best (epoch 1)": [(1, 0.7)],
+                               "unfreeze": unfreeze_at_epoch_1}
+    assert lines(lr) == {"group 0 (head)": [(n, pytest.approx(1e-3 / n)) for n in range(1, 7)],
+                         "group 1": [(n, pytest.approx(1e-4 / n)) for n in range(3, 7)],
+                         "unfreeze": [(3, 0.0), (3, 1.0)]}  # at epoch 1's first step
+    assert lr.get_yscale() == "log"
+    with Image.open(path) as image:  # the PNG is that figure: 16 x 4.8 inches at 100 dpi, with something drawn
+        assert image.format == "PNG" and image.size == (1600, 480)
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+        assert len(colours) > 50 and max(count for count, _ in colours) < 0.95 * 1600 * 480
+
     (run_dir / "steps.jsonl").unlink()  # an old run: lr per epoch from metrics.jsonl
     elsewhere = plot_curves(run_dir, output=tmp_path / "old.png")
-    assert elsewhere == tmp_path / "old.png" and elsewhere.read_bytes()[:4] == b"\x89PNG"
+    assert elsewhere == tmp_path / "old.png"
+    assert lines(figures[1].axes[2]) == {"group 0 (head)": [(0, 1e-3), (1, 8e-4), (2, 3e-4)],
+                                         "group 1": [(1, 8e-5), (2, 3e-5)], "unfreeze": unfreeze_at_epoch_1}
+    with Image.open(elsewhere) as image:
+        assert image.size == (1600, 480)
     assert sorted(p.name for p in run_dir.iterdir()) == ["curves.png", "metrics.jsonl"]  # no temporary left
 
 

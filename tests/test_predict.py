@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,8 +103,9 @@ def test_top_k_csv_and_jsonl(image_folders, tmp_path):
     assert records[0]["error"] is None and records[0]["label"] == "c1"
     assert [(t["label"], t["probability"]) for t in records[0]["top_k"]] == [  # K clamped to the 4 classes
         ("c1", 0.4), ("c3", 0.3), ("c2", 0.2), ("c0", 0.1)]
-    assert records[1] == {"path": str(bad), "label": None, "probability": None, "error": records[1]["error"],
-                          "top_k": []} and "skip-bad-images" not in records[1]["error"]
+    error = records[1].pop("error")
+    assert records[1] == {"path": str(bad), "label": None, "probability": None, "top_k": []}
+    assert error == "empty file (0 bytes)"  # no train hint (skip-bad-images) in predict's rows
 
 
 @pytest.mark.parametrize("writer_class", [CsvWriter, JsonlWriter])
@@ -189,20 +191,20 @@ def test_two_processes_write_what_one_writes(tmp_path, capsys):
     extra = write_image_folder(tmp_path / "extra", classes=("c",), per_class=2, size=40)
     first, listed = list_image_files(extra)
     (tmp_path / "list.txt").write_text(f"{listed}\n\n")
-    expected = [*list_image_files(folder), first, listed]
-    assert len(expected) == 13
+    names = [f"a/a_{i}.png" for i in range(5)] + ["a/zz_notes.jpg"] + [f"b/b_{i}.png" for i in range(5)]
+    expected = [*(str(folder / name) for name in names), str(extra / "c" / "c_0.png"), str(extra / "c" / "c_1.png")]
+    assert [first, listed] == expected[-2:] and len(expected) == 13
     ImageClassifier(3, backbone="timm:test_resnet", pretrained=False, labels=CLASSES, image_size=32).save_checkpoint(
         tmp_path / "m.safetensors")
     args = ["--checkpoint", str(tmp_path / "m.safetensors"), str(folder), first, "--paths-from",
             str(tmp_path / "list.txt"), "--batch-size", "2", "--num-workers", "1", "--top-k", "2"]
 
-    with pytest.raises(SystemExit) as exited:  # one process: in this process
-        main(["predict", *args, "--output", str(tmp_path / "one.csv"), "--strict", "--no-progress-bar"])
-    assert exited.value.code == UNREADABLE_EXIT_CODE == 3  # --strict: a bad file is an error, rows still written
-    stderr = capsys.readouterr().err
+    main(["predict", *args, "--output", str(tmp_path / "one.csv"), "--no-progress-bar"])  # one process: here
+    stderr = capsys.readouterr().err  # without --strict: exit 0 (main returned)
     assert "1 of 13 files could not be read" in stderr and "skip-bad-images" not in stderr
-    two = launch_predict(*args, "--output", str(tmp_path / "two.jsonl"))
-    assert two.returncode == 0, two.stderr[-3000:]  # without --strict: exit 0
+    two = launch_predict(*args, "--output", str(tmp_path / "two.jsonl"), "--strict")
+    # --strict: the main rank exits 3 after writing every row; accelerate launch reports a failed worker as 1
+    assert two.returncode == 1 and "exitcode  : 3" in two.stderr, two.stderr[-3000:]
     assert "1 of 13 files could not be read" in two.stderr
 
     rows_one = list(csv.DictReader(open(tmp_path / "one.csv")))
@@ -215,3 +217,156 @@ def test_two_processes_write_what_one_writes(tmp_path, capsys):
         else:
             assert b["path"].endswith("zz_notes.jpg") and a["error"] == b["error"] and "cannot identify" in a["error"]
     assert sum(r["error"] is not None for r in rows_two) == 1
+
+
+# ------------------------------------------------------------------- the command line, in this process
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "m.safetensors"
+    fixed_probability_model([0.2, 0.5, 0.3]).save_checkpoint(path)
+    return path
+
+
+def tiny_png(path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(path)
+    return str(path)
+
+
+def test_a_folder_is_listed_recursively_in_sorted_order(saved_model, tmp_path):
+    root = tmp_path / "in"
+    for name in ("b.png", "a/z.png", "B/y.png", "a/deep/x.png", "a/c.png", "notes.txt"):
+        tiny_png(root / name) if name.endswith(".png") else (root / name).write_text("not an image file name")
+    main(["predict", "--checkpoint", str(saved_model), str(root), "--output", str(tmp_path / "p.csv"),
+          "--no-progress-bar", "--num-workers", "0"])
+    listed = [row["path"] for row in csv.DictReader(open(tmp_path / "p.csv"))]
+    assert listed == [str(root / name) for name in ("B/y.png", "a/c.png", "a/deep/x.png", "a/z.png", "b.png")]
+
+
+def test_a_missing_input_stops_before_any_work_and_a_missing_listed_file_is_an_error_row(saved_model, tmp_path,
+                                                                                         capsys):
+    good = tiny_png(tmp_path / "good.png")
+    with pytest.raises(SystemExit) as exited:
+        main(["predict", "--checkpoint", str(saved_model), good, str(tmp_path / "gone.png"),
+              "--output", str(tmp_path / "p.csv"), "--no-progress-bar"])
+    assert exited.value.code == 2 and not (tmp_path / "p.csv").exists()
+    assert f"input {tmp_path / 'gone.png'} does not exist" in capsys.readouterr().err
+    (tmp_path / "list.txt").write_text(f"{tmp_path / 'gone.png'}\n{good}\n")
+    main(["predict", "--checkpoint", str(saved_model), "--paths-from", str(tmp_path / "list.txt"),
+          "--output", str(tmp_path / "p.csv"), "--no-progress-bar", "--num-workers", "0"])
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert [(row["path"], row["label"]) for row in rows] == [(str(tmp_path / "gone.png"), ""), (good, "c1")]
+    assert rows[0]["error"] and not rows[1]["error"]
+    with pytest.raises(SystemExit) as exited:  # --strict: the rows are written, then exit 3
+        main(["predict", "--checkpoint", str(saved_model), "--paths-from", str(tmp_path / "list.txt"),
+              "--output", str(tmp_path / "strict.csv"), "--no-progress-bar", "--num-workers", "0", "--strict"])
+    assert exited.value.code == UNREADABLE_EXIT_CODE == 3
+    assert (tmp_path / "strict.csv").read_text() == (tmp_path / "p.csv").read_text()
+
+
+def test_format_flag_overrides_the_extension(saved_model, tmp_path):
+    good = tiny_png(tmp_path / "good.png")
+    common = ["predict", "--checkpoint", str(saved_model), good, "--no-progress-bar", "--num-workers", "0"]
+    main([*common, "--output", str(tmp_path / "p.csv"), "--format", "jsonl"])
+    assert json.loads((tmp_path / "p.csv").read_text()) == {"path": good, "label": "c1", "probability": 0.5,
+                                                            "error": None}
+    main([*common, "--output", str(tmp_path / "p.jsonl"), "--format", "csv"])
+    assert (tmp_path / "p.jsonl").read_text().splitlines() == ["path,label,probability,error", f"{good},c1,0.500000,"]
+
+
+def test_progress_bar_and_final_count_line(saved_model, tmp_path, capsys):
+    paths = [tiny_png(tmp_path / f"{i}.png") for i in range(3)]
+    common = ["predict", "--checkpoint", str(saved_model), *paths, "--output", str(tmp_path / "p.csv"),
+              "--num-workers", "0", "--batch-size", "2"]
+    main(common)
+    err = capsys.readouterr().err
+    assert "predict: 100%" in err and "3/3" in err  # tqdm's bar on stderr
+    assert re.search(r"dist-finetune predict: 3 images in \d+\.\d s \(\d+\.\d images/s\)", err)
+    main([*common, "--no-progress-bar"])
+    err = capsys.readouterr().err
+    assert "predict: " not in err.replace("dist-finetune predict: ", "") and "3 images in" in err
+
+
+def test_mixed_precision_flag_autocasts_the_forward(saved_model, tmp_path, monkeypatch):
+    seen = []
+    loaded = ImageClassifier.load_from_checkpoint
+
+    def load_and_watch(*args, **kwargs):
+        model = loaded(*args, **kwargs)
+        model.register_forward_hook(lambda module, inputs, output: seen.append(
+            torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
+        return model
+
+    monkeypatch.setattr(ImageClassifier, "load_from_checkpoint", load_and_watch)
+    good = tiny_png(tmp_path / "good.png")
+    common = ["predict", "--checkpoint", str(saved_model), good, "--no-progress-bar", "--num-workers", "0",
+              "--output", str(tmp_path / "p.csv")]
+    main(common)
+    main([*common, "--mixed-precision", "bf16"])
+    assert seen == [None, torch.bfloat16]
+
+
+def test_cli_device_choices(saved_model, tmp_path, monkeypatch, capsys):
+    good = tiny_png(tmp_path / "good.png")
+    common = ["predict", "--checkpoint", str(saved_model), good, "--no-progress-bar", "--num-workers", "0",
+              "--output", str(tmp_path / "p.csv")]
+    main([*common, "--device", "cpu"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exited:
+        main([*common, "--device", "cuda:1"])
+    assert exited.value.code == 2 and "device cuda:1 requested but torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_a_device_other_than_the_launchers_is_refused():
+    from types import SimpleNamespace
+
+    from dist_finetune.prediction import launcher_device
+
+    given = SimpleNamespace(device=torch.device("cpu"))
+    assert launcher_device(given, "auto") == launcher_device(given, None) == launcher_device(given, "cpu") == \
+        torch.device("cpu")
+    with pytest.raises(ConfigError, match="--device cuda:1 conflicts with the launcher, which gave this process cpu"):
+        launcher_device(given, "cuda:1")
+
+
+def test_loader_defaults_workers_and_pinned_memory(monkeypatch, image_folders):
+    """Workers: cores / local processes - 1 (at most 8), none for a single batch; pinned memory on a GPU only."""
+    from dist_finetune import prediction
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    paths = list_image_files(image_folders / "val")  # 12 files
+    assert prediction.prediction_loader(paths, 32, 4, local_processes=2).num_workers == 3
+    assert prediction.prediction_loader(paths, 32, 12).num_workers == 0  # one batch: decoded in this process
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert prediction.prediction_loader(paths, 32, 4).num_workers == 8
+    built = []
+    monkeypatch.setattr(prediction, "prediction_loader", lambda *args: built.append(args) or [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    model = fixed_probability_model([0.5, 0.5])
+    predict_batches(model, paths, device="cuda:0").close()
+    predict_batches(model, paths, device="cpu").close()
+    assert [args[4] for args in built] == [True, False]  # pin_memory
+
+
+@pytest.mark.parametrize("tune, expected", [(True, 1), (False, 0)])
+def test_predict_keeps_freed_memory_on_the_cpu_unless_told_not_to(monkeypatch, image_folders, tune, expected):
+    from dist_finetune import prediction
+
+    calls = []
+    monkeypatch.setattr(prediction, "keep_freed_memory", lambda: calls.append(1) or "kept")
+    paths = list_image_files(image_folders / "val" / "red")[:1]
+    predict_paths(fixed_probability_model([0.5, 0.5]), paths, device="cpu", num_workers=0, tune_cpu_allocator=tune)
+    assert len(calls) == expected
+
+
+def test_load_from_checkpoint_map_location(saved_model, monkeypatch):
+    """"auto" without a GPU: the CPU; "cuda" without one is an error naming the fix (with one: select_device,
+    test_gpu_is_selected_when_cuda_is_present)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = ImageClassifier.load_from_checkpoint(saved_model, map_location="auto")
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    with pytest.raises(ConfigError, match="device cuda requested but torch sees no CUDA device"):
+        ImageClassifier.load_from_checkpoint(saved_model, map_location="cuda")

@@ -88,6 +88,15 @@ def test_evaluate_with_two_processes_counts_every_image_once(saved_model, one_pr
     assert [row["path"] for row in two["top_losses"]] == [row["path"] for row in one["top_losses"]]
 
 
+def png_size(path: Path) -> tuple[int, int]:
+    """The decoded PNG's size; a picture with a single colour (nothing drawn) fails."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG" and len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 50
+        return image.size
+
+
 def test_end_of_training_report_and_plot_command(tiny_data, tmp_path, capsys):
     out = tmp_path / "run"
     seed_everything(0)
@@ -101,12 +110,16 @@ def test_end_of_training_report_and_plot_command(tiny_data, tmp_path, capsys):
     assert report["num_images"] == len(tiny_data.val_paths) == 12
     assert len(history) == 3 and f"validation report of epoch {best['epoch']}'s weights" in printed
     assert str(out / "confusion_matrix.png") in printed and str(out / "curves.png") in printed
-    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert png_size(out / "curves.png") == (1600, 480) and png_size(out / "confusion_matrix.png")[0] > 100
+    first = (out / "curves.png").read_bytes()
 
     (out / "curves.png").unlink()
     main(["plot", str(out)])
     assert f"curves written: {out / 'curves.png'}" in capsys.readouterr().out
-    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "curves.png").read_bytes() == first  # drawn from the run's files alone: the same picture
+    main(["plot", str(out), "--output", str(tmp_path / "elsewhere.png")])
+    assert f"curves written: {tmp_path / 'elsewhere.png'}" in capsys.readouterr().out
+    assert (tmp_path / "elsewhere.png").read_bytes() == first
     with pytest.raises(SystemExit) as exited:
         main(["plot", str(tmp_path)])  # not a run folder
     assert exited.value.code == 2 and "metrics.jsonl not found" in capsys.readouterr().err
@@ -162,3 +175,41 @@ def test_evaluate_takes_images_of_one_of_the_models_classes(saved_model, tmp_pat
               str(tmp_path / "out"), "--batch-size", "4", "--num-workers", "0"])
         report = json.loads((tmp_path / "out" / "report.json").read_text())
         assert report["classes"] == CLASSES and [row["support"] for row in report["per_class"]] == supports
+
+
+def test_keep_last_model_reports_the_last_epochs_weights(tiny_data, tmp_path):
+    """A callback makes epoch 0 the best by val_acc (recording the real metrics first); with
+    load_best_model_at_end=False (--keep-last-model) the report scores the last epoch's weights."""
+    from dist_finetune.callbacks import Callback
+
+    class EpochZeroIsBest(Callback):
+        real: list = []
+
+        def on_validation_end(self, trainer, run, record):
+            self.real.append({key: record[key] for key in ("val_acc", "val_loss")})
+            record["val_acc"] = 1.0 if record["epoch"] == 0 else 0.0
+
+    seed_everything(0)
+    task = ImageClassifier(num_classes=3, backbone=BACKBONE, pretrained=False)
+    tiny_trainer(max_epochs=2, output_dir=str(tmp_path), load_best_model_at_end=False,
+                 callbacks=[EpochZeroIsBest()]).finetune(task, tiny_data, strategy="freeze")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["model"] == {"epoch": 1, "weights": "last"}
+    assert report["accuracy"] == pytest.approx(EpochZeroIsBest.real[1]["val_acc"])
+    assert report["loss"] == pytest.approx(EpochZeroIsBest.real[1]["val_loss"], rel=1e-5)
+
+
+def test_evaluate_stops_on_an_unreadable_image_naming_it(saved_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = write_image_folder(tmp_path / "images", classes=("blue", "red"), per_class=2, size=36)
+    (folder / "red" / "broken.png").write_bytes(b"not a picture")
+    with pytest.raises(SystemExit) as exited:
+        main(evaluate_args(saved_model[0], folder, tmp_path / "out"))
+    assert exited.value.code == 2 and f"cannot read image {folder / 'red' / 'broken.png'}" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_evaluate_lists_as_many_top_losses_as_asked(saved_model, tmp_path):
+    main([*evaluate_args(*saved_model, tmp_path / "out"), "--top-losses", "2"])
+    losses = [row["loss"] for row in json.loads((tmp_path / "out" / "report.json").read_text())["top_losses"]]
+    assert len(losses) == 2 and losses[0] >= losses[1]

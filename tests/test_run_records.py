@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import pathlib
 import shutil
+import socket
+import sys
 
 import pytest
+import torch
 from conftest import BACKBONE
 
 from dist_finetune.cli import build_parser, main, train_config
@@ -23,6 +27,7 @@ def train_args(image_folders, out, *extra) -> list[str]:
 
 def test_dry_run_plans_what_train_then_does(image_folders, tmp_path, capsys):
     out = tmp_path / "run"
+    started = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     args = train_args(image_folders, out, "--strategy", "freeze_unfreeze", "--unfreeze-epoch", "1",
                       "--initial-denom-lr", "20", "--report-to", "tensorboard")
     main([*args, "--dry-run"])
@@ -51,10 +56,18 @@ def test_dry_run_plans_what_train_then_does(image_folders, tmp_path, capsys):
     assert {"torch", "accelerate", "datasets", "timm", "dist_finetune"} <= set(info["versions"])
     assert info["versions"]["dist_finetune"] and info["world_size"] == 1 and info["device"] == "cpu"
     assert info["mixed_precision"] == "no" and info["resumed_from"] is None
+    assert {"torchvision"} <= set(info["versions"]) and info["host"] == socket.gethostname()
+    assert info["command"] == sys.argv  # this process's command line (main() ran in it)
+    assert started <= datetime.datetime.fromisoformat(info["started"]) <= datetime.datetime.now(datetime.timezone.utc)
     before = {name: (out / name).read_bytes() for name in ("metrics.jsonl", "steps.jsonl", "run_info.json")}
     main([*args, "--resume", "latest", "--dry-run"])
     assert f"resumes from {out / 'checkpoints' / 'step-00000006'} at epoch 2, step 6" in capsys.readouterr().out
     assert before == {name: (out / name).read_bytes() for name in before}  # the run's files untouched
+    with pytest.warns(UserWarning, match="nothing is left to train"):
+        main([*args, "--resume", "latest"])  # a real resume (of a finished run) writes run_info.json again
+    resumed = json.loads((out / "run_info.json").read_text())
+    assert resumed["resumed_from"] == str(out / "checkpoints" / "step-00000006")
+    assert resumed["started"] >= info["started"]
     again = tmp_path / "again"
     main(["train", "--config", str(out / "config.yaml"), "--output-dir", str(again), "--dry-run"])
     assert "3 steps per epoch x 2 epochs" in capsys.readouterr().out and not again.exists()
@@ -120,3 +133,17 @@ def test_a_crash_while_a_resume_rewrites_the_logs_leaves_the_old_files_whole(ima
         main([*train_args(image_folders, out), "--resume", "latest"])
     assert {name: (out / name).read_bytes() for name in before} == before
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_python_dry_run_returns_the_plan_and_trains_nothing(tiny_data):
+    from conftest import tiny_trainer
+
+    from dist_finetune import ImageClassifier
+    from dist_finetune.run_records import dry_run
+
+    task = ImageClassifier(3, "tiny_resnet", pretrained=False)
+    before = {name: tensor.clone() for name, tensor in task.state_dict().items()}
+    plan = dry_run(tiny_trainer(max_epochs=2), task, tiny_data, "freeze")
+    assert plan.startswith("dry run: everything checked; nothing trained or written\ndata\n")
+    assert "6 steps per epoch x 2 epochs = 12 optimizer steps" in plan
+    assert all(torch.equal(before[name], tensor) for name, tensor in task.state_dict().items())

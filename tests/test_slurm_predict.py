@@ -5,7 +5,9 @@
 from __future__ import annotations
 
 import pytest
-from test_slurm_scripts import MULTI, PORT, SINGLE, fake  # noqa: F401  (fake: the fixture)
+import signal
+
+from test_slurm_scripts import MULTI, PORT, SINGLE, _wait_files, fake  # noqa: F401  (fake: the fixture)
 
 PREDICT = ["--checkpoint", "runs/exp1/model.safetensors", "data/my photos", "--output", "preds.csv"]
 
@@ -34,3 +36,26 @@ def test_failed_prediction_is_reported_as_such(fake, script):  # noqa: F811
     assert r.rc == 3 and r.requeues == [], r.out
     assert "prediction failed with exit code 3" in r.out
     assert r.argv(0)[-len(PREDICT) - 1:] == ["predict", *PREDICT]
+
+
+@pytest.mark.parametrize("script", [SINGLE, MULTI], ids=["single_node", "multi_node"])
+def test_prediction_is_not_requeued_on_the_exit_code_training_requeues_on(fake, script):  # noqa: F811
+    """Exit 42 (a worker stopped by a signal sent to it directly) requeues training; a prediction would start over."""
+    r = fake.run(script, "predict", *PREDICT, FAKE_EXIT=42)
+    assert r.rc == 42 and r.requeues == [], r.out
+    assert "prediction failed with exit code 42" in r.out
+
+
+@pytest.mark.parametrize("script, nodes", [(SINGLE, 1), (MULTI, 2)], ids=["single_node", "multi_node"])
+def test_prediction_at_the_time_limit_warning_is_not_requeued(fake, script, nodes):  # noqa: F811
+    """SIGUSR1 to the batch shell (the time-limit warning) requeues training; a prediction stops and says why."""
+    proc = fake.start(script, "predict", *PREDICT, nodes=nodes, FAKE_WAIT_SIGNAL=1, FAKE_EXIT=1)
+    try:
+        _wait_files([fake.dir / f"ready.{i}" for i in range(nodes)], proc)
+        proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and not (fake.dir / "requeue.log").exists(), out
+    assert "prediction stopped by SIGUSR1 (exit 1), not requeued: resubmit it with a longer --time" in out

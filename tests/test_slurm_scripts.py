@@ -10,6 +10,7 @@ code FAKE_EXIT gives for its node ("0", "42", or per node "0,3").
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -177,6 +178,8 @@ def fake(tmp_path):
             "SLURM_JOB_NODELIST": f"gpu-a[01-{nodes:02d}]" if nodes > 1 else hosts[0],
             "SLURMD_NODENAME": hosts[0],
         }
+        if "PYTHONPATH" in os.environ:  # the checkout under test, when it is not the installed one
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         env.update({k: str(v) for k, v in extra.items()})
         return env
 

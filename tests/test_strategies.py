@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_trainer
+from conftest import BACKBONE, tiny_trainer
 
 from dist_finetune import ImageClassifier
 from dist_finetune.finetuning import (
-    DEFAULT_INITIAL_DENOM_LR,
     BaseFinetuning,
     Freeze,
     FreezeUnfreeze,
@@ -101,8 +100,8 @@ def test_freeze_unfreeze_adds_backbone_group_at_the_epoch(tiny_data):
     assert all(torch.equal(at_unfreeze[n], final[n]) for n in at_unfreeze), "frozen BN statistics moved"
     head_group, backbone_group = strategy.groups[1]
     assert len(strategy.groups[0]) == 1 and len(strategy.groups[1]) == 2
-    assert backbone_group[1] == pytest.approx(head_group[1] / DEFAULT_INITIAL_DENOM_LR)
-    assert backbone_group[2] == pytest.approx(1e-2 / DEFAULT_INITIAL_DENOM_LR)
+    assert backbone_group[1] == pytest.approx(head_group[1] / 100)  # the built-in default initial_denom_lr
+    assert backbone_group[2] == pytest.approx(1e-2 / 100)
 
 
 def test_unfreeze_milestones_unfreezes_last_layers_then_the_rest(tiny_data):
@@ -206,3 +205,22 @@ def test_unfreeze_at_or_past_the_end_warns_once_and_trains_frozen(tiny_data, str
         assert torch.equal(backbone_before["layer1.0.conv1.weight"], task.backbone.layer1[0].conv1.weight)
     else:
         assert all(torch.equal(backbone_before[n], p) for n, p in task.backbone.named_parameters())
+
+
+def test_freeze_and_make_trainable_helpers():
+    """freeze: no gradients; BatchNorm keeps training with train_bn=True, else it is frozen in eval mode and
+    stays so through make_trainable(train_bn=False) and model.train(); make_trainable lets the rest train again."""
+    task = ImageClassifier(3, BACKBONE, pretrained=False)
+    bn, conv = task.backbone.layer1[0].bn1, task.backbone.layer1[0].conv1
+    BaseFinetuning.freeze(task.backbone, train_bn=True)
+    assert not conv.weight.requires_grad and bn.weight.requires_grad and bn.bias.requires_grad
+    BaseFinetuning.freeze([task.backbone], train_bn=False)
+    task.train()
+    assert not conv.weight.requires_grad and not bn.weight.requires_grad and not bn.training
+    assert task.head.training
+    BaseFinetuning.make_trainable(task.backbone, train_bn=False)
+    task.train()
+    assert conv.weight.requires_grad and not bn.weight.requires_grad and not bn.training
+    BaseFinetuning.make_trainable(task.backbone)
+    task.train()
+    assert all(p.requires_grad for p in task.backbone.parameters()) and bn.training

@@ -72,8 +72,14 @@ def test_tensorboard_scalars_match_the_run_files(tiny_data, tmp_path):
     assert hparams["trainer.log_every_n_steps"] == 2 and hparams["trainer.report_to"] == "tensorboard"
 
 
-def test_resume_logs_every_step_once(tiny_data, tmp_path):
+def test_resume_logs_every_step_once(tiny_data, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
     out = tmp_path / "run"
+    wandb_settings = []  # what each start hands W&B through accelerate
+    init_trackers = Accelerator.init_trackers
+    monkeypatch.setattr(Accelerator, "init_trackers", lambda self, name, config=None, init_kwargs=None: (
+        wandb_settings.append(init_kwargs["wandb"]), init_trackers(self, name, config, init_kwargs))[1])
     with pytest.raises(RuntimeError, match="stopped on purpose"):
         finetune(tiny_data, out, callbacks=[StopAt()])
     first = scalars(out)
@@ -84,7 +90,8 @@ def test_resume_logs_every_step_once(tiny_data, tmp_path):
     finetune(tiny_data, out, resume="latest")  # a new Trainer continues from step 8
     check_against_run_files(scalars(out), out)  # step 10 once: the interrupted run's is purged
     state = json.loads(sorted((out / "checkpoints").glob("step-*/state.json"))[-1].read_text())
-    assert state["callbacks"]["Trackers"]["run_id"] == run_id  # W&B would continue the same run
+    assert state["callbacks"]["Trackers"]["run_id"] == run_id
+    assert wandb_settings == [{"id": run_id, "resume": "allow"}] * 2  # W&B continues the same run
 
 
 def test_tracker_names_and_missing_packages(tiny_data, tmp_path, monkeypatch):
@@ -103,3 +110,14 @@ def test_tracker_names_and_missing_packages(tiny_data, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="wandb is not installed; pip install wandb"):
         tiny_trainer(output_dir=str(tmp_path / "run"), report_to="wandb").finetune(task, tiny_data)
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_report_to_all_is_every_installed_tracker(tmp_path, monkeypatch):
+    installed = {"tensorboard": True, "wandb": False, "mlflow": True, "comet_ml": False, "aim": False}
+    for name, present in installed.items():
+        monkeypatch.setitem(trackers.AVAILABLE, name, lambda present=present: present)
+    assert trackers.check_trackers("all", str(tmp_path)) == ["tensorboard", "mlflow"]
+    for name in installed:
+        monkeypatch.setitem(trackers.AVAILABLE, name, lambda: False)
+    with pytest.raises(ConfigError, match="report_to=all but no tracker is installed"):
+        trackers.check_trackers("all", str(tmp_path))

@@ -2,13 +2,13 @@
 
     python dist_worker.py SCENARIO DATA_ROOT OUT_DIR [BATCH_SIZE]
 
-Scenarios: strategies (freeze_unfreeze, unfreeze_milestones, the guide's custom strategy, in turn; then
-the balanced sampler with one rank that alone would stop early),
+Scenarios: strategies (freeze_unfreeze, unfreeze_milestones, the guide's custom strategy, in turn; then early
+stopping; then the balanced sampler with one rank that alone would stop early),
 equivalence (one deterministic run), mismatch (at a transition rank 1 alone alters a weight, adds its
 groups in another layout, or gives a group another lr; each rank writes the error it got), no_resync
 (a plain Accelerate loop that unfreezes after ``prepare`` without rebuilding DDP: the drift the
 trainer prevents), compiled (torch.compile, aot_eager backend, augmentation on so the compiled
-forward runs before and after the DDP rebuild).
+forward runs before and after the DDP rebuild; then the same run uncompiled, for comparison).
 """
 
 from __future__ import annotations
@@ -259,11 +259,17 @@ def main() -> None:
     if scenario == "strategies":
         # the trainers stay referenced, as in a script that keeps its trainer: after shutdown no gloo
         # thread may be left (a finished run holds no DDP wrapper, and so not the process group)
+        # the first trainer makes the process group: a rank left waiting by another (a decision only one rank
+        # took) fails after 4 minutes instead of hanging until the test's own timeout
         trainers = [
-            train(FreezeUnfreeze(unfreeze_epoch=1, train_bn=True), data_root, out / "freeze_unfreeze", batch_size),
+            train(FreezeUnfreeze(unfreeze_epoch=1, train_bn=True), data_root, out / "freeze_unfreeze", batch_size,
+                  process_group_timeout_s=240),
             train(UnfreezeMilestones((1, 2), num_layers=2, train_bn=True), data_root, out / "unfreeze_milestones",
                   batch_size),
             train(GuideStrategy(unfreeze_epoch=1), data_root, out / "custom", batch_size),
+            # no val_acc can improve by more than 1: patience 1 stops every rank after epoch 1 of 3
+            train("no_freeze", data_root, out / "early_stopping", batch_size, early_stopping_patience=1,
+                  early_stopping_min_delta=1.0),
         ]
         train_balanced_with_a_rank_that_would_stop(data_root, out / "balanced_early_stop", batch_size)
         rank = trainers[0].accelerator.process_index
@@ -273,11 +279,10 @@ def main() -> None:
         # contiguous layout: oneDNN's channels_last kernels depend on the batch size, and their other
         # summation order outgrows the 1e-4 bound over 9 Adam steps; this compares the data split
         train(FreezeUnfreeze(unfreeze_epoch=1, train_bn=False), data_root, out, batch_size, channels_last=False)
-    elif scenario == "compiled":
-        train(FreezeUnfreeze(unfreeze_epoch=1, train_bn=False), data_root, out, batch_size, augment=True,
+    elif scenario == "compiled":  # then the same run uncompiled, in the same pair of processes (one launch)
+        train(FreezeUnfreeze(unfreeze_epoch=1, train_bn=False), data_root, out / "compiled", batch_size, augment=True,
               channels_last=False, compile=True, compile_backend="aot_eager")
-    elif scenario == "eager_augmented":
-        train(FreezeUnfreeze(unfreeze_epoch=1, train_bn=False), data_root, out, batch_size, augment=True,
+        train(FreezeUnfreeze(unfreeze_epoch=1, train_bn=False), data_root, out / "eager", batch_size, augment=True,
               channels_last=False)
     elif scenario == "mismatch":  # each rank records what the rank check told it
         for name, strategy in (("perturb", PerturbRankOne), ("layout", LayoutOnRankOne), ("lr", LrOnRankOne)):

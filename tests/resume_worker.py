@@ -33,8 +33,13 @@ class Saboteur(Callback):
         step, rank = run.position.global_step, run.accelerator.process_index
         if self.first_step is None:
             self.first_step = step
+            # the tensors the DDP wrapper all-reduces: fixed when it was built, so a missed rebuild shows
+            ddp = run.model._get_ddp_logging_data() if hasattr(run.model, "_get_ddp_logging_data") else {}
             (self.out / f"first_step_rank{rank}.json").write_text(json.dumps(
-                {"step": step, "resumed_from": str(run.resumed_from) if run.resumed_from else None}))
+                {"step": step, "resumed_from": str(run.resumed_from) if run.resumed_from else None,
+                 "param_groups": len(run.optimizer.param_groups),
+                 "ddp_covers_trainable": ddp.get("num_parameter_tensors") == sum(
+                     p.requires_grad for p in run.task.parameters())}))
         if step == self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         if step == self.signal_at and rank == 0:

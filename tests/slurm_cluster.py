@@ -8,7 +8,8 @@ still carries our SLURM_CONF, then the daemons.
 
 Requirements: Linux, root (slurmd must start jobs as other users' processes), and
 ``apt-get install -y slurm-wlm munge`` (Debian bookworm: Slurm 22.05). ``missing_requirements()``
-says why the cluster cannot run here; the ``slurm_cluster`` fixture turns that into a skip.
+says why the cluster cannot run here; the ``slurm_cluster`` fixture turns that into a skip, or into a
+failure under ``DIST_FINETUNE_REQUIRE_SLURM=1`` (what ``.ci/run`` sets: CI never passes without them).
 
 Use it from pytest through the session fixture::
 
@@ -41,10 +42,19 @@ ENABLE_HINT = (
     "run as root on Linux after `apt-get install -y slurm-wlm munge` "
     "(set DIST_FINETUNE_SKIP_SLURM=1 to skip these tests deliberately)"
 )
+REQUIRE_VARIABLE = "DIST_FINETUNE_REQUIRE_SLURM"
 FINAL_STATES = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
     "BOOT_FAIL", "DEADLINE", "PREEMPTED",
 }
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip with ``reason``; fail instead under DIST_FINETUNE_REQUIRE_SLURM=1, where these tests must run."""
+    if os.environ.get(REQUIRE_VARIABLE, "0") not in ("", "0"):
+        pytest.fail(f"{reason} (and {REQUIRE_VARIABLE}={os.environ[REQUIRE_VARIABLE]} requires these tests to run)",
+                    pytrace=False)
+    pytest.skip(reason)
 
 
 def missing_requirements() -> str | None:
@@ -272,7 +282,7 @@ class LocalSlurmCluster:
             "SwitchType=switch/none",
             "ReturnToService=2",
             "JobRequeue=1",
-            "KillWait=5",
+            "KillWait=30",  # SLURM's default: under load, two ranks saving take more than a few seconds
             "MinJobAge=600",  # keep finished jobs visible to `scontrol show job`
             "MailProg=/bin/true",
             "SlurmctldDebug=info",
@@ -323,10 +333,11 @@ class LocalSlurmCluster:
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """A running 2-node local cluster for the session, or a skip saying how to enable it."""
+    """A running 2-node local cluster for the session, or a skip saying how to enable it (a failure
+    under DIST_FINETUNE_REQUIRE_SLURM=1; a cluster that does not start is always an error)."""
     reason = missing_requirements()
     if reason:
-        pytest.skip(f"local SLURM cluster unavailable: {reason}")
+        skip_or_fail(f"local SLURM cluster unavailable: {reason}")
     base = Path(tempfile.mkdtemp(prefix="dfslurm-", dir="/tmp"))
     cluster = LocalSlurmCluster(base, nodes=2)
     try:

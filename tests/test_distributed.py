@@ -88,6 +88,13 @@ def test_ranks_bit_identical_after_each_transition_and_at_the_end(strategies_run
             assert record["val_loss"] == pytest.approx(mine["loss_sum"] / 12, rel=1e-5)
 
 
+def test_early_stopping_stops_every_rank_after_the_same_epoch(strategies_run):
+    """The decision is every rank's (one all-reduce): a rank that stopped alone would leave the other
+    waiting in its next step's all-reduce, and the pair would never finish."""
+    reports = [json.loads((strategies_run / "early_stopping" / f"rank{r}_report.json").read_text()) for r in (0, 1)]
+    assert [[m["epoch"] for m in report["metrics"]] for report in reports] == [[0, 1], [0, 1]]
+
+
 def test_a_finished_run_holds_no_process_group_after_shutdown(strategies_run):
     """The worker keeps its three trainers and then calls shutdown: their DDP wrappers (and with them
     the gloo group's threads) must be gone, not left to the interpreter's finalisation."""
@@ -160,8 +167,7 @@ def test_compiled_two_processes_stay_identical_and_match_eager(image_folders, tm
     """torch.compile wraps the DDP module and is rebuilt with it at the unfreeze: the ranks stay
     bit-identical and the result matches the uncompiled run up to float reordering. With
     augmentation on, the frozen epoch runs the compiled forward too (no feature cache)."""
-    launch("compiled", image_folders, tmp_path / "compiled")
-    launch("eager_augmented", image_folders, tmp_path / "eager")
+    launch("compiled", image_folders, tmp_path)  # writes compiled/ and then eager/
     for epoch in range(3):
         assert_identical(*rank_files(tmp_path / "compiled", f"epoch{epoch}"), f"compiled start of epoch {epoch}")
     compiled, eager = rank_files(tmp_path / "compiled", "final"), rank_files(tmp_path / "eager", "final")

@@ -139,6 +139,25 @@ def test_resume_around_the_unfreeze_is_exact_with_ramp_decay_best_and_patience(t
 def test_a_non_finite_validation_is_never_an_improvement(metric):
     """NaN compares as neither better nor worse: a NaN val_loss beside an equal val_acc was taken as
     the new best (and its weights saved as model.safetensors)."""
+    records = [{"epoch": 0, "val_acc": 0.5, "val_loss": 1.0}, {"epoch": 1, "val_acc": 0.5, "val_loss": float("nan")},
+               {"epoch": 2, "val_acc": float("nan"), "val_loss": 0.5}]
+    best, stopping, run = select(metric, records)
+    assert [bool(r.get("best")) for r in records] == [True, False, False] and best.best["epoch"] == 0
+    assert stopping.best_epoch == 0 and run.stop_reason.startswith("early stopping after epoch 2")
+
+
+@pytest.mark.parametrize("metric", ["val_acc", "val_loss"])
+def test_an_exact_tie_keeps_the_earlier_epoch_and_equal_accuracies_go_by_the_loss(metric):
+    """The best model: epoch 1 ties epoch 0 exactly, not an improvement (the earlier model stays the best);
+    epoch 2 has epoch 0's accuracy and a lower loss, better under both metrics."""
+    records = [{"epoch": 0, "val_acc": 0.5, "val_loss": 1.0}, {"epoch": 1, "val_acc": 0.5, "val_loss": 1.0},
+               {"epoch": 2, "val_acc": 0.5, "val_loss": 0.75}]
+    best, _, _ = select(metric, records)
+    assert [bool(r.get("best")) for r in records] == [True, False, True] and best.best["epoch"] == 2
+
+
+def select(metric: str, records: list[dict]):
+    """(BestModel, EarlyStopping with patience 2, the run) after ``records`` were validated in turn, in one process."""
     from types import SimpleNamespace
 
     from dist_finetune.model_selection import BestModel, EarlyStopping
@@ -147,13 +166,10 @@ def test_a_non_finite_validation_is_never_an_improvement(metric):
                           stop_reason=None)
     trainer = SimpleNamespace(announce=lambda message: None)
     best, stopping = BestModel(metric), EarlyStopping(patience=2, metric=metric)
-    records = [{"epoch": 0, "val_acc": 0.5, "val_loss": 1.0}, {"epoch": 1, "val_acc": 0.5, "val_loss": float("nan")},
-               {"epoch": 2, "val_acc": float("nan"), "val_loss": 0.5}]
     for record in records:
         best.on_validation_end(trainer, run, record)
         stopping.on_validation_end(trainer, run, record)
-    assert [bool(r.get("best")) for r in records] == [True, False, False] and best.best["epoch"] == 0
-    assert stopping.best_epoch == 0 and run.stop_reason.startswith("early stopping after epoch 2")
+    return best, stopping, run
 
 
 class ScoreEpochs(Callback):

@@ -90,9 +90,9 @@ def first_steps(out: Path, processes: int) -> list[dict]:
 # epoch, the unfreeze between steps 3 and 4. A kill after step N resumes from step N - 1: (1, 5) and
 # (2, 2) before the unfreeze, mid-epoch (the resumed run unfreezes, and with 2 processes rebuilds DDP);
 # (1, 9) and (2, 5) after it, mid-epoch (the resumed run replays the unfreeze before the optimizer state
-# is loaded and DDP is built). At the unfreeze, from the checkpoint of the epoch's end: the corrupt-
-# checkpoint test (1 process, from step 6) and the SIGUSR1 test (2 processes, from step 6). (1, 9) repeats
-# (2, 5) without DDP: slow, left out of the default run.
+# is loaded and DDP is built). At the unfreeze itself, from the checkpoint of the last frozen step: the
+# corrupt-checkpoint test (1 process, from step 6) and the SIGUSR1 test (2 processes, from step 3, where
+# the resumed run's first act is the unfreeze: new param groups and the DDP rebuild).
 @pytest.mark.parametrize("processes, kill_at", [(1, 5), pytest.param(1, 9, marks=pytest.mark.slow), (2, 2), (2, 5)])
 def test_sigkill_then_resume_is_bit_identical(image_folders, baselines, killed, tmp_path, processes, kill_at):
     out = killed(processes, kill_at, tmp_path / "run")
@@ -220,16 +220,22 @@ def test_cli_exits_42_on_sigusr1_and_sigterm_and_resumes_exactly(image_folders, 
 
 def test_sigusr1_to_one_rank_stops_both_and_resumes_exactly(image_folders, baselines, tmp_path):
     """SIGUSR1 to rank 0 only: both ranks agree to stop, save together and exit 42 (accelerate launch
-    reports 1); the resumed pair ends bit-identical. (One process: the CLI test above.)"""
-    stopped = run(image_folders, tmp_path, "--signal-at", "5", processes=2)  # noticed at the epoch's end, step 6
+    reports 1); the resumed pair ends bit-identical. The stop is at the unfreeze boundary: the checkpoint
+    is epoch 0's last (frozen) step, so the resumed pair starts by unfreezing the backbone, adding its param
+    group at the ramp's start and rebuilding DDP, all as the uninterrupted pair did. (One process: the CLI
+    test above.)"""
+    stopped = run(image_folders, tmp_path, "--signal-at", "2", processes=2)  # noticed at the epoch's end, step 3
     assert stopped.returncode in (PREEMPTED_EXIT_CODE, 1), stopped.stderr[-3000:]
-    saved = tmp_path / "checkpoints" / "step-00000006"
+    saved = tmp_path / "checkpoints" / "step-00000003"
     assert f"stopped by SIGUSR1; state saved in {saved}" in stopped.stderr
     assert f"stopped by a peer rank; state saved in {saved}" in stopped.stderr
-    assert not (tmp_path / "checkpoints" / "step-00000007").exists()
+    assert not (tmp_path / "checkpoints" / "step-00000004").exists()
+    assert [(f["param_groups"], f["ddp_covers_trainable"]) for f in first_steps(tmp_path, 2)] == [(1, True)] * 2
     resumed = run(image_folders, tmp_path, "--resume", "latest", processes=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [f["step"] for f in first_steps(tmp_path, 2)] == [7, 7]
+    # the resumed ranks' first step is the first unfrozen one: head and backbone groups, in DDP
+    assert [(f["step"], f["param_groups"], f["ddp_covers_trainable"]) for f in first_steps(tmp_path, 2)] == \
+        [(4, 2, True)] * 2
     assert_bit_identical(final_weights(tmp_path), final_weights(baselines[2]))
 
 

@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from slurm_cluster import skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]
 MULTI = ROOT / "scripts" / "slurm_multi_node.sbatch"
@@ -441,8 +442,20 @@ def test_too_few_cpus_for_the_processes_are_warned_about_naming_the_sbatch_optio
 def test_bash_syntax_and_shellcheck(script):
     subprocess.run(["bash", "-n", str(script)], check=True)
     if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed")
+        skip_or_fail("shellcheck not installed (apt-get install shellcheck)")
     subprocess.run(["shellcheck", "-x", "-s", "bash", str(script)], check=True)  # -x: with the shared part
+
+
+def test_missing_slurm_tools_fail_instead_of_skipping_where_ci_requires_them(monkeypatch):
+    """.ci/run sets DIST_FINETUNE_REQUIRE_SLURM=1: there a missing shellcheck or SLURM is a failure, never a
+    silent skip; elsewhere (unset or 0) a skip with the reason."""
+    for value, outcome in ((None, pytest.skip.Exception), ("0", pytest.skip.Exception), ("1", pytest.fail.Exception)):
+        if value is None:
+            monkeypatch.delenv("DIST_FINETUNE_REQUIRE_SLURM", raising=False)
+        else:
+            monkeypatch.setenv("DIST_FINETUNE_REQUIRE_SLURM", value)
+        with pytest.raises(outcome, match="shellcheck not installed"):
+            skip_or_fail("shellcheck not installed")
 
 
 def test_the_shared_job_is_found_through_the_package_not_beside_the_script(fake, tmp_path):

@@ -24,36 +24,66 @@ from typing import Callable
 from .callbacks import RunState
 from .errors import CheckpointError
 from .sharding import shard_optimizer_state
-from .training_state import layout_of, optimizer_settings, restore_rng
+from .training_state import check_signature, layout_of, load_training_state, optimizer_settings, restore_rng
 
 SCHEDULE_SETTINGS = {"total_steps": "schedule horizon", "warmup_steps": "warmup", "kind": "schedule",
                      "new_group_warmup_steps": "new groups' ramp"}
 
 
-def resume_from(trainer, run: RunState, saved: dict, checkpoint: Path) -> None:
-    """Restore ``saved`` (``training_state.load_training_state``) into the prepared ``run`` and announce
-    what differs. Called after ``accelerator.prepare`` and the schedule exist."""
-    position = saved["position"]
-    step_of = _map_position(saved, run, checkpoint)
-    run.optimizer.load_state_dict(shard_optimizer_state(saved["optimizer"], run.optimizer))
-    changes = apply_optimizer_settings(run.optimizer, _saved_optimizer_settings(saved),
-                                       optimizer_settings(run.config))
-    run.schedule.load_state_dict(saved["schedule"], step_of)
-    changes += _schedule_changes(saved["schedule"], run.schedule.state_dict())
-    accelerator = run.accelerator
-    if accelerator.scaler is not None and saved["scaler"]:
-        accelerator.scaler.load_state_dict(saved["scaler"])
-    if saved["rng"] is not None and saved["num_processes"] == accelerator.num_processes:
-        restore_rng(*saved["rng"], accelerator.device)
-    run.position, run.resumed_from, run.last_checkpoint = position, checkpoint, checkpoint
-    run.extras["saved_position"] = dataclasses.asdict(position)
-    trainer.announce(f"resumed from {checkpoint} at epoch {position.epoch}, batch {position.batch}, "
-                     f"step {position.global_step}")
-    for change in changes:
-        trainer.announce(change)
-    if position.epoch >= run.config.max_epochs:
-        warnings.warn(f"{checkpoint} is at the end of epoch {position.epoch - 1}: with max_epochs "
-                      f"{run.config.max_epochs} nothing is left to train (raise max_epochs to train on)")
+class Resume:
+    """One checkpoint going into a run, in the two steps ``Trainer.finetune`` calls in this order:
+
+    1. :meth:`into_model`, after the callbacks' ``setup`` and the optimizer, before ``accelerator.prepare``:
+       the strategy's replay adds its param groups to that optimizer, and the weights go into the
+       unwrapped model (the DDP wrapper then broadcasts them; FSDP2 shards them);
+    2. :meth:`into_prepared`, after ``accelerator.prepare`` and the schedule: the optimizer state goes
+       into the prepared (possibly sharded) optimizer, replacing the group settings the schedule gave the
+       replayed groups; the RNG states come last, so nothing draws from them before the first batch.
+    """
+
+    def __init__(self, checkpoint: Path, rank: int):
+        self.checkpoint = checkpoint
+        self.saved = load_training_state(checkpoint, rank)
+
+    def into_model(self, run: RunState) -> None:
+        """Refuse another run's checkpoint, then restore the position, the callbacks' states (the strategy
+        replays its epochs: the optimizer gets the groups the saved state has) and the weights."""
+        if run.optimizer is None:
+            raise RuntimeError("Resume.into_model needs the optimizer: the strategy's replay adds groups to it")
+        saved = self.saved
+        check_signature(saved["signature"], run.signature, self.checkpoint)
+        run.position = saved["position"]
+        run.callbacks.load_state_dict(saved.get("callbacks", {}))
+        run.task.load_weights(saved["model"], str(self.checkpoint))
+
+    def into_prepared(self, trainer, run: RunState) -> None:
+        """Restore the optimizer, schedule, scaler and RNG into the prepared ``run``; announce what differs."""
+        if run.schedule is None:
+            raise RuntimeError("Resume.into_prepared runs after the schedule is built (Trainer._prepare)")
+        saved, checkpoint = self.saved, self.checkpoint
+        position = saved["position"]
+        step_of = _map_position(saved, run, checkpoint)
+        # WarmupSchedule() gave every group, the replayed ones too, joined_step None (there from the start):
+        # the saved groups' settings (initial_lr, and joined_step: the step each group joined) replace them here
+        run.optimizer.load_state_dict(shard_optimizer_state(saved["optimizer"], run.optimizer))
+        changes = apply_optimizer_settings(run.optimizer, _saved_optimizer_settings(saved),
+                                           optimizer_settings(run.config))
+        run.schedule.load_state_dict(saved["schedule"], step_of)  # after the groups' joined_step is the saved one
+        changes += _schedule_changes(saved["schedule"], run.schedule.state_dict())
+        accelerator = run.accelerator
+        if accelerator.scaler is not None and saved["scaler"]:
+            accelerator.scaler.load_state_dict(saved["scaler"])
+        if saved["rng"] is not None and saved["num_processes"] == accelerator.num_processes:
+            restore_rng(*saved["rng"], accelerator.device)
+        run.position, run.resumed_from, run.last_checkpoint = position, checkpoint, checkpoint
+        run.extras["saved_position"] = dataclasses.asdict(position)
+        trainer.announce(f"resumed from {checkpoint} at epoch {position.epoch}, batch {position.batch}, "
+                         f"step {position.global_step}")
+        for change in changes:
+            trainer.announce(change)
+        if position.epoch >= run.config.max_epochs:
+            warnings.warn(f"{checkpoint} is at the end of epoch {position.epoch - 1}: with max_epochs "
+                          f"{run.config.max_epochs} nothing is left to train (raise max_epochs to train on)")
 
 
 def _describe(layout: dict) -> str:

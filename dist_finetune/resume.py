@@ -24,7 +24,14 @@ from typing import Callable
 from .callbacks import RunState
 from .errors import CheckpointError
 from .sharding import shard_optimizer_state
-from .training_state import check_signature, layout_of, load_training_state, optimizer_settings, restore_rng
+from .training_state import (
+    TrainingState,
+    check_signature,
+    layout_of,
+    load_training_state,
+    optimizer_settings,
+    restore_rng,
+)
 
 SCHEDULE_SETTINGS = {"total_steps": "schedule horizon", "warmup_steps": "warmup", "kind": "schedule",
                      "new_group_warmup_steps": "new groups' ramp"}
@@ -51,32 +58,32 @@ class Resume:
         if run.optimizer is None:
             raise RuntimeError("Resume.into_model needs the optimizer: the strategy's replay adds groups to it")
         saved = self.saved
-        check_signature(saved["signature"], run.signature, self.checkpoint)
-        run.position = saved["position"]
-        run.callbacks.load_state_dict(saved.get("callbacks", {}))
-        run.task.load_weights(saved["model"], str(self.checkpoint))
+        check_signature(saved.signature, run.signature, self.checkpoint)
+        run.position = saved.position
+        run.callbacks.load_state_dict(saved.callbacks)
+        run.task.load_weights(saved.model, str(self.checkpoint))
 
     def into_prepared(self, trainer, run: RunState) -> None:
         """Restore the optimizer, schedule, scaler and RNG into the prepared ``run``; announce what differs."""
         if run.schedule is None:
             raise RuntimeError("Resume.into_prepared runs after the schedule is built (Trainer._prepare)")
         saved, checkpoint = self.saved, self.checkpoint
-        position = saved["position"]
+        position = saved.position
         step_of = _map_position(saved, run, checkpoint)
         # WarmupSchedule() gave every group, the replayed ones too, joined_step None (there from the start):
         # the saved groups' settings (initial_lr, and joined_step: the step each group joined) replace them here
-        run.optimizer.load_state_dict(shard_optimizer_state(saved["optimizer"], run.optimizer))
+        run.optimizer.load_state_dict(shard_optimizer_state(saved.optimizer, run.optimizer))
         changes = apply_optimizer_settings(run.optimizer, _saved_optimizer_settings(saved),
                                            optimizer_settings(run.config))
-        run.schedule.load_state_dict(saved["schedule"], step_of)  # after the groups' joined_step is the saved one
-        changes += _schedule_changes(saved["schedule"], run.schedule.state_dict())
+        run.schedule.load_state_dict(saved.schedule, step_of)  # after the groups' joined_step is the saved one
+        changes += _schedule_changes(saved.schedule, run.schedule.state_dict())
         accelerator = run.accelerator
-        if accelerator.scaler is not None and saved["scaler"]:
-            accelerator.scaler.load_state_dict(saved["scaler"])
-        if saved["rng"] is not None and saved["num_processes"] == accelerator.num_processes:
-            restore_rng(*saved["rng"], accelerator.device)
+        if accelerator.scaler is not None and saved.scaler:
+            accelerator.scaler.load_state_dict(saved.scaler)
+        if saved.rng is not None and saved.num_processes == accelerator.num_processes:
+            restore_rng(*saved.rng, accelerator.device)
         run.position, run.resumed_from, run.last_checkpoint = position, checkpoint, checkpoint
-        run.extras["saved_position"] = dataclasses.asdict(position)
+        run.saved_position = dataclasses.replace(position)
         trainer.announce(f"resumed from {checkpoint} at epoch {position.epoch}, batch {position.batch}, "
                          f"step {position.global_step}")
         for change in changes:
@@ -95,20 +102,20 @@ def _samples_per_step(layout: dict) -> int:
     return layout["batch_size"] * layout["num_processes"] * layout["gradient_accumulation_steps"]
 
 
-def _map_position(saved: dict, run: RunState, checkpoint: Path) -> Callable[[int], int] | None:
+def _map_position(saved: TrainingState, run: RunState, checkpoint: Path) -> Callable[[int], int] | None:
     """Map the saved position onto this run's batch layout (in place); returns the map of the
     checkpoint's schedule steps onto this run's, or None when the layout is the same."""
     new = layout_of(run)
-    old = saved.get("layout")
+    old = saved.layout
     if old is None:  # written before checkpoints recorded their layout
-        if saved["num_processes"] == new["num_processes"]:
+        if saved.num_processes == new["num_processes"]:
             return None
-        raise CheckpointError(f"{checkpoint} was written by {saved['num_processes']} process(es) before checkpoints "
+        raise CheckpointError(f"{checkpoint} was written by {saved.num_processes} process(es) before checkpoints "
                               f"recorded their batch size and steps per epoch: resume it with "
-                              f"{saved['num_processes']} process(es)")
+                              f"{saved.num_processes} process(es)")
     if old == new:
         return None
-    position, per_step = saved["position"], _samples_per_step(new)
+    position, per_step = saved.position, _samples_per_step(new)
     if position.samples_done % per_step:
         raise CheckpointError(
             f"{checkpoint} stopped {position.samples_done} samples into epoch {position.epoch}, not a multiple of "
@@ -127,11 +134,11 @@ def _map_position(saved: dict, run: RunState, checkpoint: Path) -> Callable[[int
     return step_of
 
 
-def _saved_optimizer_settings(saved: dict) -> dict:
+def _saved_optimizer_settings(saved: TrainingState) -> dict:
     """The checkpoint's optimizer settings; for one written before they were recorded, its first group's."""
-    if "optimizer_settings" in saved:
-        return saved["optimizer_settings"]
-    first = saved["optimizer"]["param_groups"][0]
+    if saved.optimizer_settings is not None:
+        return saved.optimizer_settings
+    first = saved.optimizer["param_groups"][0]
     return {"lr": first.get("initial_lr", first["lr"]), "weight_decay": first.get("weight_decay"),
             "momentum": first.get("momentum")}
 

@@ -149,12 +149,11 @@ class Trainer:
         if run.output_dir is None:
             return None
         self.check_training(run)  # never a checkpoint with NaN weights
-        position = dataclasses.asdict(run.position)
-        if run.extras.get("saved_position") == position:
+        if run.saved_position == run.position:
             return run.last_checkpoint  # this exact state is saved already: never rewrite it in place
         refuse_non_finite_weights(run.accelerator, run.task.state_dict(), "a checkpoint", run.last_checkpoint)
         run.last_checkpoint = write_training_state(run)
-        run.extras["saved_position"] = position
+        run.saved_position = dataclasses.replace(run.position)  # a copy: training moves the position on
         return run.last_checkpoint
 
     def check_training(self, run: RunState) -> None:
@@ -238,16 +237,16 @@ class Trainer:
         train_loader, val_loader = self._loaders(run.data, accelerator)
         wanted = resolve_channels_last(config.channels_last, task, accelerator.device, task.image_size,
                                        run.data.batch_size)
-        run.extras["channels_last"] = not any_rank(accelerator, not wanted)  # all ranks alike: DDP checks strides
+        run.channels_last = not any_rank(accelerator, not wanted)  # all ranks alike: DDP checks strides
         # both ways: weights left channels_last (by a GPU predict, an earlier run) must not take the CPU's unsafe path
-        task.to(memory_format=torch.channels_last if run.extras["channels_last"] else torch.contiguous_format)
+        task.to(memory_format=torch.channels_last if run.channels_last else torch.contiguous_format)
         run.model, run.optimizer, run.train_loader, run.val_loader = accelerator.prepare(
             task, run.optimizer, train_loader, val_loader)
         run.steps_per_epoch = steps = math.ceil(len(run.train_loader) / config.gradient_accumulation_steps)
         run.schedule = WarmupSchedule(run.optimizer, steps * config.max_epochs, round(config.warmup_epochs * steps),
                                       config.scheduler, round(config.unfreeze_warmup_epochs * steps))
-        run.extras["compile"] = ((config.compile_backend, config.compile_mode) if config.compile
-                                 else launcher_compile_settings())
+        run.compile_with = ((config.compile_backend, config.compile_mode) if config.compile
+                            else launcher_compile_settings())
         run.loss_guard = LossGuard(accelerator, config.check_every_n_steps)
 
     def _loaders(self, data: ImageClassificationData, accelerator):
@@ -274,13 +273,12 @@ class Trainer:
         Compiled outside ``accelerator.prepare`` so the DDP rebuild after an unfreeze stays possible;
         the changed ``requires_grad`` (and a new wrapper) costs one recompilation per transition.
         """
-        settings, compiled = run.extras["compile"], run.extras.get("compiled")
-        if settings is None:
+        if run.compile_with is None:
             return run.model
-        if compiled is None or compiled[0] is not run.model:
-            backend, mode = settings
-            run.extras["compiled"] = compiled = (run.model, torch.compile(run.model, backend=backend, mode=mode))
-        return compiled[1]
+        if run.compiled is None or run.compiled[0] is not run.model:
+            backend, mode = run.compile_with
+            run.compiled = (run.model, torch.compile(run.model, backend=backend, mode=mode))
+        return run.compiled[1]
 
     # ----------------------------------------------------------------------------- epochs
 
@@ -298,7 +296,7 @@ class Trainer:
         """Always: the callbacks' ``teardown``; no DDP wrapper (it holds the process group) outlives the run
         (see ``distributed.shutdown``)."""
         run.callbacks.teardown(self, run)
-        run.model, run.extras["compiled"] = run.task, None
+        run.model, run.compiled = run.task, None
         release_wrappers(run.accelerator)
 
     def _run_epochs(self, run: RunState) -> None:
@@ -340,7 +338,7 @@ class Trainer:
             loader.set_epoch(position.epoch)
         params = trainable_parameters(run.model)
         forward = task.head if head_only else self._training_forward(run)
-        channels_last = run.extras["channels_last"] and not head_only
+        channels_last = run.channels_last and not head_only
         class_weights = torch.tensor(task.class_weights, device=accelerator.device) if task.class_weights else None
         run.loss_guard.start_epoch(position)
         seen_before = position.seen  # a resumed epoch's images/s counts only what this run trained

@@ -42,7 +42,7 @@ def test_cached_features_train_the_head_like_recomputed_ones(image_folders, caps
 def test_cache_is_dropped_at_the_unfreeze(image_folders):
     cached, _, trainer = train(image_folders, True, ("freeze_unfreeze", 1))
     recomputed, _, _ = train(image_folders, False, ("freeze_unfreeze", 1))
-    assert "feature_loader" not in trainer.run.extras
+    assert trainer.run.feature_loader is None
     assert_close(cached, recomputed)
 
 

@@ -90,12 +90,12 @@ class Trainer:
         """Train ``task`` on ``data`` with a strategy; returns one metrics dict per epoch.
 
         ``train_bn``: for strategies given by name (None: the built-in default, frozen BatchNorm in
-        eval mode). ``resume``: "latest" (newest intact checkpoint in output_dir; a fresh start if
-        there is none) or a checkpoint folder. Raises ``TrainingPreempted`` after saving on
-        SIGUSR1/SIGTERM.
+        eval mode). ``resume`` (None: the config's ``resume``): "latest" (newest intact checkpoint in
+        output_dir; a fresh start if there is none) or a checkpoint folder. Raises ``TrainingPreempted``
+        after saving on SIGUSR1/SIGTERM.
         """
-        strategy, checkpoint = self._check_inputs(task, data, strategy, train_bn, resume)
-        run = self._start(task, data, strategy)
+        strategy, config, checkpoint = self._check_inputs(task, data, strategy, train_bn, resume)
+        run = self._start(task, data, strategy, config)
         try:
             self._build(run)
             restore = Resume(checkpoint, run.accelerator.process_index) if checkpoint is not None else None
@@ -170,19 +170,20 @@ class Trainer:
     # ------------------------------------------------------------------------------ setup
 
     def _check_inputs(self, task: ImageClassifier, data: ImageClassificationData, strategy, train_bn: bool | None,
-                      resume: str | None) -> tuple[BaseFinetuning, Path | None]:
+                      resume: str | None) -> tuple[BaseFinetuning, TrainerConfig, Path | None]:
         """What needs no accelerator, so a wrong setting fails before any process group starts: the strategy
-        and its schedule, the data for the model, the checkpoint to resume from."""
+        and its schedule, the data for the model, this run's settings (its ``resume`` too), the checkpoint."""
         strategy = resolve_strategy(strategy, train_bn=train_bn)
         strategy.validate(self.config.max_epochs)
         task.check_data(data)
-        checkpoint = checkpoint_to_resume(resume, self.config.output_dir)
+        config = dataclasses.replace(self.config, resume=self.config.resume if resume is None else resume)
+        checkpoint = checkpoint_to_resume(config.resume, config.output_dir)
         refuse_freezing_under_sharding(freezes=not isinstance(strategy, NoFreeze))
-        return strategy, checkpoint
+        return strategy, config, checkpoint
 
-    def _start(self, task: ImageClassifier, data: ImageClassificationData, strategy: BaseFinetuning) -> RunState:
+    def _start(self, task: ImageClassifier, data: ImageClassificationData, strategy: BaseFinetuning,
+               config: TrainerConfig) -> RunState:
         """The accelerator, the image scan, the data's metadata onto the model, and the run's state and callbacks."""
-        config = self.config
         accelerator = self._make_accelerator(log_with=check_trackers(config.report_to, config.output_dir))
         refuse_freezing_under_sharding(not isinstance(strategy, NoFreeze), accelerator)
         set_seed(config.seed)
@@ -300,6 +301,7 @@ class Trainer:
         release_wrappers(run.accelerator)
 
     def _run_epochs(self, run: RunState) -> None:
+        """Epochs from ``run.position`` until ``max_epochs`` or a ``stop_reason``."""
         accelerator, callbacks, resync = run.accelerator, run.callbacks, DDPResync(run.accelerator, run.model)
         while run.position.epoch < run.config.max_epochs and run.stop_reason is None:
             epoch = run.position.epoch

@@ -120,3 +120,13 @@ def test_a_crash_while_a_resume_rewrites_the_logs_leaves_the_old_files_whole(ima
         main([*train_args(image_folders, out), "--resume", "latest"])
     assert {name: (out / name).read_bytes() for name in before} == before
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_config_yaml_records_resume_and_the_checkpoint_a_resumed_run_started_from(image_folders, tmp_path):
+    """``--resume`` is a config field: a fresh run's config.yaml says it did not resume; a resumed one's names
+    the checkpoint it continued (3 optimizer steps an epoch: 24 images, batch 4, 2 accumulation steps)."""
+    out = tmp_path / "run"
+    main(train_args(image_folders, out, "--max-epochs", "1"))
+    assert load_yaml(out / "config.yaml").trainer.resume is None
+    main(train_args(image_folders, out, "--resume", "latest"))
+    assert load_yaml(out / "config.yaml").trainer.resume == str(out / "checkpoints" / "step-00000003")

@@ -26,7 +26,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:  # for the annotations only: those modules import this one
+    from accelerate import Accelerator
+    from torch import nn
+    from torch.optim import Optimizer
+    from torch.utils.data import DataLoader
+
+    from .config import TrainerConfig
+    from .data import ImageClassificationData
+    from .finetuning import BaseFinetuning
+    from .loss_guard import LossGuard
+    from .schedule import WarmupSchedule
+    from .task import ImageClassifier
 
 
 @dataclass
@@ -46,28 +59,32 @@ class Position:
 class RunState:
     """Everything one ``finetune`` call holds. Built by the trainer; nothing of it outlives the run."""
 
-    config: Any  # TrainerConfig
-    accelerator: Any
-    task: Any  # the ImageClassifier itself (never wrapped)
-    data: Any  # ImageClassificationData
-    strategy: Any  # BaseFinetuning
+    config: TrainerConfig
+    accelerator: Accelerator
+    task: ImageClassifier  # the model itself (never wrapped)
+    data: ImageClassificationData
+    strategy: BaseFinetuning
     signature: dict = field(default_factory=dict)  # what a resumed run must share with its checkpoint
-    callbacks: Any = None  # the CallbackList of this run
-    model: Any = None  # what training calls: the task, or its DDP (and compiled) wrapper
-    optimizer: Any = None
-    schedule: Any = None
-    train_loader: Any = None
-    val_loader: Any = None
+    callbacks: CallbackList | None = None
+    model: nn.Module | None = None  # what training calls: the task, or its DDP wrapper
+    optimizer: Optimizer | None = None
+    schedule: WarmupSchedule | None = None
+    train_loader: DataLoader | None = None
+    val_loader: DataLoader | None = None
     steps_per_epoch: int = 0
     epoch_batches: int = 0  # batches of the current epoch on this process
     position: Position = field(default_factory=Position)
-    loss_guard: Any = None  # the LossGuard: loss totals on the device and the non-finite checks
+    loss_guard: LossGuard | None = None  # loss totals on the device and the non-finite checks
+    channels_last: bool = False  # the model and its inputs are channels_last (the same on every rank)
+    compile_with: tuple[str, str | None] | None = None  # torch.compile's (backend, mode) for training; None: eager
+    compiled: tuple[nn.Module, Callable] | None = None  # (the wrapper compiled, its compiled forward)
+    feature_loader: DataLoader | None = None  # cached frozen features (feature_cache), while they are valid
     resumed_from: Path | None = None
     last_checkpoint: Path | None = None
+    saved_position: Position | None = None  # a copy of the position last_checkpoint holds
     history: list[dict] = field(default_factory=list)  # one record per finished epoch
     stop_reason: str | None = None  # set (identically on every rank) to end training after this epoch
     model_epoch: int | None = None  # after training: the epoch whose weights the task holds (BestModel sets it)
-    extras: dict = field(default_factory=dict)  # per-run scratch space of callbacks and helpers
 
     @property
     def is_main_process(self) -> bool:

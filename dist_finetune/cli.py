@@ -1,119 +1,62 @@
 """``dist-finetune train | predict | evaluate | plot | demo``: a thin layer over the Python API.
 
-Every ``train`` flag maps to one :class:`~dist_finetune.config.RunConfig` field; flags override the
-``--config`` YAML file, which overrides the defaults. Works under ``accelerate launch -m dist_finetune``.
+Every ``train`` flag is one :class:`~dist_finetune.config.RunConfig` field, generated from the field (its
+help, type and default: ``config.setting``); flags override the ``--config`` YAML file, which overrides the
+defaults. Works under ``accelerate launch -m dist_finetune``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from dataclasses import fields
+from types import UnionType
+from typing import Any, get_args, get_origin, get_type_hints
 
-from .config import COMPILE_MODES, MIXED_PRECISION, OPTIMIZERS, SCHEDULERS, STRATEGIES, RunConfig, apply_overrides, load_yaml
+from .config import MIXED_PRECISION, RunConfig, apply_overrides, load_yaml
 from .errors import UserError
-from .model_selection import METRICS_FOR_BEST
 
-# (flag, config field, argparse options); defaults stay in the dataclasses
-TRAIN_FLAGS: list[tuple[str, str, dict]] = [
-    ("--train-folder", "data.train_folder", {"help": "folder of class subfolders with training images"}),
-    ("--val-folder", "data.val_folder", {"help": "folder of class subfolders with validation images"}),
-    ("--val-split", "data.val_split", {"type": float, "help": "with no --val-folder, --val-csv or validation "
-                                                              "split: stratified fraction of train held out (0.2)"}),
-    ("--image-size", "data.image_size", {"type": int, "help": "square input size in pixels (224)"}),
-    ("--batch-size", "data.batch_size", {"type": int, "help": "images per process per step (32)"}),
-    ("--num-workers", "data.num_workers", {"type": int, "help": "data loader workers per process (default: from CPU count)"}),
-    ("--no-augment", "data.augment", {"action": "store_false", "help": "deterministic train transforms (resize + center crop)"}),
-    ("--skip-bad-images", "data.skip_bad_images", {"action": "store_true",
-                                                    "help": "skip unreadable images (listed) instead of stopping"}),
-    ("--dataset", "data.dataset", {"metavar": "NAME_OR_PATH", "help": "a `datasets` dataset instead of folders: a Hub "
-                                   "name (needs internet), a folder of parquet/arrow files, or a save_to_disk folder"}),
-    ("--image-column", "data.image_column", {"help": "--dataset: the column with the images (image)"}),
-    ("--label-column", "data.label_column", {"help": "--dataset: the label column, ClassLabel or strings (label)"}),
-    ("--train-split", "data.train_split", {"help": "--dataset: the split to train on (train)"}),
-    ("--val-split-name", "data.val_split_name", {"help": "--dataset: the validation split (default: 'validation' "
-                                                         "if the dataset has one, else --val-split of train)"}),
-    ("--train-csv", "data.train_csv", {"help": "csv file of path,label rows to train on (instead of folders)"}),
-    ("--val-csv", "data.val_csv", {"help": "csv file of path,label rows to validate on (else --val-split of train)"}),
-    ("--image-root", "data.image_root", {"help": "folder the csv paths are relative to (default: the csv's folder)"}),
-    ("--dedupe", "data.dedupe", {"action": "store_true", "help": "drop byte-identical images but the first (train "
-                                                                 "before val); without it they are only reported"}),
-    ("--class-weights", "data.class_weights", {"metavar": "{none,auto}", "help": "auto: weight the training loss by "
-                                               "inverse class frequency, N / (C x n_c) (none)"}),
-    ("--balanced-sampler", "data.balanced_sampler", {"action": "store_true", "help": "draw training samples so every "
-                                                     "class is seen equally often (with replacement)"}),
-    ("--backbone", "model.backbone", {"help": "torchvision name (resnet18, ...) or timm:NAME (resnet18)"}),
-    ("--no-pretrained", "model.pretrained", {"action": "store_false", "help": "random initialisation, no download"}),
-    ("--weights", "model.weights", {"help": "local backbone weights (.safetensors or .pth state dict), for offline use"}),
-    ("--head-hidden", "model.head_hidden", {"type": int, "help": "hidden units of an optional head layer"}),
-    ("--head-dropout", "model.head_dropout", {"type": float, "help": "dropout before the head's linear layers (0)"}),
-    ("--strategy", "strategy.name", {"choices": STRATEGIES, "help": "finetuning strategy (freeze_unfreeze)"}),
-    ("--unfreeze-epoch", "strategy.unfreeze_epoch", {"type": int, "help": "freeze_unfreeze: epoch the backbone joins"}),
-    ("--milestones", "strategy.milestones", {"type": int, "nargs": 2, "metavar": ("A", "B"),
-                                             "help": "unfreeze_milestones: last K layers join at A, the rest at B"}),
-    ("--num-layers", "strategy.num_layers", {"type": int, "help": "unfreeze_milestones: K, layers unfrozen at A"}),
-    ("--train-bn", "strategy.train_bn", {"action": argparse.BooleanOptionalAction,
-                                         "help": "train BatchNorm layers of frozen parts (default: no, they stay "
-                                                 "in eval mode with their pretrained statistics)"}),
-    ("--initial-denom-lr", "strategy.initial_denom_lr", {"type": float, "help": "groups the strategy unfreezes "
-                                                         "train at lr / this (100)"}),
-    ("--max-epochs", "trainer.max_epochs", {"type": int, "help": "epochs (10)"}),
-    ("--lr", "trainer.lr", {"type": float, "help": "head learning rate; unfrozen groups get lr / --initial-denom-lr"}),
-    ("--optimizer", "trainer.optimizer", {"choices": OPTIMIZERS, "help": "adamw (default) or sgd"}),
-    ("--weight-decay", "trainer.weight_decay", {"type": float, "help": "weight decay (1e-4)"}),
-    ("--scheduler", "trainer.scheduler", {"choices": SCHEDULERS, "help": "lr schedule after warmup (cosine)"}),
-    ("--warmup-epochs", "trainer.warmup_epochs", {"type": float, "help": "linear warmup length in epochs (0)"}),
-    ("--label-smoothing", "trainer.label_smoothing", {"type": float, "help": "cross-entropy label smoothing (0)"}),
-    ("--mixed-precision", "trainer.mixed_precision", {"choices": MIXED_PRECISION,
-                                                      "help": "no, fp16 or bf16 (default: the accelerate config's)"}),
-    ("--gradient-accumulation-steps", "trainer.gradient_accumulation_steps", {"type": int, "help": "steps per update (1)"}),
-    ("--max-grad-norm", "trainer.max_grad_norm", {"type": float, "help": "clip gradients to this norm"}),
-    ("--seed", "trainer.seed", {"type": int, "help": "seed for init, sample order and augmentation (42)"}),
-    ("--output-dir", "trainer.output_dir", {"help": "where model.safetensors and metrics.jsonl go (outputs)"}),
-    ("--no-feature-cache", "trainer.cache_frozen_features", {"action": "store_false",
-                                                             "help": "recompute frozen backbone features every epoch "
-                                                                     "(cached by default with --no-augment)"}),
-    ("--save-every-n-steps", "trainer.save_every_n_steps", {"type": int,
-                                                            "help": "also save training state every N optimizer steps"}),
-    ("--keep-last", "trainer.keep_last", {"type": int, "help": "training-state checkpoints to keep (2)"}),
-    ("--no-rank-check", "trainer.check_rank_consistency", {"action": "store_false",
-                                                           "help": "skip the cross-rank parameter checksum"}),
-    ("--process-group-timeout", "trainer.process_group_timeout_s",
-     {"type": float, "metavar": "SECONDS", "help": "how long a rank waits for the others in any collective before "
-                                                   "the job fails (1800; NCCL's own default is 600)"}),
-    ("--channels-last", "trainer.channels_last",
-     {"action": argparse.BooleanOptionalAction, "help": "channels_last memory format (default: on for conv nets on "
-                                                        "GPU, off on CPU, where asking for it runs a check first)"}),
-    ("--tune-cpu-allocator", "trainer.tune_cpu_allocator",
-     {"action": argparse.BooleanOptionalAction, "help": "CPU runs: glibc malloc keeps freed memory for the next step "
-                                                        "instead of page-faulting it anew (default: on)"}),
-    ("--compile", "trainer.compile", {"action": "store_true",
-                                      "help": "torch.compile the training forward (recompiles at each unfreeze)"}),
-    ("--compile-backend", "trainer.compile_backend", {"help": "torch.compile backend (inductor)"}),
-    ("--compile-mode", "trainer.compile_mode", {"choices": COMPILE_MODES, "help": "torch.compile mode"}),
-    ("--check-every-n-steps", "trainer.check_every_n_steps",
-     {"type": int, "help": "how often stop signals and a NaN loss are checked (10; each check syncs the GPU)"}),
-    ("--deterministic", "trainer.deterministic", {"action": "store_true", "help": "GPU: deterministic kernels, no "
-                                                  "TF32, no cuDNN benchmark: reruns and resumes bit-exact, slower"}),
-    ("--no-progress-bar", "trainer.progress_bar", {"action": "store_false", "help": "no tqdm bar"}),
-    ("--unfreeze-warmup-epochs", "trainer.unfreeze_warmup_epochs",
-     {"type": float, "help": "a newly unfrozen param group ramps its lr up from ~0 over this many epochs"}),
-    ("--layer-decay", "trainer.layer_decay", {"type": float, "help": "layer-wise lr decay D: a backbone layer's lr "
-                                                                    "is its group's lr x D^(distance from the head)"}),
-    ("--metric-for-best", "trainer.metric_for_best", {"choices": METRICS_FOR_BEST,
-                                                      "help": "model.safetensors keeps the best epoch by this "
-                                                              "(val_acc; ties go to the lower val_loss)"}),
-    ("--keep-last-model", "trainer.load_best_model_at_end",
-     {"action": "store_false", "help": "end with the last epoch's weights in memory (files: best and last either way)"}),
-    ("--early-stopping-patience", "trainer.early_stopping_patience",
-     {"type": int, "help": "stop after N epochs without improvement of --metric-for-best (off)"}),
-    ("--early-stopping-min-delta", "trainer.early_stopping_min_delta",
-     {"type": float, "help": "smallest change that counts as an improvement (0)"}),
-    ("--log-every-n-steps", "trainer.log_every_n_steps",
-     {"type": int, "help": "train loss and lrs to OUTPUT_DIR/steps.jsonl every N optimizer steps (10)"}),
-    ("--report-to", "trainer.report_to", {"help": "experiment trackers: none (default), tensorboard, wandb, mlflow, "
-                                                  "comet_ml, aim, all; comma-separated for several"}),
-]
-DEFAULT_OUTPUT_DIR = "outputs"
+
+
+def config_flag(section: str, spec: dataclasses.Field, kind: Any) -> tuple[str, str, dict]:
+    """``--name`` (or the field's ``flag``), ``section.name``, argparse options: the type from the annotation,
+    and the help with the field's default after it."""
+    meta, default = spec.metadata, spec.default
+    negated = default is True and not meta.get("negatable")  # a flag that turns an on-by-default setting off
+    flag = meta.get("flag") or f"--{'no-' if negated else ''}{spec.name.replace('_', '-')}"
+    options = {key: meta[key] for key in ("choices", "metavar") if key in meta}
+    types = [t for t in get_args(kind) if t is not type(None)] if get_origin(kind) is UnionType else [kind]
+    shown = meta.get("cli_default", default)
+    if meta.get("negatable"):
+        options["action"] = argparse.BooleanOptionalAction
+        shown = None if default is None else ("on" if default else "off")
+    elif types[0] is bool:
+        options["action"], shown = "store_false" if default else "store_true", None
+    elif get_origin(types[0]) is tuple:
+        options.update(type=get_args(types[0])[0], nargs=len(get_args(types[0])))
+        shown = " ".join(map(str, default))
+    elif "choices" not in options:
+        options["type"] = types[0]
+    options["help"] = meta["help"] + (f" (default: {shown})" if shown is not None else "")
+    return flag, f"{section}.{spec.name}", options
+
+
+def config_flags() -> list[tuple[str, str, dict]]:
+    """One ``train`` flag per RunConfig field that has help (``config.setting``), in the fields' order:
+    (flag, "section.field", argparse options)."""
+    flags = []
+    for section in fields(RunConfig):
+        section_class = get_type_hints(RunConfig)[section.name]
+        kinds = get_type_hints(section_class)
+        flags += [config_flag(section.name, spec, kinds[spec.name]) for spec in fields(section_class)
+                  if spec.metadata.get("help")]
+    return flags
+
+
+TRAIN_FLAGS = config_flags()
+CLI_DEFAULTS = {f"{section.name}.{spec.name}": spec.metadata["cli_default"] for section in fields(RunConfig)
+                for spec in fields(get_type_hints(RunConfig)[section.name]) if "cli_default" in spec.metadata}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,8 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML file with sections data/model/strategy/trainer; flags override it")
     for flag, dest, options in TRAIN_FLAGS:
         train.add_argument(flag, dest=dest, default=argparse.SUPPRESS, **options)
-    train.add_argument("--resume", help="'latest' (newest intact checkpoint in --output-dir; nothing to resume "
-                                        "starts fresh) or a checkpoint folder")
     train.add_argument("--dry-run", action="store_true", help="check everything (config, folders, images, backbone, "
                                                               "strategy) and print the plan; train nothing")
 
@@ -195,8 +136,10 @@ def train_config(args: argparse.Namespace) -> RunConfig:
     """Defaults < YAML file < command-line flags."""
     config = load_yaml(args.config) if args.config else RunConfig()
     overrides = {dest: getattr(args, dest) for _, dest, _ in TRAIN_FLAGS if hasattr(args, dest)}
-    if not config.trainer.output_dir and "trainer.output_dir" not in overrides:
-        overrides["trainer.output_dir"] = DEFAULT_OUTPUT_DIR
+    for dest, value in CLI_DEFAULTS.items():  # where neither the file nor a flag set the field
+        section, key = dest.split(".")
+        if getattr(getattr(config, section), key) is None and dest not in overrides:
+            overrides[dest] = value
     return apply_overrides(config, overrides)
 
 
@@ -206,7 +149,7 @@ def run_train(args: argparse.Namespace) -> None:
     from .recipe import finetune_from_config
 
     try:
-        trainer, _, result = finetune_from_config(train_config(args), resume=args.resume, dry_run=args.dry_run)
+        trainer, _, result = finetune_from_config(train_config(args), dry_run=args.dry_run)
         if args.dry_run:
             trainer.announce(result)
     except TrainingPreempted as stopped:

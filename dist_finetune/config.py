@@ -23,15 +23,12 @@ from .finetuning import (
     DEFAULT_NUM_LAYERS,
     DEFAULT_UNFREEZE_EPOCH,
     STRATEGY_NAMES,
-    check_initial_denom_lr,
-    check_milestones,
-    check_unfreeze_epoch,
-    resolve_strategy,
+    BaseFinetuning,
+    build_strategy,
 )
 from .model_selection import METRICS_FOR_BEST
 from .trackers import tracker_names
 
-STRATEGIES = STRATEGY_NAMES
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -43,29 +40,41 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def setting(default: Any, help: str | None = None, **cli: Any) -> Any:
+    """A config field and its ``train`` flag (``cli.config_flags``): ``help`` (the CLI prints the default
+    after it; a field without help has no flag) and flag options in ``cli``: ``flag`` (the name, else
+    ``--field-name``), ``choices``, ``metavar``, ``negatable`` (``--x/--no-x``), ``cli_default`` (the CLI's
+    value where the field's default is None)."""
+    return field(default=default, metadata={"help": help, **cli} if help else {})
+
+
 @dataclass
 class DataConfig:
-    train_folder: str | None = None
-    val_folder: str | None = None
-    val_split: float = 0.2
-    image_size: int = 224
-    batch_size: int = 32
-    num_workers: int | None = None  # None: sized from the CPU count and local processes
-    augment: bool = True
-    skip_bad_images: bool = False
-    # a `datasets` dataset instead of folders: a Hub name, a folder of parquet/arrow files, a save_to_disk folder
-    dataset: str | None = None
-    image_column: str = "image"
-    label_column: str = "label"
-    train_split: str = "train"
-    val_split_name: str | None = None  # None: "validation" if the dataset has it, else val_split of train
-    # or csv files of path,label rows, paths relative to image_root (default: the csv file's folder)
-    train_csv: str | None = None
-    val_csv: str | None = None
-    image_root: str | None = None
-    dedupe: bool = False  # drop byte-identical images but the first (train before val)
-    class_weights: str = "none"  # "auto": inverse-frequency loss weights N / (C x n_c)
-    balanced_sampler: bool = False  # draw every class equally often, seeded by (seed, epoch)
+    train_folder: str | None = setting(None, "folder of class subfolders with training images")
+    val_folder: str | None = setting(None, "folder of class subfolders with validation images")
+    val_split: float = setting(0.2, "with no --val-folder, --val-csv or validation split: stratified fraction of "
+                                    "train held out")
+    image_size: int = setting(224, "square input size in pixels")
+    batch_size: int = setting(32, "images per process per step")
+    num_workers: int | None = setting(None, "data loader workers per process (default: from CPU count)")
+    augment: bool = setting(True, "deterministic train transforms (resize + center crop)")
+    skip_bad_images: bool = setting(False, "skip unreadable images (listed) instead of stopping")
+    dataset: str | None = setting(None, "a `datasets` dataset instead of folders: a Hub name (needs internet), a "
+                                        "folder of parquet/arrow files, or a save_to_disk folder", metavar="NAME_OR_PATH")
+    image_column: str = setting("image", "--dataset: the column with the images")
+    label_column: str = setting("label", "--dataset: the label column, ClassLabel or strings")
+    train_split: str = setting("train", "--dataset: the split to train on")
+    val_split_name: str | None = setting(None, "--dataset: the validation split (default: 'validation' if the "
+                                               "dataset has one, else --val-split of train)")
+    train_csv: str | None = setting(None, "csv file of path,label rows to train on (instead of folders)")
+    val_csv: str | None = setting(None, "csv file of path,label rows to validate on (else --val-split of train)")
+    image_root: str | None = setting(None, "folder the csv paths are relative to (default: the csv's folder)")
+    dedupe: bool = setting(False, "drop byte-identical images but the first (train before val); without it they "
+                                  "are only reported")
+    class_weights: str = setting("none", "auto: weight the training loss by inverse class frequency, N / (C x n_c)",
+                                 metavar="{none,auto}")
+    balanced_sampler: bool = setting(False, "draw training samples so every class is seen equally often (with "
+                                            "replacement), seeded by (seed, epoch)")
 
     def __post_init__(self) -> None:
         from .data import CLASS_WEIGHTS
@@ -87,11 +96,11 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet18"
-    pretrained: bool = True
-    weights: str | None = None  # local .safetensors / .pth file, for offline clusters
-    head_hidden: int | None = None
-    head_dropout: float = 0.0
+    backbone: str = setting("resnet18", "torchvision name (resnet18, ...) or timm:NAME")
+    pretrained: bool = setting(True, "random initialisation, no download")
+    weights: str | None = setting(None, "local backbone weights (.safetensors or .pth state dict), for offline use")
+    head_hidden: int | None = setting(None, "hidden units of an optional head layer")
+    head_dropout: float = setting(0.0, "dropout before the head's linear layers")
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.head_dropout < 1.0, f"head_dropout must be in [0, 1), got {self.head_dropout}")
@@ -100,63 +109,82 @@ class ModelConfig:
 
 @dataclass
 class StrategyConfig:
-    name: str = "freeze_unfreeze"
-    unfreeze_epoch: int = DEFAULT_UNFREEZE_EPOCH
-    milestones: tuple[int, int] = DEFAULT_MILESTONES
-    num_layers: int = DEFAULT_NUM_LAYERS
-    train_bn: bool = BUILTIN_TRAIN_BN
-    initial_denom_lr: float = DEFAULT_INITIAL_DENOM_LR  # groups the strategy adds train at trainer.lr / this
+    """The strategy's settings; only those of the chosen strategy are used, and checked (by the strategy)."""
+
+    name: str = setting("freeze_unfreeze", "finetuning strategy", flag="--strategy", choices=STRATEGY_NAMES)
+    unfreeze_epoch: int = setting(DEFAULT_UNFREEZE_EPOCH, "freeze_unfreeze: epoch the backbone joins")
+    milestones: tuple[int, int] = setting(DEFAULT_MILESTONES, "unfreeze_milestones: last K layers join at A, the "
+                                                              "rest at B", metavar=("A", "B"))
+    num_layers: int = setting(DEFAULT_NUM_LAYERS, "unfreeze_milestones: K, layers unfrozen at A")
+    train_bn: bool = setting(BUILTIN_TRAIN_BN, "train BatchNorm layers of frozen parts (when off they stay in "
+                                               "eval mode with their pretrained statistics)", negatable=True)
+    initial_denom_lr: float = setting(DEFAULT_INITIAL_DENOM_LR, "groups the strategy unfreezes train at "
+                                                                "trainer.lr / this")
 
     def __post_init__(self) -> None:
         self.milestones = tuple(self.milestones)
-        _require(self.name in STRATEGIES, f"unknown strategy {self.name!r}; choose one of {', '.join(STRATEGIES)}")
-        check_unfreeze_epoch(self.unfreeze_epoch)
-        check_milestones(self.milestones, self.num_layers)
-        check_initial_denom_lr(self.initial_denom_lr)
+        self.strategy()  # the strategy checks its settings
 
-    def strategy(self):
+    def strategy(self) -> BaseFinetuning:
         """The strategy object this section describes, as ``Trainer.finetune`` takes it."""
-        arguments = {"freeze_unfreeze": self.unfreeze_epoch, "unfreeze_milestones": (self.milestones, self.num_layers)}
-        return resolve_strategy((self.name, arguments.get(self.name)), train_bn=self.train_bn,
-                                initial_denom_lr=self.initial_denom_lr)
+        return build_strategy(self.name, unfreeze_epoch=self.unfreeze_epoch, milestones=self.milestones,
+                              num_layers=self.num_layers, train_bn=self.train_bn,
+                              initial_denom_lr=self.initial_denom_lr)
 
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = 10
-    lr: float = 1e-2  # the head's; groups a strategy adds get lr / strategy.initial_denom_lr (README, Defaults)
-    optimizer: str = "adamw"
-    weight_decay: float = 1e-4
+    max_epochs: int = setting(10, "epochs")
+    lr: float = setting(1e-2, "head learning rate; unfrozen groups get lr / --initial-denom-lr")  # README, Defaults
+    optimizer: str = setting("adamw", "optimizer", choices=OPTIMIZERS)
+    weight_decay: float = setting(1e-4, "weight decay")
     momentum: float = 0.9  # SGD only
-    scheduler: str = "cosine"
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    mixed_precision: str | None = None  # None: what `accelerate launch`/its config says, else "no"
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float | None = None
-    seed: int = 42
-    output_dir: str | None = None
-    check_rank_consistency: bool = True
-    process_group_timeout_s: float = DEFAULT_PROCESS_GROUP_TIMEOUT_S  # a rank waits this long for the others
-    cache_frozen_features: bool = True  # only ever used when augment=False and the backbone is frozen+eval
-    save_every_n_steps: int | None = None  # training-state checkpoints; one is always written per epoch
-    keep_last: int = 2
-    channels_last: bool | None = None  # None: on for conv nets on GPU, off on CPU; True on CPU is checked first
-    tune_cpu_allocator: bool = True  # CPU runs: glibc malloc keeps freed memory for the next step (host_memory)
-    compile: bool = False  # torch.compile the training forward; each strategy transition recompiles it
-    compile_backend: str = "inductor"
-    compile_mode: str | None = None  # torch.compile's mode: None (default), reduce-overhead, max-autotune, ...
-    check_every_n_steps: int = 10  # stop signals and a non-finite loss are checked this often (a host sync)
-    deterministic: bool = False  # CUDA: deterministic kernels, no TF32, no cuDNN benchmark (bit-exact, slower)
-    progress_bar: bool = True
-    unfreeze_warmup_epochs: float = 2.0  # a param group added mid-run ramps its lr up from ~0 over this span
-    layer_decay: float | None = None  # lr x layer_decay ** (distance from the head) per backbone layer
-    metric_for_best: str = "val_acc"  # model.safetensors = the best epoch by this (val_acc ties: lower val_loss)
-    load_best_model_at_end: bool = True  # after finetune the task holds the best epoch's weights
-    early_stopping_patience: int | None = None  # stop after this many epochs without improvement
-    early_stopping_min_delta: float = 0.0
-    log_every_n_steps: int = 10  # train loss and lrs to steps.jsonl (and trackers)
-    report_to: str = "none"  # experiment trackers, comma-separated: tensorboard, wandb, mlflow, comet_ml, aim, all
+    scheduler: str = setting("cosine", "lr schedule after warmup", choices=SCHEDULERS)
+    warmup_epochs: float = setting(0.0, "linear warmup length in epochs")
+    label_smoothing: float = setting(0.0, "cross-entropy label smoothing")
+    mixed_precision: str | None = setting(None, "no, fp16 or bf16 (default: the accelerate config's, else no)",
+                                          choices=MIXED_PRECISION)
+    gradient_accumulation_steps: int = setting(1, "steps per update")
+    max_grad_norm: float | None = setting(None, "clip gradients to this norm")
+    seed: int = setting(42, "seed for init, sample order and augmentation")
+    output_dir: str | None = setting(None, "where model.safetensors and metrics.jsonl go", cli_default="outputs")
+    resume: str | None = setting(None, "'latest' (newest intact checkpoint in --output-dir; nothing to resume starts "
+                                       "fresh) or a checkpoint folder; a resumed run's config.yaml names the one used")
+    check_rank_consistency: bool = setting(True, "skip the cross-rank parameter checksum", flag="--no-rank-check")
+    process_group_timeout_s: float = setting(DEFAULT_PROCESS_GROUP_TIMEOUT_S, "how long a rank waits for the others "
+                                             "in any collective before the job fails (NCCL's own default is 600)",
+                                             flag="--process-group-timeout", metavar="SECONDS")
+    cache_frozen_features: bool = setting(True, "recompute frozen backbone features every epoch (cached by default "
+                                                "with --no-augment)", flag="--no-feature-cache")
+    save_every_n_steps: int | None = setting(None, "also save training state every N optimizer steps (one is always "
+                                                   "written per epoch)")
+    keep_last: int = setting(2, "training-state checkpoints to keep")
+    channels_last: bool | None = setting(None, "channels_last memory format (default: on for conv nets on GPU, off "
+                                               "on CPU, where asking for it runs a check first)", negatable=True)
+    tune_cpu_allocator: bool = setting(True, "CPU runs: glibc malloc keeps freed memory for the next step instead of "
+                                             "page-faulting it anew", negatable=True)
+    compile: bool = setting(False, "torch.compile the training forward (recompiles at each unfreeze)")
+    compile_backend: str = setting("inductor", "torch.compile backend")
+    compile_mode: str | None = setting(None, "torch.compile mode", choices=COMPILE_MODES)
+    check_every_n_steps: int = setting(10, "how often stop signals and a NaN loss are checked (each check syncs the "
+                                           "GPU)")
+    deterministic: bool = setting(False, "GPU: deterministic kernels, no TF32, no cuDNN benchmark: reruns and resumes "
+                                         "bit-exact, slower")
+    progress_bar: bool = setting(True, "no tqdm bar")
+    unfreeze_warmup_epochs: float = setting(2.0, "a newly unfrozen param group ramps its lr up from ~0 over this many "
+                                                 "epochs")
+    layer_decay: float | None = setting(None, "layer-wise lr decay D: a backbone layer's lr is its group's lr x "
+                                              "D^(distance from the head)")
+    metric_for_best: str = setting("val_acc", "model.safetensors keeps the best epoch by this (ties go to the lower "
+                                              "val_loss)", choices=METRICS_FOR_BEST)
+    load_best_model_at_end: bool = setting(True, "end with the last epoch's weights in memory (files: best and last "
+                                                 "either way)", flag="--keep-last-model")
+    early_stopping_patience: int | None = setting(None, "stop after N epochs without improvement of "
+                                                        "--metric-for-best (default: off)")
+    early_stopping_min_delta: float = setting(0.0, "smallest change that counts as an improvement")
+    log_every_n_steps: int = setting(10, "train loss and lrs to OUTPUT_DIR/steps.jsonl every N optimizer steps")
+    report_to: str = setting("none", "experiment trackers: none, tensorboard, wandb, mlflow, comet_ml, aim, all; "
+                                     "comma-separated for several")
 
     def __post_init__(self) -> None:
         _require(self.max_epochs >= 1, f"max_epochs must be >= 1, got {self.max_epochs}")

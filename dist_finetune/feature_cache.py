@@ -24,7 +24,6 @@ from torch.utils.data import DataLoader, Dataset
 from .distributed import gather_rows
 
 MAX_CACHE_BYTES = 4 << 30
-CACHE_KEY = "feature_loader"  # in RunState.extras
 
 
 def _random_in_training(module: nn.Module) -> bool:
@@ -92,14 +91,14 @@ def epoch_loader(run, announce) -> tuple[object, bool]:
     usable = (run.config.cache_frozen_features and not data.augment and backbone_is_static(task.backbone)
               and cache_fits(len(data.train_paths), task.num_features))
     if not usable:
-        run.extras.pop(CACHE_KEY, None)  # unfrozen (or never cacheable): free the cache
+        run.feature_loader = None  # unfrozen (or never cacheable): free the cache
         return run.train_loader, False
-    if CACHE_KEY not in run.extras:
+    if run.feature_loader is None:
         with accelerator.autocast():
             features = encode_dataset(task, data.train_dataset(run.config.seed), data.batch_size,
                                       run.train_loader.num_workers, accelerator)
         dataset = FeatureDataset(features, data.train_labels)
         loader = data.dataloader(dataset, shuffle=True, drop_last=True, seed=run.config.seed, num_workers=0)
-        run.extras[CACHE_KEY] = accelerator.prepare_data_loader(loader)
+        run.feature_loader = accelerator.prepare_data_loader(loader)
         announce(f"cached frozen backbone features of {len(dataset)} images; training the head on them")
-    return run.extras[CACHE_KEY], True
+    return run.feature_loader, True

@@ -9,7 +9,8 @@ Frozen BatchNorm (``train_bn=False``, the built-in strategies' default) is held 
 its running statistics stay exactly as loaded, instead of Lightning's ``track_running_stats=False``
 (which normalises with batch statistics). Strategies are deterministic functions of the epoch, so
 replaying them rebuilds the optimizer's group layout on resume. The defaults and the checks of the
-built-in strategies' settings live here only; ``config.StrategyConfig`` uses them.
+built-in strategies' settings live here only (their constructors); ``config.StrategyConfig`` builds
+through :func:`build_strategy`.
 """
 
 from __future__ import annotations
@@ -265,34 +266,41 @@ class UnfreezeMilestones(BaseFinetuning):
                                               train_bn=self.train_bn)
 
 
-def resolve_strategy(strategy, train_bn: bool | None = None,
-                     initial_denom_lr: float = DEFAULT_INITIAL_DENOM_LR) -> BaseFinetuning:
-    """A strategy object from a name, a Flash-style tuple, or a ``BaseFinetuning`` instance.
-
-    Names use the defaults above ("freeze_unfreeze": unfreeze at epoch ``DEFAULT_UNFREEZE_EPOCH``;
-    "unfreeze_milestones": ``DEFAULT_MILESTONES`` with ``DEFAULT_NUM_LAYERS`` layer); tuples:
-    ("freeze_unfreeze", N), ("unfreeze_milestones", ((a, b), k)). ``train_bn=None``: the built-in
-    strategies' default (frozen BatchNorm in eval mode). ``initial_denom_lr``: new groups' lr divisor for
-    the strategies that add groups. An instance is used as it is.
-    """
-    if isinstance(strategy, BaseFinetuning):
-        return strategy
-    train_bn = BUILTIN_TRAIN_BN if train_bn is None else train_bn
-    name, argument = (strategy, None) if isinstance(strategy, str) else (tuple(strategy) + (None,))[:2]
+def build_strategy(name: str, unfreeze_epoch: int = DEFAULT_UNFREEZE_EPOCH,
+                   milestones: tuple[int, int] = DEFAULT_MILESTONES, num_layers: int = DEFAULT_NUM_LAYERS,
+                   train_bn: bool = BUILTIN_TRAIN_BN,
+                   initial_denom_lr: float = DEFAULT_INITIAL_DENOM_LR) -> BaseFinetuning:
+    """The built-in strategy ``name`` with the settings it uses (the others are ignored); the strategies'
+    constructors check them, the one place they are checked (``config.StrategyConfig`` builds through here)."""
     if name == "no_freeze":
         return NoFreeze(train_bn=train_bn)
     if name == "freeze":
         return Freeze(train_bn=train_bn)
     if name == "freeze_unfreeze":
-        return FreezeUnfreeze(DEFAULT_UNFREEZE_EPOCH if argument is None else int(argument), train_bn=train_bn,
-                              initial_denom_lr=initial_denom_lr)
+        return FreezeUnfreeze(unfreeze_epoch, train_bn=train_bn, initial_denom_lr=initial_denom_lr)
     if name == "unfreeze_milestones":
-        milestones, layers = (DEFAULT_MILESTONES, DEFAULT_NUM_LAYERS) if argument is None else argument
-        return UnfreezeMilestones(tuple(milestones), int(layers), train_bn=train_bn, initial_denom_lr=initial_denom_lr)
-    raise ConfigError(
-        f"unknown strategy {strategy!r}: use 'no_freeze', 'freeze', 'freeze_unfreeze', "
-        "'unfreeze_milestones', a (name, argument) tuple, or a BaseFinetuning subclass instance"
-    )
+        return UnfreezeMilestones(milestones, num_layers, train_bn=train_bn, initial_denom_lr=initial_denom_lr)
+    raise ConfigError(f"unknown strategy {name!r}: use one of {', '.join(map(repr, STRATEGY_NAMES))}, a (name, "
+                      "argument) tuple, or a BaseFinetuning subclass instance")
+
+
+def resolve_strategy(strategy, train_bn: bool | None = None,
+                     initial_denom_lr: float = DEFAULT_INITIAL_DENOM_LR) -> BaseFinetuning:
+    """A strategy object from a name, a Flash-style tuple, or a ``BaseFinetuning`` instance (used as it is).
+
+    Names use the defaults above; tuples: ("freeze_unfreeze", N), ("unfreeze_milestones", ((a, b), k)).
+    ``train_bn=None``: the built-in strategies' default (frozen BatchNorm in eval mode).
+    """
+    if isinstance(strategy, BaseFinetuning):
+        return strategy
+    train_bn = BUILTIN_TRAIN_BN if train_bn is None else train_bn
+    name, argument = (strategy, None) if isinstance(strategy, str) else (tuple(strategy) + (None,))[:2]
+    settings = {}
+    if argument is not None and name == "freeze_unfreeze":
+        settings = {"unfreeze_epoch": int(argument)}
+    elif argument is not None and name == "unfreeze_milestones":
+        settings = {"milestones": tuple(argument[0]), "num_layers": int(argument[1])}
+    return build_strategy(name, train_bn=train_bn, initial_denom_lr=initial_denom_lr, **settings)
 
 
 def _layer_label(names: list[str]) -> str:

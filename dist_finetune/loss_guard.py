@@ -45,8 +45,22 @@ class LossTotals:
         return self.loss_sum / self.finite_images if self.finite_images else math.nan
 
 
-EPOCH_TOTALS = [(field.name, float if field.type == "float" else int) for field in fields(LossTotals)
-                if field.name != "lost_window"]  # the per-rank sums, in the order the guard keeps them
+@dataclass
+class RunningTotals:
+    """One rank's totals of the epoch so far, as float64 device tensors (no host sync): ``LossTotals``'
+    sums before the reduction over ranks."""
+
+    loss_sum: torch.Tensor
+    finite_images: torch.Tensor
+    images: torch.Tensor
+    non_finite: torch.Tensor
+
+    def stacked(self) -> torch.Tensor:
+        """The sums in field order, for one reduction over ranks."""
+        return torch.stack([getattr(self, name) for name in SUMMED])
+
+
+SUMMED = [field.name for field in fields(RunningTotals)]
 
 
 def _last_good(last_checkpoint) -> str:
@@ -67,23 +81,28 @@ class LossGuard:
         self._recent_lost = torch.zeros(check_every_n_steps, dtype=torch.bool, device=device)
         self._steps = 0  # optimizer steps this process has taken (the same on every rank)
         self._step_lost = torch.zeros((), dtype=torch.bool, device=device)
-        self._epoch: torch.Tensor | None = None  # loss_sum, finite_images, images, non_finite (this rank)
+        self._epoch: RunningTotals | None = None  # this rank's, during an epoch
         self._synced: tuple[tuple[int, int], LossTotals] | None = None
 
     def start_epoch(self, position: Position) -> None:
         """Totals from ``position``: those a resumed checkpoint carried count once, on the main process."""
-        carried = [position.loss_sum, position.seen - position.lost_images, position.seen, 0.0]
+        carried = LossTotals(position.loss_sum, position.seen - position.lost_images, position.seen)
         if not self.accelerator.is_main_process:
-            carried = [0.0] * len(carried)
-        self._epoch = torch.tensor(carried, dtype=torch.float64, device=self.accelerator.device)
+            carried = LossTotals()
+        device = self.accelerator.device
+        self._epoch = RunningTotals(**{name: torch.tensor(float(getattr(carried, name)), dtype=torch.float64,
+                                                          device=device) for name in SUMMED})
         self._synced = None
 
     def add(self, loss: torch.Tensor, images: int, step_done: bool) -> None:
         """One batch's loss (on the device, no host sync); ``step_done``: the optimizer stepped after it."""
         value = loss.detach().double()
         finite = torch.isfinite(value)
-        self._epoch += torch.stack([torch.where(finite, value * images, 0.0), finite.double() * images,
-                                    torch.full_like(value, images), (~finite).double()])
+        sums = self._epoch
+        sums.loss_sum += torch.where(finite, value * images, 0.0)
+        sums.finite_images += finite.double() * images
+        sums.images += images
+        sums.non_finite += (~finite).double()
         self._step_lost |= ~finite
         if step_done:
             self._recent_lost[self._steps % self.check_every_n_steps] = self._step_lost
@@ -96,13 +115,14 @@ class LossGuard:
             return None
         here = (position.epoch, position.batch)
         if self._synced is None or self._synced[0] != here:
-            values = torch.cat([self._epoch, self._recent_lost.double()])
+            values = torch.cat([self._epoch.stacked(), self._recent_lost.double()])
             if self.accelerator.num_processes > 1:
                 values = self.accelerator.reduce(values, reduction="sum")
             values = values.tolist()
-            epoch, recent = values[:len(EPOCH_TOTALS)], values[len(EPOCH_TOTALS):]
+            epoch, recent = dict(zip(SUMMED, values)), values[len(SUMMED):]
             lost_window = self._steps >= self.check_every_n_steps and all(recent)
-            totals = LossTotals(**{name: kind(v) for (name, kind), v in zip(EPOCH_TOTALS, epoch)},
+            totals = LossTotals(loss_sum=epoch["loss_sum"], finite_images=int(epoch["finite_images"]),
+                                images=int(epoch["images"]), non_finite=int(epoch["non_finite"]),
                                 lost_window=lost_window)
             self._synced = (here, totals)
         totals = self._synced[1]

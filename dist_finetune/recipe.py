@@ -5,6 +5,8 @@ The CLI and the demo call this; Python users usually write the three steps thems
 
 from __future__ import annotations
 
+import dataclasses
+
 from accelerate.utils import set_seed
 
 from .config import RunConfig
@@ -21,9 +23,12 @@ def finetune_from_config(config: RunConfig, resume: str | None = None,
                          dry_run: bool = False) -> tuple[Trainer, ImageClassifier, list[dict] | str]:
     """The three steps (data, task, finetune) driven by a :class:`RunConfig`; the CLI calls this.
 
+    ``resume``: replaces ``config.trainer.resume`` when given.
     ``dry_run``: build and check everything, train nothing; the third item is then the plan (text).
     Written into the output dir besides the training's own files: ``config.yaml``, ``run_info.json``.
     """
+    if resume is not None:
+        config = dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, resume=resume))
     model_config, strategy_config = config.model, config.strategy
     data = build_data(config)
     set_seed(config.trainer.seed)  # the new head's initialisation
@@ -37,8 +42,8 @@ def finetune_from_config(config: RunConfig, resume: str | None = None,
     )
     trainer = Trainer(config)
     if dry_run:
-        return trainer, task, plan_run(trainer, task, data, strategy_config.strategy(), resume=resume)
-    metrics = trainer.finetune(task, data, strategy=strategy_config.strategy(), resume=resume)
+        return trainer, task, plan_run(trainer, task, data, strategy_config.strategy())
+    metrics = trainer.finetune(task, data, strategy=strategy_config.strategy())
     return trainer, task, metrics
 
 

@@ -24,36 +24,73 @@ from typing import Callable
 from .callbacks import RunState
 from .errors import CheckpointError
 from .sharding import shard_optimizer_state
-from .training_state import layout_of, optimizer_settings, restore_rng
+from .training_state import (
+    TrainingState,
+    check_signature,
+    layout_of,
+    load_training_state,
+    optimizer_settings,
+    restore_rng,
+)
 
 SCHEDULE_SETTINGS = {"total_steps": "schedule horizon", "warmup_steps": "warmup", "kind": "schedule",
                      "new_group_warmup_steps": "new groups' ramp"}
 
 
-def resume_from(trainer, run: RunState, saved: dict, checkpoint: Path) -> None:
-    """Restore ``saved`` (``training_state.load_training_state``) into the prepared ``run`` and announce
-    what differs. Called after ``accelerator.prepare`` and the schedule exist."""
-    position = saved["position"]
-    step_of = _map_position(saved, run, checkpoint)
-    run.optimizer.load_state_dict(shard_optimizer_state(saved["optimizer"], run.optimizer))
-    changes = apply_optimizer_settings(run.optimizer, _saved_optimizer_settings(saved),
-                                       optimizer_settings(run.config))
-    run.schedule.load_state_dict(saved["schedule"], step_of)
-    changes += _schedule_changes(saved["schedule"], run.schedule.state_dict())
-    accelerator = run.accelerator
-    if accelerator.scaler is not None and saved["scaler"]:
-        accelerator.scaler.load_state_dict(saved["scaler"])
-    if saved["rng"] is not None and saved["num_processes"] == accelerator.num_processes:
-        restore_rng(*saved["rng"], accelerator.device)
-    run.position, run.resumed_from, run.last_checkpoint = position, checkpoint, checkpoint
-    run.extras["saved_position"] = dataclasses.asdict(position)
-    trainer.announce(f"resumed from {checkpoint} at epoch {position.epoch}, batch {position.batch}, "
-                     f"step {position.global_step}")
-    for change in changes:
-        trainer.announce(change)
-    if position.epoch >= run.config.max_epochs:
-        warnings.warn(f"{checkpoint} is at the end of epoch {position.epoch - 1}: with max_epochs "
-                      f"{run.config.max_epochs} nothing is left to train (raise max_epochs to train on)")
+class Resume:
+    """One checkpoint going into a run, in the two steps ``Trainer.finetune`` calls in this order:
+
+    1. :meth:`into_model`, after the callbacks' ``setup`` and the optimizer, before ``accelerator.prepare``:
+       the strategy's replay adds its param groups to that optimizer, and the weights go into the
+       unwrapped model (the DDP wrapper then broadcasts them; FSDP2 shards them);
+    2. :meth:`into_prepared`, after ``accelerator.prepare`` and the schedule: the optimizer state goes
+       into the prepared (possibly sharded) optimizer, replacing the group settings the schedule gave the
+       replayed groups; the RNG states come last, so nothing draws from them before the first batch.
+    """
+
+    def __init__(self, checkpoint: Path, rank: int):
+        self.checkpoint = checkpoint
+        self.saved = load_training_state(checkpoint, rank)
+
+    def into_model(self, run: RunState) -> None:
+        """Refuse another run's checkpoint, then restore the position, the callbacks' states (the strategy
+        replays its epochs: the optimizer gets the groups the saved state has) and the weights."""
+        if run.optimizer is None:
+            raise RuntimeError("Resume.into_model needs the optimizer: the strategy's replay adds groups to it")
+        saved = self.saved
+        check_signature(saved.signature, run.signature, self.checkpoint)
+        run.position = saved.position
+        run.callbacks.load_state_dict(saved.callbacks)
+        run.task.load_weights(saved.model, str(self.checkpoint))
+
+    def into_prepared(self, trainer, run: RunState) -> None:
+        """Restore the optimizer, schedule, scaler and RNG into the prepared ``run``; announce what differs."""
+        if run.schedule is None:
+            raise RuntimeError("Resume.into_prepared runs after the schedule is built (Trainer._prepare)")
+        saved, checkpoint = self.saved, self.checkpoint
+        position = saved.position
+        step_of = _map_position(saved, run, checkpoint)
+        # WarmupSchedule() gave every group, the replayed ones too, joined_step None (there from the start):
+        # the saved groups' settings (initial_lr, and joined_step: the step each group joined) replace them here
+        run.optimizer.load_state_dict(shard_optimizer_state(saved.optimizer, run.optimizer))
+        changes = apply_optimizer_settings(run.optimizer, _saved_optimizer_settings(saved),
+                                           optimizer_settings(run.config))
+        run.schedule.load_state_dict(saved.schedule, step_of)  # after the groups' joined_step is the saved one
+        changes += _schedule_changes(saved.schedule, run.schedule.state_dict())
+        accelerator = run.accelerator
+        if accelerator.scaler is not None and saved.scaler:
+            accelerator.scaler.load_state_dict(saved.scaler)
+        if saved.rng is not None and saved.num_processes == accelerator.num_processes:
+            restore_rng(*saved.rng, accelerator.device)
+        run.position, run.resumed_from, run.last_checkpoint = position, checkpoint, checkpoint
+        run.saved_position = dataclasses.replace(position)
+        trainer.announce(f"resumed from {checkpoint} at epoch {position.epoch}, batch {position.batch}, "
+                         f"step {position.global_step}")
+        for change in changes:
+            trainer.announce(change)
+        if position.epoch >= run.config.max_epochs:
+            warnings.warn(f"{checkpoint} is at the end of epoch {position.epoch - 1}: with max_epochs "
+                          f"{run.config.max_epochs} nothing is left to train (raise max_epochs to train on)")
 
 
 def _describe(layout: dict) -> str:
@@ -65,20 +102,20 @@ def _samples_per_step(layout: dict) -> int:
     return layout["batch_size"] * layout["num_processes"] * layout["gradient_accumulation_steps"]
 
 
-def _map_position(saved: dict, run: RunState, checkpoint: Path) -> Callable[[int], int] | None:
+def _map_position(saved: TrainingState, run: RunState, checkpoint: Path) -> Callable[[int], int] | None:
     """Map the saved position onto this run's batch layout (in place); returns the map of the
     checkpoint's schedule steps onto this run's, or None when the layout is the same."""
     new = layout_of(run)
-    old = saved.get("layout")
+    old = saved.layout
     if old is None:  # written before checkpoints recorded their layout
-        if saved["num_processes"] == new["num_processes"]:
+        if saved.num_processes == new["num_processes"]:
             return None
-        raise CheckpointError(f"{checkpoint} was written by {saved['num_processes']} process(es) before checkpoints "
+        raise CheckpointError(f"{checkpoint} was written by {saved.num_processes} process(es) before checkpoints "
                               f"recorded their batch size and steps per epoch: resume it with "
-                              f"{saved['num_processes']} process(es)")
+                              f"{saved.num_processes} process(es)")
     if old == new:
         return None
-    position, per_step = saved["position"], _samples_per_step(new)
+    position, per_step = saved.position, _samples_per_step(new)
     if position.samples_done % per_step:
         raise CheckpointError(
             f"{checkpoint} stopped {position.samples_done} samples into epoch {position.epoch}, not a multiple of "
@@ -97,11 +134,11 @@ def _map_position(saved: dict, run: RunState, checkpoint: Path) -> Callable[[int
     return step_of
 
 
-def _saved_optimizer_settings(saved: dict) -> dict:
+def _saved_optimizer_settings(saved: TrainingState) -> dict:
     """The checkpoint's optimizer settings; for one written before they were recorded, its first group's."""
-    if "optimizer_settings" in saved:
-        return saved["optimizer_settings"]
-    first = saved["optimizer"]["param_groups"][0]
+    if saved.optimizer_settings is not None:
+        return saved.optimizer_settings
+    first = saved.optimizer["param_groups"][0]
     return {"lr": first.get("initial_lr", first["lr"]), "weight_decay": first.get("weight_decay"),
             "momentum": first.get("momentum")}
 

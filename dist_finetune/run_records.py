@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -64,7 +65,8 @@ def run_info(accelerator, resumed_from=None) -> dict:
 class RunRecords(Callback):
     """Writes ``config.yaml`` (when the run has a RunConfig) and ``run_info.json`` when training starts.
 
-    A resumed run writes both again: ``run_info.json`` then describes the latest start.
+    A resumed run writes both again: ``run_info.json`` then describes the latest start, and
+    ``config.yaml``'s ``trainer.resume`` names the checkpoint it resumed from.
     """
 
     def __init__(self, run_config=None):
@@ -75,7 +77,10 @@ class RunRecords(Callback):
             return
         run.output_dir.mkdir(parents=True, exist_ok=True)
         if self.run_config is not None:
-            write_atomic(run.output_dir / CONFIG_FILENAME, config_yaml(self.run_config).encode())
+            resume = str(run.resumed_from) if run.resumed_from else run.config.resume
+            recorded = dataclasses.replace(self.run_config, trainer=dataclasses.replace(self.run_config.trainer,
+                                                                                          resume=resume))
+            write_atomic(run.output_dir / CONFIG_FILENAME, config_yaml(recorded).encode())
         info = json.dumps(run_info(run.accelerator, run.resumed_from), indent=2) + "\n"
         write_atomic(run.output_dir / RUN_INFO_FILENAME, info.encode())
 

@@ -1,9 +1,12 @@
 """The finetuning loop: ``Trainer(max_epochs=10).finetune(task, data, strategy="freeze_unfreeze")``.
 
-Reads top to bottom: resolve the strategy, build one :class:`RunState`, let the callbacks set up
-(the strategy freezes), build the optimizer, restore a checkpoint, prepare with Accelerate, then per
-epoch: ``on_epoch_start`` (strategy transitions) -> DDP resync and rank check if anything changed ->
-train (``on_step_end`` after each step) -> validate -> ``on_validation_end`` -> ``on_epoch_end``.
+``finetune`` runs phases, each a method, in dependency order: ``_check_inputs`` (strategy, data,
+checkpoint; no accelerator yet) -> ``_start`` (accelerator, image scan, one :class:`RunState`, the
+callbacks) -> ``_build`` (callbacks' ``setup``: the strategy freezes; the optimizer) ->
+``Resume.into_model`` (on resume) -> ``_prepare`` (loaders, memory format, ``accelerator.prepare``, the
+schedule) -> ``Resume.into_prepared`` (on resume) -> ``_fit`` -> ``_teardown``. Per epoch:
+``on_epoch_start`` (strategy transitions) -> DDP resync and rank check if anything changed -> train
+(``on_step_end`` after each step) -> validate -> ``on_validation_end`` -> ``on_epoch_end``.
 Everything else a run does (checkpoint cadence, preemption, the metrics log, the best model, early
 stopping, trackers) is a callback; see ``callbacks.py``.
 """
@@ -48,7 +51,7 @@ from .metrics import MetricsLogger
 from .model_selection import MODEL_FILENAME, BestModel, EarlyStopping
 from .preemption import Preemption
 from .reports import validation_report
-from .resume import resume_from
+from .resume import Resume
 from .run_records import run_outputs
 from .schedule import WarmupSchedule
 from .sharding import full_state_dict
@@ -56,9 +59,7 @@ from .task import ImageClassifier
 from .trackers import check_trackers
 from .training_state import (
     CheckpointCadence,
-    check_signature,
     checkpoint_to_resume,
-    load_training_state,
     run_signature,
     write_training_state,
 )
@@ -89,50 +90,23 @@ class Trainer:
         """Train ``task`` on ``data`` with a strategy; returns one metrics dict per epoch.
 
         ``train_bn``: for strategies given by name (None: the built-in default, frozen BatchNorm in
-        eval mode). ``resume``: "latest" (newest intact checkpoint in output_dir; a fresh start if
-        there is none) or a checkpoint folder. Raises ``TrainingPreempted`` after saving on
-        SIGUSR1/SIGTERM.
+        eval mode). ``resume`` (None: the config's ``resume``): "latest" (newest intact checkpoint in
+        output_dir; a fresh start if there is none) or a checkpoint folder. Raises ``TrainingPreempted``
+        after saving on SIGUSR1/SIGTERM.
         """
-        config = self.config
-        strategy = resolve_strategy(strategy, train_bn=train_bn)
-        strategy.validate(config.max_epochs)
-        task.check_data(data)
-        checkpoint = checkpoint_to_resume(resume, config.output_dir)
-        refuse_freezing_under_sharding(freezes=not isinstance(strategy, NoFreeze))
-        accelerator = self._make_accelerator(log_with=check_trackers(config.report_to, config.output_dir))
-        refuse_freezing_under_sharding(not isinstance(strategy, NoFreeze), accelerator)
-        set_seed(config.seed)
-        self._check_images(data, accelerator)
-        # class weights (None unless data.class_weights='auto') weight the training loss and go into the model file
-        task.labels, task.image_size, task.class_weights = list(data.classes), data.image_size, data.loss_weights()
-        run = RunState(config=config, accelerator=accelerator, task=task, data=data, strategy=strategy,
-                       signature=run_signature(task, data, strategy, config))
-        run.callbacks = callbacks = CallbackList(self._run_callbacks(strategy))
-        self.run, self.task = run, task
+        strategy, config, checkpoint = self._check_inputs(task, data, strategy, train_bn, resume)
+        run = self._start(task, data, strategy, config)
         try:
-            callbacks.call("setup", self, run)
-            run.optimizer = build_optimizer(task, config)
-            saved = None
-            if checkpoint is not None:
-                saved = load_training_state(checkpoint, accelerator.process_index)
-                check_signature(saved["signature"], run.signature, checkpoint)
-                run.position = saved["position"]
-                callbacks.load_state_dict(saved.get("callbacks", {}))
-                task.load_weights(saved["model"], str(checkpoint))
+            self._build(run)
+            restore = Resume(checkpoint, run.accelerator.process_index) if checkpoint is not None else None
+            if restore is not None:
+                restore.into_model(run)  # before prepare: weights into the unwrapped model, the strategy replayed
             self._prepare(run)
-            if saved is not None:
-                resume_from(self, run, saved, checkpoint)
-            callbacks.call("on_fit_start", self, run)
+            if restore is not None:
+                restore.into_prepared(self, run)  # after prepare: optimizer state, schedule step, scaler, RNG
             self._fit(run)
-            if config.check_rank_consistency:
-                check_rank_consistency(accelerator, run.model, run.optimizer, "at the end of training")
-            if run.stop_reason:
-                self.announce(f"training stopped: {run.stop_reason}")
-            callbacks.call("on_fit_end", self, run)
         finally:
-            callbacks.teardown(self, run)
-            run.model, run.extras["compiled"] = task, None  # no DDP wrapper (it holds the process group) outlives
-            release_wrappers(accelerator)  # the run: see distributed.shutdown
+            self._teardown(run)
         return run.history
 
     @property
@@ -175,12 +149,11 @@ class Trainer:
         if run.output_dir is None:
             return None
         self.check_training(run)  # never a checkpoint with NaN weights
-        position = dataclasses.asdict(run.position)
-        if run.extras.get("saved_position") == position:
+        if run.saved_position == run.position:
             return run.last_checkpoint  # this exact state is saved already: never rewrite it in place
         refuse_non_finite_weights(run.accelerator, run.task.state_dict(), "a checkpoint", run.last_checkpoint)
         run.last_checkpoint = write_training_state(run)
-        run.extras["saved_position"] = position
+        run.saved_position = dataclasses.replace(run.position)  # a copy: training moves the position on
         return run.last_checkpoint
 
     def check_training(self, run: RunState) -> None:
@@ -195,6 +168,38 @@ class Trainer:
             tqdm.write(message)
 
     # ------------------------------------------------------------------------------ setup
+
+    def _check_inputs(self, task: ImageClassifier, data: ImageClassificationData, strategy, train_bn: bool | None,
+                      resume: str | None) -> tuple[BaseFinetuning, TrainerConfig, Path | None]:
+        """What needs no accelerator, so a wrong setting fails before any process group starts: the strategy
+        and its schedule, the data for the model, this run's settings (its ``resume`` too), the checkpoint."""
+        strategy = resolve_strategy(strategy, train_bn=train_bn)
+        strategy.validate(self.config.max_epochs)
+        task.check_data(data)
+        config = dataclasses.replace(self.config, resume=self.config.resume if resume is None else resume)
+        checkpoint = checkpoint_to_resume(config.resume, config.output_dir)
+        refuse_freezing_under_sharding(freezes=not isinstance(strategy, NoFreeze))
+        return strategy, config, checkpoint
+
+    def _start(self, task: ImageClassifier, data: ImageClassificationData, strategy: BaseFinetuning,
+               config: TrainerConfig) -> RunState:
+        """The accelerator, the image scan, the data's metadata onto the model, and the run's state and callbacks."""
+        accelerator = self._make_accelerator(log_with=check_trackers(config.report_to, config.output_dir))
+        refuse_freezing_under_sharding(not isinstance(strategy, NoFreeze), accelerator)
+        set_seed(config.seed)
+        self._check_images(data, accelerator)
+        # class weights (None unless data.class_weights='auto') weight the training loss and go into the model file
+        task.labels, task.image_size, task.class_weights = list(data.classes), data.image_size, data.loss_weights()
+        run = RunState(config=config, accelerator=accelerator, task=task, data=data, strategy=strategy,
+                       signature=run_signature(task, data, strategy, config))
+        run.callbacks = CallbackList(self._run_callbacks(strategy))
+        self.run, self.task = run, task
+        return run
+
+    def _build(self, run: RunState) -> None:
+        """The callbacks' ``setup`` (the strategy freezes), then the optimizer over what trains now."""
+        run.callbacks.call("setup", self, run)
+        run.optimizer = build_optimizer(run.task, run.config)
 
     def _make_accelerator(self, log_with: list[str] | None = None):
         config = self.config
@@ -233,16 +238,16 @@ class Trainer:
         train_loader, val_loader = self._loaders(run.data, accelerator)
         wanted = resolve_channels_last(config.channels_last, task, accelerator.device, task.image_size,
                                        run.data.batch_size)
-        run.extras["channels_last"] = not any_rank(accelerator, not wanted)  # all ranks alike: DDP checks strides
+        run.channels_last = not any_rank(accelerator, not wanted)  # all ranks alike: DDP checks strides
         # both ways: weights left channels_last (by a GPU predict, an earlier run) must not take the CPU's unsafe path
-        task.to(memory_format=torch.channels_last if run.extras["channels_last"] else torch.contiguous_format)
+        task.to(memory_format=torch.channels_last if run.channels_last else torch.contiguous_format)
         run.model, run.optimizer, run.train_loader, run.val_loader = accelerator.prepare(
             task, run.optimizer, train_loader, val_loader)
         run.steps_per_epoch = steps = math.ceil(len(run.train_loader) / config.gradient_accumulation_steps)
         run.schedule = WarmupSchedule(run.optimizer, steps * config.max_epochs, round(config.warmup_epochs * steps),
                                       config.scheduler, round(config.unfreeze_warmup_epochs * steps))
-        run.extras["compile"] = ((config.compile_backend, config.compile_mode) if config.compile
-                                 else launcher_compile_settings())
+        run.compile_with = ((config.compile_backend, config.compile_mode) if config.compile
+                            else launcher_compile_settings())
         run.loss_guard = LossGuard(accelerator, config.check_every_n_steps)
 
     def _loaders(self, data: ImageClassificationData, accelerator):
@@ -269,17 +274,34 @@ class Trainer:
         Compiled outside ``accelerator.prepare`` so the DDP rebuild after an unfreeze stays possible;
         the changed ``requires_grad`` (and a new wrapper) costs one recompilation per transition.
         """
-        settings, compiled = run.extras["compile"], run.extras.get("compiled")
-        if settings is None:
+        if run.compile_with is None:
             return run.model
-        if compiled is None or compiled[0] is not run.model:
-            backend, mode = settings
-            run.extras["compiled"] = compiled = (run.model, torch.compile(run.model, backend=backend, mode=mode))
-        return compiled[1]
+        if run.compiled is None or run.compiled[0] is not run.model:
+            backend, mode = run.compile_with
+            run.compiled = (run.model, torch.compile(run.model, backend=backend, mode=mode))
+        return run.compiled[1]
 
     # ----------------------------------------------------------------------------- epochs
 
     def _fit(self, run: RunState) -> None:
+        """``on_fit_start``, the epochs, the final rank check, ``on_fit_end``."""
+        run.callbacks.call("on_fit_start", self, run)
+        self._run_epochs(run)
+        if run.config.check_rank_consistency:
+            check_rank_consistency(run.accelerator, run.model, run.optimizer, "at the end of training")
+        if run.stop_reason:
+            self.announce(f"training stopped: {run.stop_reason}")
+        run.callbacks.call("on_fit_end", self, run)
+
+    def _teardown(self, run: RunState) -> None:
+        """Always: the callbacks' ``teardown``; no DDP wrapper (it holds the process group) outlives the run
+        (see ``distributed.shutdown``)."""
+        run.callbacks.teardown(self, run)
+        run.model, run.compiled = run.task, None
+        release_wrappers(run.accelerator)
+
+    def _run_epochs(self, run: RunState) -> None:
+        """Epochs from ``run.position`` until ``max_epochs`` or a ``stop_reason``."""
         accelerator, callbacks, resync = run.accelerator, run.callbacks, DDPResync(run.accelerator, run.model)
         while run.position.epoch < run.config.max_epochs and run.stop_reason is None:
             epoch = run.position.epoch
@@ -318,7 +340,7 @@ class Trainer:
             loader.set_epoch(position.epoch)
         params = trainable_parameters(run.model)
         forward = task.head if head_only else self._training_forward(run)
-        channels_last = run.extras["channels_last"] and not head_only
+        channels_last = run.channels_last and not head_only
         class_weights = torch.tensor(task.class_weights, device=accelerator.device) if task.class_weights else None
         run.loss_guard.start_epoch(position)
         seen_before = position.seen  # a resumed epoch's images/s counts only what this run trained

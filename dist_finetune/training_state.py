@@ -22,7 +22,7 @@ import random
 import shutil
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -252,19 +252,38 @@ def find_checkpoint(resume: str, output_dir: str | None) -> Path | None:
     return None
 
 
-def load_training_state(checkpoint: Path, rank: int) -> dict:
-    """Everything a checkpoint holds, this rank's RNG included (None when saved with fewer ranks)."""
+@dataclass
+class TrainingState:
+    """What a checkpoint holds, as one rank loads it. The fields are state.json's keys (plus the tensors
+    and this rank's RNG); keys an older checkpoint lacks are None."""
+
+    position: Position
+    model: dict[str, torch.Tensor]
+    optimizer: dict  # the optimizer's state_dict, tensors joined back in
+    schedule: dict  # WarmupSchedule.state_dict()
+    scaler: dict | None  # the GradScaler's (fp16 on a GPU)
+    signature: dict  # run_signature() of the run that wrote it
+    num_processes: int
+    layout: dict | None = None  # layout_of(); recorded since a resume maps another batch layout
+    optimizer_settings: dict | None = None  # optimizer_settings(); recorded since a resume applies changed ones
+    callbacks: dict = field(default_factory=dict)  # CallbackList.state_dict()
+    rng: tuple[dict[str, torch.Tensor], dict] | None = None  # capture_rng() of this rank; None: saved by fewer ranks
+
+
+def load_training_state(checkpoint: Path, rank: int) -> TrainingState:
+    """Everything a checkpoint holds, this rank's RNG included."""
     state = json.loads((checkpoint / "state.json").read_text())
-    state["position"] = Position(**state["position"])
-    state["model"] = load_file(checkpoint / "model.safetensors")
-    state["optimizer"] = join_optimizer_state(load_file(checkpoint / "optimizer.safetensors"), state["optimizer"])
-    rng_path = checkpoint / f"rng_rank{rank}.safetensors"
-    state["rng"] = None
+    rng, rng_path = None, checkpoint / f"rng_rank{rank}.safetensors"
     if rng_path.is_file():
         with safe_open(str(rng_path), framework="pt") as handle:
-            extra = json.loads(handle.metadata()["extra"])
-        state["rng"] = (load_file(rng_path), extra)
-    return state
+            rng = (load_file(rng_path), json.loads(handle.metadata()["extra"]))
+    known = {f.name for f in fields(TrainingState)}
+    return TrainingState(**{**{k: v for k, v in state.items() if k in known},
+                            "position": Position(**state["position"]),
+                            "model": load_file(checkpoint / "model.safetensors"),
+                            "optimizer": join_optimizer_state(load_file(checkpoint / "optimizer.safetensors"),
+                                                              state["optimizer"]),
+                            "callbacks": state.get("callbacks") or {}, "rng": rng})
 
 
 # recorded since resumes check what the sample order and the optimizer depend on: an older checkpoint lacks them

@@ -126,7 +126,6 @@ def epoch_probe(on_epoch):
     """A trainer callback: ``on_epoch(epoch)`` at the start of every epoch (it reads the clock and the
     memory peaks there), and which epochs trained the head on cached features."""
     from dist_finetune.callbacks import Callback
-    from dist_finetune.feature_cache import CACHE_KEY
 
     class EpochProbe(Callback):
         def __init__(self):
@@ -136,7 +135,7 @@ def epoch_probe(on_epoch):
             on_epoch(run.position.epoch)
 
         def on_epoch_end(self, trainer, run, record) -> None:
-            if CACHE_KEY in run.extras:
+            if run.feature_loader is not None:
                 self.cached_epochs.append(record["epoch"])
 
     return EpochProbe()

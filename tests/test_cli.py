@@ -80,6 +80,42 @@ def test_help_documents_every_flag(capsys):
     assert {"--output-dir", "--max-epochs"} <= help_flags(capsys, "demo")
 
 
+def test_a_config_field_with_help_is_a_train_flag_that_prints_its_default(capsys):
+    """The flag, its type and its help come from the field (``config.setting``); the default is printed from
+    the field's; a field without help has no flag."""
+    from dataclasses import dataclass, fields
+    from typing import get_type_hints
+
+    from dist_finetune.cli import config_flag
+    from dist_finetune.config import setting
+
+    @dataclass
+    class Section:
+        warmup_images: int | None = setting(64, "images before the first step")
+        fast: bool = setting(False, "go fast")
+        careful: bool = setting(True, "skip the checks")
+        pair: tuple[int, int] = setting((1, 2), "two epochs", metavar=("A", "B"))
+        mode: str = setting("a", "the mode", choices=("a", "b"), flag="--how")
+        hidden: int = 3
+
+    hints = get_type_hints(Section)
+    assert [config_flag("extra", spec, hints[spec.name]) for spec in fields(Section) if spec.metadata] == [
+        ("--warmup-images", "extra.warmup_images", {"type": int, "help": "images before the first step (default: 64)"}),
+        ("--fast", "extra.fast", {"action": "store_true", "help": "go fast"}),
+        ("--no-careful", "extra.careful", {"action": "store_false", "help": "skip the checks"}),
+        ("--pair", "extra.pair",
+         {"metavar": ("A", "B"), "type": int, "nargs": 2, "help": "two epochs (default: 1 2)"}),
+        ("--how", "extra.mode", {"choices": ("a", "b"), "help": "the mode (default: a)"}),
+    ]
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("square input size in pixels (default: 224)", "--milestones A B unfreeze_milestones: last K layers "
+                  "join at A, the rest at B (default: 2 5)", "go (default: outputs)", "(default: on)"):
+        assert shown in text, shown
+    assert train_config(build_parser().parse_args(["train", "--resume", "latest"])).trainer.resume == "latest"
+
+
 def test_train_then_predict(image_folders, tmp_path):
     out = tmp_path / "run"
     cli("train", "--train-folder", str(image_folders / "train"), "--val-folder", str(image_folders / "val"),

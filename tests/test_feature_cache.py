@@ -13,7 +13,7 @@ from torchvision.ops import StochasticDepth
 from dist_finetune import ImageClassificationData, ImageClassifier, seed_everything
 from dist_finetune import distributed
 from dist_finetune.callbacks import Callback
-from dist_finetune.feature_cache import CACHE_KEY, backbone_is_static, cache_fits
+from dist_finetune.feature_cache import backbone_is_static, cache_fits
 
 
 class CacheSeen(Callback):
@@ -23,7 +23,7 @@ class CacheSeen(Callback):
         self.per_epoch: list[bool] = []
 
     def on_validation_end(self, trainer, run, record):
-        self.per_epoch.append(CACHE_KEY in run.extras)
+        self.per_epoch.append(run.feature_loader is not None)
 
 
 def train(image_folders, cache: bool, strategy, epochs=3, augment=False):

@@ -541,7 +541,7 @@ def test_a_checkpoint_written_again_at_its_step_is_replaced_never_missing(tiny_d
             raise OSError("killed")
         real_replace(source, target)
 
-    trainer.run.extras.pop("saved_position")
+    trainer.run.saved_position = None
     monkeypatch.setattr(os, "replace", crash_on_the_second_rename)
     with pytest.raises(OSError, match="killed"):
         trainer.save_training_state(trainer.run)

@@ -147,3 +147,13 @@ def test_python_dry_run_returns_the_plan_and_trains_nothing(tiny_data):
     assert plan.startswith("dry run: everything checked; nothing trained or written\ndata\n")
     assert "6 steps per epoch x 2 epochs = 12 optimizer steps" in plan
     assert all(torch.equal(before[name], tensor) for name, tensor in task.state_dict().items())
+
+
+def test_config_yaml_records_resume_and_the_checkpoint_a_resumed_run_started_from(image_folders, tmp_path):
+    """``--resume`` is a config field: a fresh run's config.yaml says it did not resume; a resumed one's names
+    the checkpoint it continued (3 optimizer steps an epoch: 24 images, batch 4, 2 accumulation steps)."""
+    out = tmp_path / "run"
+    main(train_args(image_folders, out, "--max-epochs", "1"))
+    assert load_yaml(out / "config.yaml").trainer.resume is None
+    main(train_args(image_folders, out, "--resume", "latest"))
+    assert load_yaml(out / "config.yaml").trainer.resume == str(out / "checkpoints" / "step-00000003")

@@ -41,6 +41,9 @@ TRAIN_FLAGS: list[tuple[str, str, dict]] = [
                                                "inverse class frequency, N / (C x n_c) (none)"}),
     ("--balanced-sampler", "data.balanced_sampler", {"action": "store_true", "help": "draw training samples so every "
                                                      "class is seen equally often (with replacement)"}),
+    ("--no-scan", "data.scan", {"action": "store_false", "help": "skip the up-front decode of every image (for data "
+                                "you trust): one that fails to load is replaced by the next readable one, named, "
+                                "and counted at the end"}),
     ("--backbone", "model.backbone", {"help": "torchvision name (resnet18, ...) or timm:NAME (resnet18)"}),
     ("--no-pretrained", "model.pretrained", {"action": "store_false", "help": "random initialisation, no download"}),
     ("--weights", "model.weights", {"help": "local backbone weights (.safetensors or .pth state dict), for offline use"}),

@@ -199,14 +199,22 @@ def _read_cache(cache_file: str | os.PathLike | None) -> dict[str, list]:
         return {}
 
 
+def _in_chunks(pool: ThreadPoolExecutor, function, items: Sequence, workers: int) -> list:
+    """``[function(item) for item in items]`` on the pool, a few hundred items per task: a future per item
+    costs more than the stat of a warm scan."""
+    size = max(1, min(256, len(items) // (4 * workers)))
+    chunks = [items[start:start + size] for start in range(0, len(items), size)]
+    return [result for chunk in pool.map(lambda part: [function(item) for item in part], chunks) for result in chunk]
+
+
 def _check_stale(items: Sequence[str], cache: dict[str, list], reader) -> dict[str, list]:
     """{item: [*stamp, problem, sha256]}: ``cache``'s entry where the stamp is current, else checked now (threads)."""
     workers = min(32, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL and hashlib release the GIL
-        stamps = dict(zip(items, pool.map(reader.stamp, items)))
+        stamps = dict(zip(items, _in_chunks(pool, reader.stamp, items, workers)))
         entries = {i: cache[i] for i in items if i in cache and len(cache[i]) >= 3 and cache[i][:-2] == stamps[i]}
         todo = [i for i in items if i not in entries]
-        for item, (problem, digest) in zip(todo, pool.map(reader.check, todo)):
+        for item, (problem, digest) in zip(todo, _in_chunks(pool, reader.check, todo, workers)):
             entries[item] = [*stamps[item], problem, digest]
     return {i: entries[i] for i in items}
 

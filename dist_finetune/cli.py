@@ -1,4 +1,4 @@
-"""``dist-finetune train | predict | evaluate | plot | demo``: a thin layer over the Python API.
+"""``dist-finetune train | predict | evaluate | plot | pack | demo``: a thin layer over the Python API.
 
 Every ``train`` flag maps to one :class:`~dist_finetune.config.RunConfig` field; flags override the
 ``--config`` YAML file, which overrides the defaults. Works under ``accelerate launch -m dist_finetune``.
@@ -186,6 +186,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num-workers", type=int, help="decoding workers per process (default: from CPU count)")
     evaluate.add_argument("--top-losses", type=int, default=10, help="highest-loss images to list (10)")
 
+    pack = commands.add_parser("pack", help="write an image folder or csv once as a dataset that trains with no "
+                                            "listing and no scan (--dataset PATH)",
+                               description="Pack train (and val) images into a datasets save_to_disk folder: Arrow "
+                                           "shards of the image bytes, ClassLabel labels, the scan's and dedupe's "
+                                           "decisions applied, pack_manifest.json listing what was left out.")
+    pack.add_argument("--output", required=True, help="the folder to write (must not exist)")
+    pack.add_argument("--train-folder", help="folder of class subfolders with training images")
+    pack.add_argument("--val-folder", help="folder of class subfolders with validation images")
+    pack.add_argument("--train-csv", help="csv file of path,label rows to train on (instead of folders)")
+    pack.add_argument("--val-csv", help="csv file of path,label rows to validate on")
+    pack.add_argument("--image-root", help="folder the csv paths are relative to (default: the csv's folder)")
+    pack.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out (listed in the "
+                                                                     "manifest) instead of stopping")
+    pack.add_argument("--dedupe", action="store_true", help="leave out byte-identical images but the first (train "
+                                                            "before val)")
+    pack.add_argument("--max-shard-size", default="500MB", help="largest Arrow shard (500MB)")
+
     plot = commands.add_parser("plot", help="draw RUN_DIR/curves.png (also of a run still going or preempted)",
                                description="Train/val loss, val accuracy and every param group's lr, with the "
                                            "unfreeze points and the best epoch marked, from a run's metrics files.")
@@ -281,10 +298,20 @@ def run_plot(args: argparse.Namespace) -> None:
         raise ConfigError(str(error)) from None
 
 
+def run_pack(args: argparse.Namespace) -> None:
+    from .packing import pack
+
+    manifest = pack(args.output, args.train_folder, args.val_folder, args.train_csv, args.val_csv, args.image_root,
+                    args.skip_bad_images, args.dedupe, args.max_shard_size)
+    rows = ", ".join(f"{split} {count}" for split, count in manifest["rows"].items())
+    print(f"packed {rows} images of {len(manifest['classes'])} classes into {args.output} "
+          f"({len(manifest['dropped'])} left out, listed in its pack_manifest.json); train with --dataset {args.output}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     commands = {"train": run_train, "predict": run_predict, "demo": run_demo_command, "evaluate": run_evaluate,
-                "plot": run_plot}
+                "plot": run_plot, "pack": run_pack}
     try:
         commands[args.command](args)
     except UserError as error:  # names the file or setting and the fix; anything else is a bug: traceback

@@ -26,6 +26,7 @@ from .distributed import local_world_size, same_on_every_rank, split_over_ranks
 from .errors import ConfigError, DataError
 from .images import FileImages, content_digests, load_rgb, scan, scan_cache_file
 from .load_failures import LoadFailures
+from .packing import packed_note
 from .sources import Labeled, Source, read_csv, read_datasets, read_folders, read_hub
 from .splits import (
     balanced_class_weights,
@@ -257,6 +258,10 @@ class ImageClassificationData:
         ``settings`` as in :meth:`from_datasets`.
         """
         source = read_hub(name_or_path, image_column, label_column, train_split, val_split_name)
+        note = packed_note(name_or_path)  # made by `dist-finetune pack`: scanned then, not again
+        if note is not None:
+            source.description["packed"] = note
+            settings.setdefault("scan", False)
         return cls.from_source(source, val_split, seed, **settings)
 
     @classmethod
@@ -329,8 +334,8 @@ class ImageClassificationData:
             paths[:], labels[:] = [p for p, _ in kept], [y for _, y in kept]
         self._require_every_class("after dropping unreadable or duplicate images, ")
         imbalance = imbalance_warning(self.classes, self.train_labels)
-        unscanned = [] if self.scan else ["images not scanned (--no-scan): one that fails to load is replaced by the "
-                                          "next readable image, named, and counted at the end"]
+        unscanned = [] if self.scan else [self.source.get("packed") or "images not scanned (--no-scan): one that "
+                                          "fails to load is replaced by the next readable image, named, and counted"]
         self.summary = [*class_count_lines(self.classes, self.train_labels, self.val_labels), *repeats, *unscanned,
                         *duplicate_lines, *([imbalance] if imbalance else [])]
         return problems

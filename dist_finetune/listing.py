@@ -43,9 +43,9 @@ def _read_index(path: Path, root: str) -> dict | None:
         index = json.loads(path.read_text())
         if index.get("version") != INDEX_VERSION or index.get("root") != root:
             return None
-        if all(_stamp(os.path.join(root, folder)) == stamp for folder, stamp in index["folders"].items()):
+        if not changed_folders(root, index["folders"]):
             return index
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     return None
 
@@ -75,9 +75,8 @@ def _list(root: str, role: str, folder: str) -> tuple[dict, bool]:
     return index, settled and not symlinked
 
 
-def list_class_folder(folder: str, role: str) -> tuple[list[str], list[int], list[str]]:
-    """Absolute paths (sorted), integer labels and class names (the sorted subfolders) of ``folder/<class>/**``;
-    from the folder's index when it is current (see the module docstring)."""
+def _indexed(folder: str, role: str) -> dict:
+    """The index of ``folder``: read when it is current, else listed now (and stored if it may be)."""
     root = os.path.abspath(folder)
     cache = index_file(root)
     with cache_lock(cache):
@@ -88,5 +87,31 @@ def list_class_folder(folder: str, role: str) -> tuple[list[str], list[int], lis
                 temporary = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
                 temporary.write_text(json.dumps(index))
                 os.replace(temporary, cache)
+    return index
+
+
+def list_class_folder(folder: str, role: str) -> tuple[list[str], list[int], list[str]]:
+    """Absolute paths (sorted), integer labels and class names (the sorted subfolders) of ``folder/<class>/**``;
+    from the folder's index when it is current (see the module docstring)."""
+    index = _indexed(folder, role)
+    root = index["root"]
     prefix = root + os.sep if root != os.sep else root
     return [prefix + path for path in index["paths"]], index["labels"], index["classes"]
+
+
+def folder_state(folder: str, role: str) -> dict[str, list[int]]:
+    """{folder of the tree: its stamp}: what :func:`changed_folders` compares later."""
+    return _indexed(folder, role)["folders"]
+
+
+def changed_folders(folder: str, state: dict[str, list[int]]) -> list[str]:
+    """The folders of ``state`` (from :func:`folder_state`) whose contents changed since, or that are gone."""
+    changed = []
+    for relative, stamp in state.items():
+        try:
+            same = _stamp(os.path.join(folder, relative)) == stamp
+        except OSError:
+            same = False
+        if not same:
+            changed.append(os.path.join(folder, relative))
+    return changed

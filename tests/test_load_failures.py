@@ -48,3 +48,15 @@ def test_no_scan_trains_and_counts_what_its_workers_could_not_read(broken_folder
     assert "images not scanned (--no-scan)" in out
     assert f"warning: 1 image(s) could not be read during training and were replaced" in out and broken in out
     assert f"cannot read image {broken}" in err  # named by the loader worker that met it
+
+
+def test_the_no_scan_flag_reaches_the_data_config_and_the_data(broken_folders):
+    from dist_finetune.cli import build_parser, train_config
+    from dist_finetune.recipe import build_data
+
+    assert train_config(build_parser().parse_args(["train"])).data.scan is True
+    root, _ = broken_folders
+    config = train_config(build_parser().parse_args(["train", "--no-scan", "--train-folder", str(root / "train")]))
+    assert config.data.scan is False
+    data = build_data(config)  # no val folder: the held-out split is drawn without hashing the images
+    assert data.scan is False and data.load_failures is not None and len(data.train_paths + data.val_paths) == 13

@@ -11,6 +11,7 @@ import torch
 from conftest import BACKBONE, tiny_trainer, write_image_folder
 
 from dist_finetune import ImageClassificationData, ImageClassifier, seed_everything
+from dist_finetune.callbacks import Callback
 from dist_finetune.cli import main
 from dist_finetune.errors import DataError
 from dist_finetune.packing import MANIFEST, packed_note
@@ -71,3 +72,36 @@ def test_the_manifest_lists_what_was_left_out_and_a_changed_source_is_reported(t
     note = packed_note(str(tmp_path / "packed"))
     assert note.startswith(f"warning: packed dataset {tmp_path / 'packed'} was made from {train}, which has changed")
     assert f"{train}/red/" in note
+
+
+class Interrupted(Exception):
+    pass
+
+
+class StopAsEpoch1Starts(Callback):
+    """Epoch 0's checkpoint is written; epoch 1 is left to the resume."""
+
+    def on_epoch_start(self, trainer, run) -> None:
+        if run.position.epoch == 1:
+            raise Interrupted()
+
+
+def test_a_run_from_a_packed_dataset_resumes_bit_exactly(image_folders, tmp_path, cache_home):
+    packed = tmp_path / "packed"
+    main(["pack", "--train-folder", str(image_folders / "train"), "--val-folder", str(image_folders / "val"),
+          "--output", str(packed)])
+
+    def train(out, callbacks=(), resume=None):
+        data = ImageClassificationData.from_hub(str(packed), **SETTINGS)
+        seed_everything(0)
+        task = ImageClassifier(data.num_classes, BACKBONE, pretrained=False)
+        trainer = tiny_trainer(max_epochs=2, output_dir=str(out), callbacks=list(callbacks))
+        trainer.finetune(task, data, "no_freeze", resume=resume)
+        assert (trainer.run.resumed_from is not None) == (resume is not None)
+        return task.state_dict()
+
+    whole = train(tmp_path / "whole")
+    with pytest.raises(Interrupted):
+        train(tmp_path / "resumed", [StopAsEpoch1Starts()])
+    resumed = train(tmp_path / "resumed", resume="latest")
+    assert all(torch.equal(resumed[name], whole[name]) for name in whole)

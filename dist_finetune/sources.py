@@ -199,7 +199,7 @@ def _labels_of(dataset, column: str, place: str) -> tuple[list, list[str] | None
         raise DataError(f"{place} has no column {column!r} (columns: {dataset.column_names}); "
                         "set label_column (--label-column)")
     names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-    return list(dataset[column]), names
+    return list(dataset.select_columns([column])[:][column]), names  # one batch read, not row by row
 
 
 def read_datasets(parts: dict, image_column: str = "image", label_column: str = "label",

@@ -66,7 +66,8 @@ class DataConfig:
     dedupe: bool = False  # drop byte-identical images but the first (train before val)
     class_weights: str = "none"  # "auto": inverse-frequency loss weights N / (C x n_c)
     balanced_sampler: bool = False  # draw every class equally often, seeded by (seed, epoch)
-    scan: bool = True  # decode every image before training (cached); False: an unreadable one is replaced when met
+    scan: bool | None = None  # None: decode every image before training (cached), except a packed dataset's
+    # (scanned when packed); False: no scan, an image that fails to load is replaced when met
 
     def __post_init__(self) -> None:
         from .data import CLASS_WEIGHTS

@@ -261,7 +261,7 @@ class ImageClassificationData:
         note = packed_note(name_or_path)  # made by `dist-finetune pack`: scanned then, not again
         if note is not None:
             source.description["packed"] = note
-            settings.setdefault("scan", False)
+            settings["scan"] = False if settings.get("scan") is None else settings["scan"]
         return cls.from_source(source, val_split, seed, **settings)
 
     @classmethod
@@ -279,9 +279,10 @@ class ImageClassificationData:
         ``val_split`` of train in which byte-identical images (content hashes from the image scan,
         which therefore runs now) stay on one side."""
         train, val = source.train, source.val
+        settings["scan"] = settings.get("scan") is not False  # None: the default, scan
         if val is None:
             reader = source.reader
-            digests = content_digests(train.items, _cache_file(reader), reader) if settings.get("scan", True) else {}
+            digests = content_digests(train.items, _cache_file(reader), reader) if settings["scan"] else {}
             train_idx, val_idx = stratified_split(train.labels, val_split, seed,
                                                   [digests.get(item, item) for item in train.items])
             val = Labeled([train.items[i] for i in val_idx], [train.labels[i] for i in val_idx])

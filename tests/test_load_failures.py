@@ -54,7 +54,7 @@ def test_the_no_scan_flag_reaches_the_data_config_and_the_data(broken_folders):
     from dist_finetune.cli import build_parser, train_config
     from dist_finetune.recipe import build_data
 
-    assert train_config(build_parser().parse_args(["train"])).data.scan is True
+    assert train_config(build_parser().parse_args(["train"])).data.scan is None  # scan, unless packed
     root, _ = broken_folders
     config = train_config(build_parser().parse_args(["train", "--no-scan", "--train-folder", str(root / "train")]))
     assert config.data.scan is False

@@ -13,6 +13,7 @@ from conftest import BACKBONE, tiny_trainer, write_image_folder
 from dist_finetune import ImageClassificationData, ImageClassifier, seed_everything
 from dist_finetune.callbacks import Callback
 from dist_finetune.cli import main
+from dist_finetune.config import apply_overrides
 from dist_finetune.errors import DataError
 from dist_finetune.packing import MANIFEST, packed_note
 
@@ -68,6 +69,13 @@ def test_the_manifest_lists_what_was_left_out_and_a_changed_source_is_reported(t
         {"split": "train", "item": str(broken), "reason": manifest["dropped"][1]["reason"]}]
     assert manifest["dropped"][1]["reason"].startswith("unreadable: ")
     assert "scanned when packed, 2 file(s) left out" in packed_note(str(tmp_path / "packed"))
+    from dist_finetune.cli import build_parser, train_config
+    from dist_finetune.recipe import build_data
+
+    config = train_config(build_parser().parse_args(["train", "--dataset", str(tmp_path / "packed")]))
+    assert build_data(config).scan is False  # the command line trains from a packed dataset without a scan
+    config = apply_overrides(config, {"data.scan": True})
+    assert build_data(config).scan is True  # unless asked to
     (train / "red" / "new.png").write_bytes(broken.read_bytes())
     note = packed_note(str(tmp_path / "packed"))
     assert note.startswith(f"warning: packed dataset {tmp_path / 'packed'} was made from {train}, which has changed")

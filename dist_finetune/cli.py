@@ -1,4 +1,4 @@
-"""``dist-finetune train | predict | evaluate | plot | demo``: a thin layer over the Python API.
+"""``dist-finetune train | predict | evaluate | plot | pack | demo``: a thin layer over the Python API.
 
 Every ``train`` flag is one :class:`~dist_finetune.config.RunConfig` field, generated from the field (its
 help, type and default: ``config.setting``); flags override the ``--config`` YAML file, which overrides the
@@ -57,6 +57,10 @@ def config_flags() -> list[tuple[str, str, dict]]:
 TRAIN_FLAGS = config_flags()
 CLI_DEFAULTS = {f"{section.name}.{spec.name}": spec.metadata["cli_default"] for section in fields(RunConfig)
                 for spec in fields(get_type_hints(RunConfig)[section.name]) if "cli_default" in spec.metadata}
+
+
+PACKED_DATA_SETTINGS = ("train_folder", "val_folder", "train_csv", "val_csv", "image_root", "skip_bad_images",
+                        "dedupe")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=32, help="images per forward pass per process (32)")
     evaluate.add_argument("--num-workers", type=int, help="decoding workers per process (default: from CPU count)")
     evaluate.add_argument("--top-losses", type=int, default=10, help="highest-loss images to list (10)")
+
+    pack = commands.add_parser("pack", help="write an image folder or csv once as a dataset that trains with no "
+                                            "listing and no scan (--dataset PATH)",
+                               description="Pack train (and val) images into a datasets save_to_disk folder: Arrow "
+                                           "shards of the image bytes, ClassLabel labels, the scan's and dedupe's "
+                                           "decisions applied, pack_manifest.json listing what was left out.")
+    pack.add_argument("--output", required=True, help="the folder to write (must not exist)")
+    for flag, dest, options in TRAIN_FLAGS:  # the data settings a pack applies, as train spells them
+        section, name = dest.split(".")
+        if section == "data" and name in PACKED_DATA_SETTINGS:
+            pack.add_argument(flag, dest=name, **options)
+    pack.add_argument("--max-shard-size", default="500MB", help="largest Arrow shard (500MB)")
 
     plot = commands.add_parser("plot", help="draw RUN_DIR/curves.png (also of a run still going or preempted)",
                                description="Train/val loss, val accuracy and every param group's lr, with the "
@@ -221,10 +237,20 @@ def run_plot(args: argparse.Namespace) -> None:
         raise ConfigError(str(error)) from None
 
 
+def run_pack(args: argparse.Namespace) -> None:
+    from .packing import pack
+
+    manifest = pack(args.output, args.train_folder, args.val_folder, args.train_csv, args.val_csv, args.image_root,
+                    args.skip_bad_images, args.dedupe, args.max_shard_size)
+    rows = ", ".join(f"{split} {count}" for split, count in manifest["rows"].items())
+    print(f"packed {rows} images of {len(manifest['classes'])} classes into {args.output} "
+          f"({len(manifest['dropped'])} left out, listed in its pack_manifest.json); train with --dataset {args.output}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     commands = {"train": run_train, "predict": run_predict, "demo": run_demo_command, "evaluate": run_evaluate,
-                "plot": run_plot}
+                "plot": run_plot, "pack": run_pack}
     try:
         commands[args.command](args)
     except UserError as error:  # names the file or setting and the fix; anything else is a bug: traceback

@@ -75,6 +75,10 @@ class DataConfig:
                                  metavar="{none,auto}")
     balanced_sampler: bool = setting(False, "draw training samples so every class is seen equally often (with "
                                             "replacement), seeded by (seed, epoch)")
+    scan: bool | None = setting(None, "decode every image before training, cached (default: on, except for a "
+                                      "packed dataset, scanned when packed); --no-scan for data you trust: an "
+                                      "image that fails to load is replaced by the next readable one, named, and "
+                                      "counted at the end", negatable=True)
 
     def __post_init__(self) -> None:
         from .data import CLASS_WEIGHTS

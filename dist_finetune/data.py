@@ -25,6 +25,8 @@ from torchvision.transforms import v2
 from .distributed import local_world_size, same_on_every_rank, split_over_ranks
 from .errors import ConfigError, DataError
 from .images import FileImages, content_digests, load_rgb, scan, scan_cache_file
+from .load_failures import LoadFailures
+from .packing import packed_note
 from .sources import Labeled, Source, read_csv, read_datasets, read_folders, read_hub
 from .splits import (
     balanced_class_weights,
@@ -138,11 +140,12 @@ class ImageListDataset(Dataset):
 
     Keys are ``epoch * len + index`` (see :class:`EpochSampler`); random transforms draw from a
     generator seeded per (seed, epoch, index) instead of the worker's global stream. ``reader``
-    opens an item (default: items are file paths).
+    opens an item (default: items are file paths). ``failures`` (``scan=False``): an item that fails to
+    load is recorded there and replaced by the next loadable one in the list (its label too).
     """
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], transform, min_side: int | None,
-                 random_transform: bool = False, seed: int = 0, reader=None):
+                 random_transform: bool = False, seed: int = 0, reader=None, failures: LoadFailures | None = None):
         self.paths = list(paths)
         self.labels = list(labels)
         self.transform = transform
@@ -150,18 +153,30 @@ class ImageListDataset(Dataset):
         self.random_transform = random_transform
         self.seed = seed
         self.reader = reader or FileImages()
+        self.failures = failures
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, key: int) -> tuple[torch.Tensor, int]:
         epoch, index = divmod(key, len(self.paths))
-        image = load_rgb(self.reader.open(self.paths[index]), self.min_side)
+        image, label = self._load(index)
         if not self.random_transform:
-            return self.transform(image), self.labels[index]
+            return self.transform(image), label
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, index))
-            return self.transform(image), self.labels[index]
+            return self.transform(image), label
+
+    def _load(self, index: int):
+        for at in (index + offset for offset in range(len(self.paths) if self.failures else 1)):
+            item = self.paths[at % len(self.paths)]
+            try:
+                return load_rgb(self.reader.open(item), self.min_side), self.labels[at % len(self.paths)]
+            except DataError as error:
+                if self.failures is None:
+                    raise
+                self.failures.record(item, str(error.__cause__ or error), self.paths[(at + 1) % len(self.paths)])
+        raise DataError(f"none of the {len(self.paths)} images could be read; run without --no-scan to name them")
 
 
 def default_num_workers(local_processes: int) -> int:
@@ -196,12 +211,15 @@ class ImageClassificationData:
     dedupe: bool = False
     class_weights: str = "none"
     balanced_sampler: bool = False
+    scan: bool = True  # False: no up-front scan; an image that fails to load is replaced (load_failures)
     duplicates: list[list[str]] = field(default_factory=list, init=False, repr=False)  # set by check_images
     summary: list[str] = field(default_factory=list, init=False, repr=False)  # set by check_images
+    load_failures: LoadFailures | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.class_weights not in CLASS_WEIGHTS:
             raise ConfigError(f"class_weights must be one of {CLASS_WEIGHTS}, got {self.class_weights!r}")
+        self.load_failures = None if self.scan else LoadFailures()
 
     @classmethod
     def from_folders(cls, train_folder: str, valid_folder: str | None = None, val_split: float = 0.2,
@@ -210,7 +228,7 @@ class ImageClassificationData:
                      **options) -> "ImageClassificationData":
         """Read ``train/<class>/*`` (and ``val/<class>/*``, else a stratified ``val_split`` of train).
 
-        ``options``: ``dedupe``, ``class_weights``, ``balanced_sampler``.
+        ``options``: ``dedupe``, ``class_weights``, ``balanced_sampler``, ``scan``.
         """
         return cls.from_source(read_folders(train_folder, valid_folder), val_split, seed, image_size=image_size,
                                batch_size=batch_size, num_workers=num_workers, augment=augment,
@@ -240,6 +258,10 @@ class ImageClassificationData:
         ``settings`` as in :meth:`from_datasets`.
         """
         source = read_hub(name_or_path, image_column, label_column, train_split, val_split_name)
+        note = packed_note(name_or_path)  # made by `dist-finetune pack`: scanned then, not again
+        if note is not None:
+            source.description["packed"] = note
+            settings["scan"] = False if settings.get("scan") is None else settings["scan"]
         return cls.from_source(source, val_split, seed, **settings)
 
     @classmethod
@@ -257,9 +279,10 @@ class ImageClassificationData:
         ``val_split`` of train in which byte-identical images (content hashes from the image scan,
         which therefore runs now) stay on one side."""
         train, val = source.train, source.val
+        settings["scan"] = settings.get("scan") is not False  # None: the default, scan
         if val is None:
             reader = source.reader
-            digests = content_digests(train.items, _cache_file(reader), reader)
+            digests = content_digests(train.items, _cache_file(reader), reader) if settings["scan"] else {}
             train_idx, val_idx = stratified_split(train.labels, val_split, seed,
                                                   [digests.get(item, item) for item in train.items])
             val = Labeled([train.items[i] for i in val_idx], [train.labels[i] for i in val_idx])
@@ -293,7 +316,7 @@ class ImageClassificationData:
             paths[:], labels[:] = [paths[i] for i in kept], [labels[i] for i in kept]
             repeats += [line] if line else []
         everything = self.train_paths + self.val_paths  # a file listed in both splits is here twice
-        results = scan(list(dict.fromkeys(everything)), _cache_file(self.reader), self.reader, share)
+        results = scan(list(dict.fromkeys(everything)), _cache_file(self.reader), self.reader, share) if self.scan else {}
         problems = {item: problem for item, (problem, _) in results.items() if problem is not None}
         if problems and not self.skip_bad_images:
             path, problem = next(iter(sorted(problems.items())))
@@ -312,7 +335,9 @@ class ImageClassificationData:
             paths[:], labels[:] = [p for p, _ in kept], [y for _, y in kept]
         self._require_every_class("after dropping unreadable or duplicate images, ")
         imbalance = imbalance_warning(self.classes, self.train_labels)
-        self.summary = [*class_count_lines(self.classes, self.train_labels, self.val_labels), *repeats,
+        unscanned = [] if self.scan else [self.source.get("packed") or "images not scanned (--no-scan): one that "
+                                          "fails to load is replaced by the next readable image, named, and counted"]
+        self.summary = [*class_count_lines(self.classes, self.train_labels, self.val_labels), *repeats, *unscanned,
                         *duplicate_lines, *([imbalance] if imbalance else [])]
         return problems
 
@@ -346,12 +371,12 @@ class ImageClassificationData:
         # RandomResizedCrop may keep only ~8% of the area; decode large enough that the crop is not upsampled
         min_side = self.image_size * 2 if self.augment else eval_resize_size(self.image_size)
         return ImageListDataset(self.train_paths, self.train_labels, transform, min_side, self.augment, seed,
-                                self.reader)
+                                self.reader, self.load_failures)
 
     def val_dataset(self) -> ImageListDataset:
         # draft-decode no smaller than eval_transform's resize target, which is then downsampled, never up
         return ImageListDataset(self.val_paths, self.val_labels, eval_transform(self.image_size),
-                                eval_resize_size(self.image_size), reader=self.reader)
+                                eval_resize_size(self.image_size), reader=self.reader, failures=self.load_failures)
 
     def dataloader(self, dataset: Dataset, shuffle: bool, local_processes: int | None = None,
                    pin_memory: bool = False, drop_last: bool = False, seed: int = 0, num_workers: int | None = None,

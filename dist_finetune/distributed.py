@@ -342,17 +342,21 @@ def same_on_every_rank(accelerator: Accelerator, value):
     return from_main_process(accelerator, value)
 
 
-def split_over_ranks(accelerator: Accelerator, items: Sequence, work: Callable[[list], dict]) -> dict:
-    """``work`` over ``items`` split among the ranks (each takes every Nth item), its results merged on every
-    rank (one all-gather): all ranks work at once, none waits past the process group's timeout for one that
-    works alone, and every rank then decides from the same results."""
+def merged_over_ranks(accelerator: Accelerator, mine: dict) -> dict:
+    """Every rank's dict merged, the same on every rank (one all-gather)."""
     if accelerator.num_processes == 1:
-        return work(list(items))
-    mine = work(list(items[accelerator.process_index::accelerator.num_processes]))
+        return dict(mine)
     merged: dict = {}
     for part in gather_object([mine]):
         merged.update(part)
     return merged
+
+
+def split_over_ranks(accelerator: Accelerator, items: Sequence, work: Callable[[list], dict]) -> dict:
+    """``work`` over ``items`` split among the ranks (each takes every Nth item), its results merged on every
+    rank (one all-gather): all ranks work at once, none waits past the process group's timeout for one that
+    works alone, and every rank then decides from the same results."""
+    return merged_over_ranks(accelerator, work(list(items[accelerator.process_index::accelerator.num_processes])))
 
 
 GATHER_CHUNK_BYTES = 64 << 20  # what one rank contributes to one collective of gather_rows

@@ -16,6 +16,10 @@ import numpy as np
 
 from .run_files import write_atomic
 
+TABLE_CLASSES = 30  # above this many classes, the printed report and the PNG show the worst classes only
+WORST_CLASSES = 10  # classes in the printed report's table above TABLE_CLASSES
+PNG_CLASSES = 25  # classes in confusion_matrix.png above TABLE_CLASSES
+
 
 def build_report(labels, logits, class_names, paths=None, top_losses: int = 10, most_confused: int = 10) -> dict:
     """Every number of the report from ``labels`` [N] and raw ``logits`` [N, C] (tensors or arrays).
@@ -118,10 +122,17 @@ def _top_losses(losses, log_probs, labels, predictions, class_names, paths, limi
 
 
 def format_report(report: dict) -> str:
-    """A readable table like sklearn's classification_report, then the most-confused pairs."""
-    width = max(len("top-5 accuracy"), *(len(name) for name in report["classes"]))
-    lines = [f"{'':<{width}}  precision  recall  f1-score  support  predicted"]
-    for row in report["per_class"]:
+    """A readable table like sklearn's classification_report, then the most-confused pairs. Above
+    TABLE_CLASSES classes the table holds the WORST_CLASSES classes of lowest F1 (report.json has all)."""
+    rows = report["per_class"]
+    lines = []
+    if len(rows) > TABLE_CLASSES:
+        rows = sorted(rows, key=lambda row: (row["f1"], row["recall"]))[:WORST_CLASSES]
+        lines.append(f"the {len(rows)} worst of {len(report['classes'])} classes by F1 (every class: report.json, "
+                     "confusion_matrix.csv):")
+    width = max(len("top-5 accuracy"), *(len(row["class"]) for row in rows))
+    lines.append(f"{'':<{width}}  precision  recall  f1-score  support  predicted")
+    for row in rows:
         lines.append(f"{row['class']:<{width}}  {row['precision']:>9.3f}  {row['recall']:>6.3f}  {row['f1']:>8.3f}"
                      f"  {row['support']:>7d}  {row['predicted']:>9d}")
     lines.append("")
@@ -170,8 +181,22 @@ def _confusion_csv(report: dict) -> str:
     return text.getvalue()
 
 
+def png_classes(report: dict) -> list[int]:
+    """The classes confusion_matrix.png shows: all up to TABLE_CLASSES, else the PNG_CLASSES most involved in
+    errors (the most confused pairs' classes, then the lowest recall), in class order."""
+    names = report["classes"]
+    if len(names) <= TABLE_CLASSES:
+        return list(range(len(names)))
+    index = {name: i for i, name in enumerate(names)}
+    chosen = list(dict.fromkeys(index[pair[key]] for pair in report["most_confused"] for key in ("true", "predicted")))
+    by_recall = sorted(range(len(names)), key=lambda i: (report["per_class"][i]["recall"], i))
+    chosen += [i for i in by_recall if i not in chosen]
+    return sorted(chosen[:PNG_CLASSES])
+
+
 def _confusion_png(report: dict) -> bytes | None:
-    """Counts and row percentages in every cell, coloured by row percentage; None without matplotlib.
+    """Counts and row percentages in every cell, coloured by row percentage; None without matplotlib. Above
+    TABLE_CLASSES classes, the rows and columns of :func:`png_classes` only (shares of the whole row).
 
     The Figure API renders with Agg and leaves pyplot's global state (and any GUI backend) alone.
     """
@@ -180,9 +205,11 @@ def _confusion_png(report: dict) -> bytes | None:
         from matplotlib.figure import Figure
     except ImportError:
         return None
-    names, counts = report["classes"], np.array(report["confusion_matrix"])
+    shown = png_classes(report)
+    full = np.array(report["confusion_matrix"])
+    names, counts = [report["classes"][i] for i in shown], full[np.ix_(shown, shown)]
     size = len(names)
-    rows = counts.sum(axis=1, keepdims=True)
+    rows = full.sum(axis=1)[shown][:, None]
     shares = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
     side = min(3.0 + 0.7 * size, 40.0)  # 0.7 inch per cell up to 52 classes, then smaller cells
     font = max(4.0, min(10.0, 14.0 * (side - 3.0) / size))
@@ -203,7 +230,8 @@ def _confusion_png(report: dict) -> bytes | None:
     axes.set_yticks(range(size), names, fontsize=font)
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
-    axes.set_title(f"accuracy {report['accuracy']:.3f} ({report['num_images']} images)")
+    part = "" if size == len(full) else f"; the {size} classes most involved in errors of {len(full)}"
+    axes.set_title(f"accuracy {report['accuracy']:.3f} ({report['num_images']} images{part})")
     png = io.BytesIO()
     figure.savefig(png, format="png")
     return png.getvalue()

@@ -53,7 +53,7 @@ def build_data(config: RunConfig) -> ImageClassificationData:
     settings = dict(val_split=data.val_split, seed=config.trainer.seed, image_size=data.image_size,
                     batch_size=data.batch_size, num_workers=data.num_workers, augment=data.augment,
                     skip_bad_images=data.skip_bad_images, dedupe=data.dedupe, class_weights=data.class_weights,
-                    balanced_sampler=data.balanced_sampler)
+                    balanced_sampler=data.balanced_sampler, scan=data.scan)
     if data.dataset:
         return ImageClassificationData.from_hub(data.dataset, data.image_column, data.label_column, data.train_split,
                                                 data.val_split_name, **settings)

@@ -20,9 +20,6 @@ from .inference import collect_outputs
 from .plots import MATPLOTLIB_HINT, matplotlib_available, plot_curves
 from .sources import Labeled, Source, read_split, scan_folder
 
-MAX_CLASSES_PRINTED = 30  # the per-class table is printed up to this many classes (report.json has all)
-
-
 def validation_report(task, loader, accelerator, data: ImageClassificationData, top_losses: int = 10) -> dict:
     """The report of ``task`` on ``data``'s val images through ``loader`` (prepared, unshuffled), on every rank."""
     logits, labels = collect_outputs(task, loader, accelerator)
@@ -40,8 +37,7 @@ def save_report(report: dict, output_dir, say, curves: bool = False) -> list[Pat
     written = write_report(report, output_dir)
     if curves and matplotlib_available():
         written.append(plot_curves(output_dir))
-    if len(report["classes"]) <= MAX_CLASSES_PRINTED:
-        say(format_report(report))
+    say(format_report(report))  # above a few dozen classes: the worst classes and most confused pairs
     say(f"report written: {', '.join(str(path) for path in written)}")
     if not matplotlib_available():
         say(f"{MATPLOTLIB_HINT} (confusion_matrix.png{' and curves.png' if curves else ''} skipped)")

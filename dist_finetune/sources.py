@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import DataError
-from .images import IMAGE_EXTENSIONS, FileImages, check_bytes, check_file, file_stamp, list_image_files, named_bytes
+from .images import FileImages, check_bytes, check_file, file_stamp, named_bytes
+from .listing import list_class_folder
 
 OFFLINE_ALTERNATIVES = ("a local folder of parquet/arrow files or a save_to_disk folder (--dataset PATH), "
                         "csv files (--train-csv with --image-root), or an image folder (--train-folder)")
@@ -55,35 +56,14 @@ class Source:
 # ------------------------------------------------------------------------------- folders
 
 
-def _class_files(folder: str, role: str) -> dict[str, list[str]]:
-    """{class: its image files}; fails early, naming the path, on a missing folder or an empty class."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise DataError(f"{role} folder {folder} does not exist (expected {role}/<class>/<image files>)")
-    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
-    if not classes:
-        raise DataError(f"{role} folder {folder} has no class subfolders: put images in {folder}/<class_name>/")
-    files = {name: list_image_files(root / name) for name in classes}
-    for name, found in files.items():
-        if not found:
-            raise DataError(
-                f"class folder {root / name} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
-                "add images or remove the folder"
-            )
-    return files
-
-
 def scan_folder(folder: str, role: str) -> tuple[list[str], list[int], list[str]]:
     """Paths, integer labels and class names of ``folder/<class>/**``, sorted by path.
 
     Built from the listing itself, never through a pattern: every name a file system allows (``[``,
-    ``*``, ``?``, ``#``, ``::``, spaces, a leading dash) is read as itself, each file once.
+    ``*``, ``?``, ``#``, ``::``, spaces, a leading dash) is read as itself, each file once. Listed
+    once per job (``listing``): later calls read the folder's index while the folder is unchanged.
     """
-    class_files = _class_files(folder, role)
-    classes = list(class_files)
-    labeled = sorted((os.path.abspath(path), label) for label, name in enumerate(classes)
-                     for path in class_files[name])
-    return [path for path, _ in labeled], [label for _, label in labeled], classes
+    return list_class_folder(folder, role)
 
 
 def require_two_classes(classes: list[str], where: str) -> None:
@@ -219,7 +199,7 @@ def _labels_of(dataset, column: str, place: str) -> tuple[list, list[str] | None
         raise DataError(f"{place} has no column {column!r} (columns: {dataset.column_names}); "
                         "set label_column (--label-column)")
     names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-    return list(dataset[column]), names
+    return list(dataset.select_columns([column])[:][column]), names  # one batch read, not row by row
 
 
 def read_datasets(parts: dict, image_column: str = "image", label_column: str = "label",

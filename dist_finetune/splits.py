@@ -14,6 +14,7 @@ from .errors import DataError
 
 IMBALANCE_RATIO = 10  # warn when the smallest class has under 1/10 of the largest's train images
 SHOWN = 5  # items listed in a warning before "... and N more"
+TABLE_CLASSES = 30  # class counts are a table up to this many classes, a summary above
 
 
 def stratified_split(labels: Sequence[int], fraction: float, seed: int,
@@ -137,11 +138,19 @@ def duplicate_report(groups: list[list[str]], train_items: set[str], val_items: 
 
 
 def class_count_lines(classes: list[str], train: Sequence[int], val: Sequence[int]) -> list[str]:
-    """Images per class in train and val, one line per class."""
+    """Images per class in train and val: one line per class up to TABLE_CLASSES classes, else min / median /
+    max with the smallest classes named (a table of 1,000 lines is read by nobody)."""
     train_counts, val_counts = Counter(train), Counter(val)
-    width = max(len(name) for name in classes)
     lines = [f"images per class (train / val), {len(train)} / {len(val)} in all:"]
-    lines += [f"  {name:<{width}}  {train_counts[i]:>6} / {val_counts[i]}" for i, name in enumerate(classes)]
+    if len(classes) <= TABLE_CLASSES:
+        width = max(len(name) for name in classes)
+        return lines + [f"  {name:<{width}}  {train_counts[i]:>6} / {val_counts[i]}" for i, name in enumerate(classes)]
+    for role, counts in (("train", train_counts), ("val", val_counts)):
+        ordered = sorted(range(len(classes)), key=lambda c: (counts[c], c))
+        values = [counts[c] for c in ordered]
+        smallest = ", ".join(f"{classes[c]} ({counts[c]})" for c in ordered[:SHOWN])
+        lines.append(f"  {role}: {len(classes)} classes, min {values[0]} / median {values[len(values) // 2]} / "
+                     f"max {values[-1]} images; smallest: {smallest}")
     return lines
 
 

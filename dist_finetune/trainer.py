@@ -45,6 +45,7 @@ from .feature_cache import epoch_loader
 from .finetuning import BaseFinetuning, NoFreeze, StrategyCallback, build_optimizer, resolve_strategy, trainable_parameters
 from .host_memory import keep_freed_memory
 from .inference import eval_loader, validation_metrics
+from .load_failures import LoadFailureReport
 from .loss_guard import LossGuard, refuse_non_finite_weights
 from .memory_format import resolve_channels_last
 from .metrics import MetricsLogger
@@ -219,7 +220,8 @@ class Trainer:
             built_in.append(EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta,
                                           config.metric_for_best))
         built_in += [MetricsLogger(config.log_every_n_steps), *run_outputs(config, self.run_config),
-                     CheckpointCadence(config.save_every_n_steps), Preemption(config.check_every_n_steps)]
+                     CheckpointCadence(config.save_every_n_steps), Preemption(config.check_every_n_steps),
+                     LoadFailureReport()]
         return [StrategyCallback(strategy, config.layer_decay), *self.callbacks, *built_in]
 
     def _check_images(self, data: ImageClassificationData, accelerator) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import COMPILE_MODES, MIXED_PRECISION, OPTIMIZERS, SCHEDULERS, STRATEGIES, RunConfig, apply_overrides, load_yaml
+from .config import (COMPILE_MODES, MIXED_PRECISION, OPTIMIZERS, SCHEDULERS, SHARDINGS, STRATEGIES, RunConfig,
+                     apply_overrides, load_yaml)
 from .errors import UserError
 from .model_selection import METRICS_FOR_BEST
 
@@ -110,6 +111,12 @@ TRAIN_FLAGS: list[tuple[str, str, dict]] = [
      {"type": float, "help": "smallest change that counts as an improvement (0)"}),
     ("--log-every-n-steps", "trainer.log_every_n_steps",
      {"type": int, "help": "train loss and lrs to OUTPUT_DIR/steps.jsonl every N optimizer steps (10)"}),
+    ("--sharding", "trainer.sharding", {"choices": SHARDINGS, "help": "ddp: every rank holds the whole model; fsdp2: "
+                                        "parameters, gradients and optimizer state sharded over the ranks per "
+                                        "backbone layer, every strategy (default: the launch config's)"}),
+    ("--activation-checkpointing", "trainer.activation_checkpointing",
+     {"action": "store_true", "help": "recompute each trainable backbone layer's activations in backward: less "
+                                      "memory, about a third more compute"}),
     ("--report-to", "trainer.report_to", {"help": "experiment trackers: none (default), tensorboard, wandb, mlflow, "
                                                   "comet_ml, aim, all; comma-separated for several"}),
 ]

@@ -16,6 +16,7 @@ import yaml
 
 from .distributed import DEFAULT_PROCESS_GROUP_TIMEOUT_S
 from .errors import ConfigError
+from .fsdp import SHARDINGS
 from .finetuning import (
     BUILTIN_TRAIN_BN,
     DEFAULT_INITIAL_DENOM_LR,
@@ -157,6 +158,10 @@ class TrainerConfig:
     early_stopping_min_delta: float = 0.0
     log_every_n_steps: int = 10  # train loss and lrs to steps.jsonl (and trackers)
     report_to: str = "none"  # experiment trackers, comma-separated: tensorboard, wandb, mlflow, comet_ml, aim, all
+    # "ddp": every rank holds the whole model; "fsdp2": parameters, gradients and optimizer state sharded per
+    # backbone layer over the ranks, every strategy (docs/fsdp2.md). None: what the launch config asks for
+    sharding: str | None = None
+    activation_checkpointing: bool = False  # recompute trainable backbone layers in backward: less memory, ~1/3 slower
 
     def __post_init__(self) -> None:
         _require(self.max_epochs >= 1, f"max_epochs must be >= 1, got {self.max_epochs}")
@@ -188,6 +193,8 @@ class TrainerConfig:
                  "early_stopping_patience must be >= 1")
         _require(self.early_stopping_min_delta >= 0, "early_stopping_min_delta must be >= 0")
         _require(self.log_every_n_steps >= 1, "log_every_n_steps must be >= 1")
+        _require(self.sharding is None or self.sharding in SHARDINGS,
+                 f"sharding must be one of {SHARDINGS}, got {self.sharding!r}")
         tracker_names(self.report_to)  # unknown names fail here; missing packages when training starts
 
 

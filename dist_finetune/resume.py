@@ -23,8 +23,9 @@ from typing import Callable
 
 from .callbacks import RunState
 from .errors import CheckpointError
+from .fsdp import load_sharded_tensors
 from .sharding import shard_optimizer_state
-from .training_state import layout_of, optimizer_settings, restore_rng
+from .training_state import join_optimizer_state, layout_of, optimizer_settings, restore_rng
 
 SCHEDULE_SETTINGS = {"total_steps": "schedule horizon", "warmup_steps": "warmup", "kind": "schedule",
                      "new_group_warmup_steps": "new groups' ramp"}
@@ -35,7 +36,7 @@ def resume_from(trainer, run: RunState, saved: dict, checkpoint: Path) -> None:
     what differs. Called after ``accelerator.prepare`` and the schedule exist."""
     position = saved["position"]
     step_of = _map_position(saved, run, checkpoint)
-    run.optimizer.load_state_dict(shard_optimizer_state(saved["optimizer"], run.optimizer))
+    run.optimizer.load_state_dict(_optimizer_state(saved, run.optimizer))
     changes = apply_optimizer_settings(run.optimizer, _saved_optimizer_settings(saved),
                                        optimizer_settings(run.config))
     run.schedule.load_state_dict(saved["schedule"], step_of)
@@ -54,6 +55,19 @@ def resume_from(trainer, run: RunState, saved: dict, checkpoint: Path) -> None:
     if position.epoch >= run.config.max_epochs:
         warnings.warn(f"{checkpoint} is at the end of epoch {position.epoch - 1}: with max_epochs "
                       f"{run.config.max_epochs} nothing is left to train (raise max_epochs to train on)")
+
+
+def _optimizer_state(saved: dict, optimizer) -> dict:
+    """The checkpoint's optimizer state as ``optimizer`` holds it: whole tensors cut to this rank's slices, or
+    a sharded checkpoint's slices read straight into them (resharded for another process count)."""
+    state = saved["optimizer"]
+    if saved.get("sharded_optimizer") is None:
+        return shard_optimizer_state(state, optimizer)
+    params = {index: param for group, held in zip(state["param_groups"], optimizer.param_groups)
+              for index, param in zip(group["params"], held["params"])}
+    tensors = load_sharded_tensors(saved["sharded_optimizer"], lambda name: params.get(int(name.split(".", 1)[0])))
+    scalars = {f"{index}.{key}": value for index, values in state["state"].items() for key, value in values.items()}
+    return join_optimizer_state(tensors, {"param_groups": state["param_groups"], "scalars": scalars})
 
 
 def _describe(layout: dict) -> str:

@@ -34,11 +34,11 @@ from .distributed import (
     launcher_compile_settings,
     local_world_size,
     make_accelerator,
-    refuse_freezing_under_sharding,
     release_wrappers,
 )
 from .errors import ConfigError
 from .feature_cache import epoch_loader
+from .fsdp import prepare, resolve_sharding, shard_for_training
 from .finetuning import BaseFinetuning, NoFreeze, StrategyCallback, build_optimizer, resolve_strategy, trainable_parameters
 from .host_memory import keep_freed_memory
 from .inference import eval_loader, validation_metrics
@@ -98,9 +98,9 @@ class Trainer:
         strategy.validate(config.max_epochs)
         task.check_data(data)
         checkpoint = checkpoint_to_resume(resume, config.output_dir)
-        refuse_freezing_under_sharding(freezes=not isinstance(strategy, NoFreeze))
+        sharding = resolve_sharding(config.sharding, freezes=not isinstance(strategy, NoFreeze))
         accelerator = self._make_accelerator(log_with=check_trackers(config.report_to, config.output_dir))
-        refuse_freezing_under_sharding(not isinstance(strategy, NoFreeze), accelerator)
+        resolve_sharding(config.sharding, not isinstance(strategy, NoFreeze), accelerator)
         set_seed(config.seed)
         self._check_images(data, accelerator)
         # class weights (None unless data.class_weights='auto') weight the training loss and go into the model file
@@ -111,6 +111,7 @@ class Trainer:
         self.run, self.task = run, task
         try:
             callbacks.call("setup", self, run)
+            run.extras["sharded"] = sharding == "fsdp2" and shard_for_training(task, accelerator)  # fsdp.py
             run.optimizer = build_optimizer(task, config)
             saved = None
             if checkpoint is not None:
@@ -236,8 +237,8 @@ class Trainer:
         run.extras["channels_last"] = not any_rank(accelerator, not wanted)  # all ranks alike: DDP checks strides
         # both ways: weights left channels_last (by a GPU predict, an earlier run) must not take the CPU's unsafe path
         task.to(memory_format=torch.channels_last if run.extras["channels_last"] else torch.contiguous_format)
-        run.model, run.optimizer, run.train_loader, run.val_loader = accelerator.prepare(
-            task, run.optimizer, train_loader, val_loader)
+        run.model, run.optimizer, run.train_loader, run.val_loader = prepare(
+            accelerator, task, run.extras["sharded"], run.optimizer, train_loader, val_loader)
         run.steps_per_epoch = steps = math.ceil(len(run.train_loader) / config.gradient_accumulation_steps)
         run.schedule = WarmupSchedule(run.optimizer, steps * config.max_epochs, round(config.warmup_epochs * steps),
                                       config.scheduler, round(config.unfreeze_warmup_epochs * steps))

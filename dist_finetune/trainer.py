@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from .activation_checkpointing import checkpoint_trainable_layers
 from .callbacks import Callback, CallbackList, Position, RunState
 from .config import RunConfig, TrainerConfig
 from .data import ImageClassificationData
@@ -111,6 +112,7 @@ class Trainer:
         self.run, self.task = run, task
         try:
             callbacks.call("setup", self, run)
+            run.extras["recomputed_modules"] = config.activation_checkpointing and checkpoint_trainable_layers(task)
             run.extras["sharded"] = sharding == "fsdp2" and shard_for_training(task, accelerator)  # fsdp.py
             run.optimizer = build_optimizer(task, config)
             saved = None
@@ -238,7 +240,7 @@ class Trainer:
         # both ways: weights left channels_last (by a GPU predict, an earlier run) must not take the CPU's unsafe path
         task.to(memory_format=torch.channels_last if run.extras["channels_last"] else torch.contiguous_format)
         run.model, run.optimizer, run.train_loader, run.val_loader = prepare(
-            accelerator, task, run.extras["sharded"], run.optimizer, train_loader, val_loader)
+            accelerator, task, run.extras.get("sharded", False), run.optimizer, train_loader, val_loader)
         run.steps_per_epoch = steps = math.ceil(len(run.train_loader) / config.gradient_accumulation_steps)
         run.schedule = WarmupSchedule(run.optimizer, steps * config.max_epochs, round(config.warmup_epochs * steps),
                                       config.scheduler, round(config.unfreeze_warmup_epochs * steps))

@@ -3,8 +3,8 @@
     python fsdp_worker.py SCENARIO DATA_ROOT OUT_DIR [BATCH_SIZE]
 
 Scenarios: strategies (under FSDP2: no_freeze, freeze, freeze_unfreeze, unfreeze_milestones, the guide's
-custom strategy; under DDP: freeze_unfreeze and unfreeze_milestones, the same seeds; then the FSDP2
-freeze_unfreeze run resumed from its epoch-1 checkpoint), resume_elsewhere (that checkpoint resumed by
+custom strategy; under DDP: freeze_unfreeze and unfreeze_milestones, the same seeds; FSDP2 freeze_unfreeze
+with activation checkpointing; then the FSDP2 freeze_unfreeze run resumed from its epoch-1 checkpoint), resume_elsewhere (that checkpoint resumed by
 this launch's process count, with the optimizer state it loaded written whole).
 """
 
@@ -70,7 +70,7 @@ class LoadedMoments(Callback):
 
 
 def train(strategy, sharding: str, data_root: Path, out: Path, batch_size: int, resume: str | None = None,
-          callback: Callback | None = None, checkpoints: bool = False) -> Trainer:
+          callback: Callback | None = None, checkpoints: bool = False, **settings) -> Trainer:
     """One 3-epoch run; with ``checkpoints`` (or ``resume``) into ``out`` as its output_dir (checkpoints, model
     files, reports), else writing only what this worker records."""
     out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,7 @@ def train(strategy, sharding: str, data_root: Path, out: Path, batch_size: int, 
     output_dir = str(out) if checkpoints or resume else None
     trainer = Trainer(max_epochs=EPOCHS, lr=1e-2, seed=0, progress_bar=False, output_dir=output_dir, keep_last=3,
                       load_best_model_at_end=False, channels_last=False, cache_frozen_features=False,
-                      sharding=sharding, callbacks=[holdings, *([callback] if callback else [])])
+                      sharding=sharding, callbacks=[holdings, *([callback] if callback else [])], **settings)
     metrics = trainer.finetune(task, data, strategy=strategy, resume=resume)
     rank = trainer.accelerator.process_index
     state = full_state_dict(task.state_dict())  # collective under FSDP2
@@ -112,6 +112,8 @@ def main() -> None:
             train(strategy, "fsdp2", data_root, out / "fsdp2" / name, batch_size, checkpoints=name == "freeze_unfreeze")
         for name in ("freeze_unfreeze", "unfreeze_milestones"):
             train(strategies()[name], "ddp", data_root, out / "ddp" / name, batch_size)
+        train(strategies()["freeze_unfreeze"], "fsdp2", data_root, out / "fsdp2" / "recomputed", batch_size,
+              activation_checkpointing=True)
         epoch_one = sorted((out / "fsdp2" / "freeze_unfreeze" / "checkpoints").glob("step-*"))[1]
         train(strategies()["freeze_unfreeze"], "fsdp2", data_root, out / "fsdp2" / "resumed", batch_size,
               resume=str(epoch_one))

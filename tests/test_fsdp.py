@@ -78,6 +78,16 @@ def test_fsdp2_ends_with_the_weights_ddp_ends_with(strategies_run, strategy):
 
 
 @pytest.mark.distributed
+def test_activation_checkpointing_under_fsdp2_trains_the_same_model(strategies_run):
+    """freeze_unfreeze under FSDP2 with every trainable layer recomputed in backward (the layer's parameters
+    gathered again by the backward all-gather): the same losses and the same final weights, bit for bit."""
+    plain, recomputed = strategies_run / "fsdp2" / "freeze_unfreeze", strategies_run / "fsdp2" / "recomputed"
+    assert [e["train_loss"] for e in reports(recomputed)[0]["epochs"]] == \
+        [e["train_loss"] for e in reports(plain)[0]["epochs"]]
+    assert max_difference(finals(recomputed)[0], finals(plain)[0]) == 0
+
+
+@pytest.mark.distributed
 def test_checkpoints_hold_whole_model_files_and_a_sharded_optimizer_and_resume_bit_exact(strategies_run):
     """model.safetensors / last.safetensors hold whole tensors (loadable in one process); the training state's
     optimizer is a torch distributed checkpoint with one file per rank (no optimizer.safetensors: nothing was

@@ -86,6 +86,28 @@ def layer_groups(backbone: nn.Module, layer_names: list[list[str]]) -> list[Laye
     return [LayerGroup(backbone, names) for names in layer_names]
 
 
+def layer_modules(backbone: nn.Module, names: list[str]) -> tuple[list[nn.Module], list[str]]:
+    """One layer as whole modules: the largest submodules of ``backbone`` whose parameters all belong to the
+    layer ``names`` (its modules and parameters), and the layer's parameters no such module holds (a ViT's
+    position embedding sits on the backbone itself). What FSDP2 shards, and checkpointing recomputes, as a unit."""
+    group = LayerGroup(backbone, names)
+    mine = {id(p) for p in group.parameters()}
+    modules: dict[int, nn.Module] = {}
+    loose = []
+    for name, param in backbone.named_parameters():
+        if id(param) not in mine:
+            continue
+        parts = name.split(".")[:-1]
+        for depth in range(1, len(parts) + 1):
+            module = backbone.get_submodule(".".join(parts[:depth]))
+            if all(id(p) in mine for p in module.parameters()):
+                modules.setdefault(id(module), module)
+                break
+        else:
+            loose.append(name)
+    return list(modules.values()), loose
+
+
 # ---------------------------------------------------------------------------------- weights
 
 

@@ -67,6 +67,7 @@ class RunState:
     signature: dict = field(default_factory=dict)  # what a resumed run must share with its checkpoint
     callbacks: CallbackList | None = None
     model: nn.Module | None = None  # what training calls: the task, or its DDP wrapper
+    sharded: bool = False  # FSDP2: the task's parameters are DTensor shards (fsdp.shard_for_training)
     optimizer: Optimizer | None = None
     schedule: WarmupSchedule | None = None
     train_loader: DataLoader | None = None

@@ -16,6 +16,7 @@ import yaml
 
 from .distributed import DEFAULT_PROCESS_GROUP_TIMEOUT_S
 from .errors import ConfigError
+from .fsdp import SHARDINGS
 from .finetuning import (
     BUILTIN_TRAIN_BN,
     DEFAULT_INITIAL_DENOM_LR,
@@ -189,6 +190,11 @@ class TrainerConfig:
     log_every_n_steps: int = setting(10, "train loss and lrs to OUTPUT_DIR/steps.jsonl every N optimizer steps")
     report_to: str = setting("none", "experiment trackers: none, tensorboard, wandb, mlflow, comet_ml, aim, all; "
                                      "comma-separated for several")
+    sharding: str | None = setting(None, "ddp: every rank holds the whole model; fsdp2: parameters, gradients and "
+                                         "optimizer state sharded over the ranks per backbone layer, every strategy "
+                                         "(docs/fsdp2.md) (default: the launch config's, else ddp)", choices=SHARDINGS)
+    activation_checkpointing: bool = setting(False, "recompute each trainable backbone layer's activations in "
+                                                    "backward: less memory, about a third more compute")
 
     def __post_init__(self) -> None:
         _require(self.max_epochs >= 1, f"max_epochs must be >= 1, got {self.max_epochs}")
@@ -220,6 +226,8 @@ class TrainerConfig:
                  "early_stopping_patience must be >= 1")
         _require(self.early_stopping_min_delta >= 0, "early_stopping_min_delta must be >= 0")
         _require(self.log_every_n_steps >= 1, "log_every_n_steps must be >= 1")
+        _require(self.sharding is None or self.sharding in SHARDINGS,
+                 f"sharding must be one of {SHARDINGS}, got {self.sharding!r}")
         tracker_names(self.report_to)  # unknown names fail here; missing packages when training starts
 
 

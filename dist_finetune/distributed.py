@@ -5,13 +5,15 @@ What is synchronised, and when:
 - Trainable parameters: gradients are all-reduced by DDP every optimizer step. DDP fixes the set of
   parameters it reduces when it is built, so after a strategy changes ``requires_grad`` the wrapper
   is rebuilt over the same module (:class:`DDPResync`); the optimizer keeps the same Parameters.
+  Under FSDP2 (``fsdp.py``) there is no wrapper: the sharded task reduce-scatters what got a gradient.
 - BatchNorm running statistics: DDP broadcasts rank 0's buffers at every forward
   (``broadcast_buffers=True``); after each forward other ranks' buffers drift, so the trainer
   broadcasts them again before every validation (:func:`broadcast_buffers`): all ranks validate
   and save the same model. ``sync_batchnorm`` (GPU only)
   instead computes batch statistics across ranks.
 - Consistency: :func:`check_rank_consistency` compares bit-exact checksums of every trainable
-  parameter and the optimizer's group layout across ranks after each transition and at the end.
+  parameter (a sharded one: its layout) and the optimizer's group layout across ranks after each
+  transition and at the end.
 - Waiting: every collective gives up after the process group's timeout (``process_group_timeout_s``,
   30 min by default instead of NCCL's 10), so long one-off work is split over all ranks
   (:func:`split_over_ranks`) rather than done by one while the others wait in a barrier.
@@ -30,7 +32,7 @@ from datetime import timedelta
 from typing import Callable, Sequence
 
 import torch
-from accelerate import Accelerator, DistributedType
+from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import (
     DataLoaderConfiguration,
@@ -47,10 +49,11 @@ from accelerate.utils import (
     parse_flag_from_env,
 )
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from .errors import ConfigError, DistributedSetupError, RankMismatchError
-from .sharding import full_tensor
+from .fsdp import runner_applies_fsdp2
 
 DEFAULT_PROCESS_GROUP_TIMEOUT_S = 1800.0  # NCCL's own default, 10 min, is shorter than a cold image scan can be
 
@@ -144,17 +147,18 @@ def make_accelerator(mixed_precision: str | None = None, gradient_accumulation_s
         # a second Trainer in the same process may ask for another precision
         AcceleratorState._reset_state()
     try:
-        accelerator = Accelerator(
-            cpu=use_cpu,
-            mixed_precision=mixed_precision,
-            gradient_accumulation_steps=gradient_accumulation_steps,
-            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True),
-                             InitProcessGroupKwargs(timeout=timedelta(seconds=process_group_timeout_s))],
-            dynamo_backend="no",  # the trainer compiles itself (see launcher_compile_settings)
-            dataloader_config=DataLoaderConfiguration(non_blocking=True),  # async copies from pinned batches
-            log_with=log_with or None,
-            project_config=ProjectConfiguration(project_dir=project_dir) if project_dir else None,
-        )
+        with runner_applies_fsdp2():  # the runner shards with FSDP2 itself (fsdp.py)
+            accelerator = Accelerator(
+                cpu=use_cpu,
+                mixed_precision=mixed_precision,
+                gradient_accumulation_steps=gradient_accumulation_steps,
+                kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True),
+                                 InitProcessGroupKwargs(timeout=timedelta(seconds=process_group_timeout_s))],
+                dynamo_backend="no",  # the trainer compiles itself (see launcher_compile_settings)
+                dataloader_config=DataLoaderConfiguration(non_blocking=True),  # async copies from pinned batches
+                log_with=log_with or None,
+                project_config=ProjectConfiguration(project_dir=project_dir) if project_dir else None,
+            )
     except ValueError as error:  # accelerate refuses a world without a rendezvous address
         if world_size == 1 or "MASTER_ADDR" not in str(error):
             raise
@@ -196,28 +200,6 @@ def launcher_compile_settings() -> tuple[str, str | None] | None:
     return plugin.backend.value.lower(), None if plugin.mode == "default" else plugin.mode
 
 
-def refuse_freezing_under_sharding(freezes: bool, accelerator: Accelerator | None = None) -> None:
-    """FSDP/DeepSpeed shard parameters at prepare time; a later requires_grad change breaks them.
-
-    Checked against what the launcher asks for (``ACCELERATE_USE_FSDP``/``_DEEPSPEED``, before any
-    Accelerator exists; on CPU accelerate would quietly use DDP instead) and the Accelerator's type.
-    """
-    requested = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED"))
-                 if os.environ.get(variable, "false").lower() == "true"]
-    if accelerator is not None and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        requested.append(accelerator.distributed_type.value)
-    if requested and freezes:
-        raise DistributedSetupError(
-            f"freezing strategies are not supported under {requested[0]}: their "
-            "sharded parameters cannot change requires_grad after prepare. Use strategy 'no_freeze' with "
-            "FSDP/DeepSpeed, or DDP (launch_configs/multi_gpu_bf16.yaml) to freeze and unfreeze."
-        )
-
-
-_DDP_TYPES = (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.MULTI_XPU,
-              DistributedType.MULTI_NPU, DistributedType.MULTI_MLU, DistributedType.MULTI_HPU)
-
-
 def _trainable_signature(module: nn.Module) -> tuple[int, ...]:
     return tuple(i for i, p in enumerate(module.parameters()) if p.requires_grad)
 
@@ -241,7 +223,7 @@ class DDPResync:
         """
         inner = self.accelerator.unwrap_model(self.wrapped)
         signature = _trainable_signature(inner)
-        if signature == self.signature or self.accelerator.distributed_type not in _DDP_TYPES:
+        if signature == self.signature or not isinstance(self.wrapped, DistributedDataParallel):
             self.signature = signature
             return self.wrapped
         old = self.wrapped
@@ -267,11 +249,20 @@ def _bit_checksum(tensor: torch.Tensor) -> int:
     return int((bits * weights).sum().item())
 
 
+def _parameter_fingerprint(param: torch.Tensor) -> int | str:
+    """The bits of a replicated parameter; for a sharded one (FSDP2) its layout. Each shard has one owner,
+    so the whole parameter gathered on every rank is the same by construction: comparing it would cost an
+    all-gather and could never differ. What can differ is where a rank believes the slices are."""
+    if isinstance(param, DTensor):
+        return f"sharded {tuple(param.shape)} {param.placements} over {param.device_mesh.size()}"
+    return _bit_checksum(param)
+
+
 def rank_fingerprint(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Checksums of the trainable parameters (whole: a sharded one is gathered, so every rank calls
-    this) and the optimizer's group layout."""
+    """Checksums of the trainable parameters (a sharded one: its layout, see :func:`_parameter_fingerprint`)
+    and the optimizer's group layout."""
     names = {id(p): n for n, p in model.named_parameters()}
-    params = [(n, _bit_checksum(full_tensor(p))) for n, p in model.named_parameters() if p.requires_grad]
+    params = [(n, _parameter_fingerprint(p)) for n, p in model.named_parameters() if p.requires_grad]
     layout = [
         (tuple(names.get(id(p), "?") for p in group["params"]), float(group["lr"]))
         for group in optimizer.param_groups

@@ -88,8 +88,9 @@ def epoch_loader(run, announce) -> tuple[object, bool]:
     ``announce(message)`` is called once when the cache is built (the main process prints it).
     """
     task, data, accelerator = run.task, run.data, run.accelerator
-    usable = (run.config.cache_frozen_features and not data.augment and backbone_is_static(task.backbone)
-              and cache_fits(len(data.train_paths), task.num_features))
+    # a sharded task (FSDP2) runs its head and backbone only as a whole: never the cache's head-only steps
+    usable = (run.config.cache_frozen_features and not data.augment and not run.sharded
+              and backbone_is_static(task.backbone) and cache_fits(len(data.train_paths), task.num_features))
     if not usable:
         run.feature_loader = None  # unfrozen (or never cacheable): free the cache
         return run.train_loader, False

@@ -23,10 +23,12 @@ from typing import Callable
 
 from .callbacks import RunState
 from .errors import CheckpointError
+from .fsdp import load_sharded_tensors
 from .sharding import shard_optimizer_state
 from .training_state import (
     TrainingState,
     check_signature,
+    join_optimizer_state,
     layout_of,
     load_training_state,
     optimizer_settings,
@@ -72,7 +74,7 @@ class Resume:
         step_of = _map_position(saved, run, checkpoint)
         # WarmupSchedule() gave every group, the replayed ones too, joined_step None (there from the start):
         # the saved groups' settings (initial_lr, and joined_step: the step each group joined) replace them here
-        run.optimizer.load_state_dict(shard_optimizer_state(saved.optimizer, run.optimizer))
+        run.optimizer.load_state_dict(_optimizer_state(saved, run.optimizer))
         changes = apply_optimizer_settings(run.optimizer, _saved_optimizer_settings(saved),
                                            optimizer_settings(run.config))
         run.schedule.load_state_dict(saved.schedule, step_of)  # after the groups' joined_step is the saved one
@@ -91,6 +93,19 @@ class Resume:
         if position.epoch >= run.config.max_epochs:
             warnings.warn(f"{checkpoint} is at the end of epoch {position.epoch - 1}: with max_epochs "
                           f"{run.config.max_epochs} nothing is left to train (raise max_epochs to train on)")
+
+
+def _optimizer_state(saved: TrainingState, optimizer) -> dict:
+    """The checkpoint's optimizer state as ``optimizer`` holds it: whole tensors cut to this rank's slices, or
+    a sharded checkpoint's slices read straight into them (resharded for another process count)."""
+    state = saved.optimizer
+    if saved.sharded_optimizer is None:
+        return shard_optimizer_state(state, optimizer)
+    params = {index: param for group, held in zip(state["param_groups"], optimizer.param_groups)
+              for index, param in zip(group["params"], held["params"])}
+    tensors = load_sharded_tensors(saved.sharded_optimizer, lambda name: params.get(int(name.split(".", 1)[0])))
+    scalars = {f"{index}.{key}": value for index, values in state["state"].items() for key, value in values.items()}
+    return join_optimizer_state(tensors, {"param_groups": state["param_groups"], "scalars": scalars})
 
 
 def _describe(layout: dict) -> str:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from .activation_checkpointing import checkpoint_trainable_layers
 from .callbacks import Callback, CallbackList, Position, RunState
 from .config import RunConfig, TrainerConfig
 from .data import ImageClassificationData
@@ -37,11 +38,11 @@ from .distributed import (
     launcher_compile_settings,
     local_world_size,
     make_accelerator,
-    refuse_freezing_under_sharding,
     release_wrappers,
 )
 from .errors import ConfigError
 from .feature_cache import epoch_loader
+from .fsdp import prepare, resolve_sharding, shard_for_training
 from .finetuning import BaseFinetuning, NoFreeze, StrategyCallback, build_optimizer, resolve_strategy, trainable_parameters
 from .host_memory import keep_freed_memory
 from .inference import eval_loader, validation_metrics
@@ -179,14 +180,14 @@ class Trainer:
         task.check_data(data)
         config = dataclasses.replace(self.config, resume=self.config.resume if resume is None else resume)
         checkpoint = checkpoint_to_resume(config.resume, config.output_dir)
-        refuse_freezing_under_sharding(freezes=not isinstance(strategy, NoFreeze))
+        config.sharding = resolve_sharding(config.sharding, freezes=not isinstance(strategy, NoFreeze))
         return strategy, config, checkpoint
 
     def _start(self, task: ImageClassifier, data: ImageClassificationData, strategy: BaseFinetuning,
                config: TrainerConfig) -> RunState:
         """The accelerator, the image scan, the data's metadata onto the model, and the run's state and callbacks."""
         accelerator = self._make_accelerator(log_with=check_trackers(config.report_to, config.output_dir))
-        refuse_freezing_under_sharding(not isinstance(strategy, NoFreeze), accelerator)
+        resolve_sharding(config.sharding, not isinstance(strategy, NoFreeze), accelerator)  # a plugin given in code
         set_seed(config.seed)
         self._check_images(data, accelerator)
         # class weights (None unless data.class_weights='auto') weight the training loss and go into the model file
@@ -198,8 +199,12 @@ class Trainer:
         return run
 
     def _build(self, run: RunState) -> None:
-        """The callbacks' ``setup`` (the strategy freezes), then the optimizer over what trains now."""
+        """The callbacks' ``setup`` (the strategy freezes), activation checkpointing and FSDP2 sharding of the
+        layers as frozen, then the optimizer over what trains now (the sharded parameters, under FSDP2)."""
         run.callbacks.call("setup", self, run)
+        if run.config.activation_checkpointing:
+            checkpoint_trainable_layers(run.task)
+        run.sharded = run.config.sharding == "fsdp2" and shard_for_training(run.task, run.accelerator)
         run.optimizer = build_optimizer(run.task, run.config)
 
     def _make_accelerator(self, log_with: list[str] | None = None):
@@ -243,8 +248,8 @@ class Trainer:
         run.channels_last = not any_rank(accelerator, not wanted)  # all ranks alike: DDP checks strides
         # both ways: weights left channels_last (by a GPU predict, an earlier run) must not take the CPU's unsafe path
         task.to(memory_format=torch.channels_last if run.channels_last else torch.contiguous_format)
-        run.model, run.optimizer, run.train_loader, run.val_loader = accelerator.prepare(
-            task, run.optimizer, train_loader, val_loader)
+        run.model, run.optimizer, run.train_loader, run.val_loader = prepare(
+            accelerator, task, run.sharded, run.optimizer, train_loader, val_loader)
         run.steps_per_epoch = steps = math.ceil(len(run.train_loader) / config.gradient_accumulation_steps)
         run.schedule = WarmupSchedule(run.optimizer, steps * config.max_epochs, round(config.warmup_epochs * steps),
                                       config.scheduler, round(config.unfreeze_warmup_epochs * steps))

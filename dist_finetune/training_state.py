@@ -1,7 +1,8 @@
 """Training-state checkpoints: exact resume after a kill, a preemption, or a requeue.
 
 A checkpoint is a folder ``output_dir/checkpoints/step-XXXXXXXX`` holding the model, the optimizer
-(tensors as safetensors, structure as JSON), the schedule, the GradScaler, the position in the
+(tensors as safetensors, structure as JSON; under FSDP2 the tensors as every rank's slices, a torch
+distributed checkpoint in ``optimizer/``), the schedule, the GradScaler, the position in the
 epoch's sample order, the batch layout and optimizer settings it was written with (``resume``
 maps or applies other ones), each rank's RNG states, and a manifest of every file's size and SHA-256.
 It is written under a temporary name and renamed only when complete, so a crash mid-write never
@@ -32,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from .callbacks import Callback, Position, RunState
 from .errors import CheckpointError
+from .fsdp import SHARDED_OPTIMIZER_DIR, save_sharded_tensors
 from .sharding import full_state_dict, full_tensor
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -91,14 +93,15 @@ def restore_rng(tensors: dict[str, torch.Tensor], extra: dict, device: torch.dev
 # ------------------------------------------------------------------------- optimizer state
 
 
-def split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer ``state_dict`` -> (whole tensors, JSON-able structure); every rank calls it (sharded state
-    is gathered). Tensors stay where they are: only the process that writes them copies them to the host."""
+def split_optimizer_state(state: dict, gather: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer ``state_dict`` -> (tensors, JSON-able structure); with ``gather`` every rank calls it (sharded
+    state is gathered whole), without it sharded tensors stay this rank's slices. Tensors stay where they are:
+    only the process that writes them copies them to the host."""
     tensors, scalars = {}, {}
     for index, values in state["state"].items():
         for key, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = full_tensor(value.detach())
+                tensors[f"{index}.{key}"] = full_tensor(value.detach()) if gather else value.detach()
             else:
                 scalars[f"{index}.{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -165,11 +168,16 @@ def write_training_state(run: RunState) -> Path:
     save_file(rng_tensors, partial / f"rng_rank{accelerator.process_index}.safetensors",
               metadata={"extra": json.dumps(rng_extra)})
     model_tensors = full_state_dict(run.task.state_dict())
-    optimizer_tensors, optimizer_structure = split_optimizer_state(run.optimizer.state_dict())
+    sharded = run.sharded  # FSDP2: each rank writes its optimizer slices, none gathers them
+    optimizer_tensors, optimizer_structure = split_optimizer_state(run.optimizer.state_dict(), gather=not sharded)
+    if sharded:
+        save_sharded_tensors(optimizer_tensors, partial / SHARDED_OPTIMIZER_DIR)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_file({k: v.cpu().contiguous() for k, v in model_tensors.items()}, partial / "model.safetensors")
-        save_file({k: v.cpu().contiguous() for k, v in optimizer_tensors.items()}, partial / "optimizer.safetensors")
+        if not sharded:
+            save_file({k: v.cpu().contiguous() for k, v in optimizer_tensors.items()},
+                      partial / "optimizer.safetensors")
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         _write_json(partial / "state.json", {
             "position": asdict(position), "optimizer": optimizer_structure, "schedule": run.schedule.state_dict(),
@@ -177,9 +185,10 @@ def write_training_state(run: RunState) -> Path:
             "layout": layout_of(run), "optimizer_settings": optimizer_settings(run.config),
             "callbacks": run.callbacks.state_dict(),
         })
-        files = sorted(p for p in partial.iterdir() if p.is_file())
-        _write_json(partial / MANIFEST, {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files})
-        for path in partial.iterdir():
+        files = sorted(p for p in partial.rglob("*") if p.is_file())
+        _write_json(partial / MANIFEST, {p.relative_to(partial).as_posix(): {"size": p.stat().st_size,
+                                                                             "sha256": _sha256(p)} for p in files})
+        for path in [*files, partial / MANIFEST]:
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
         # the same step again: a preemption saved at an epoch's last step, and the resumed run's epoch-end
@@ -268,6 +277,7 @@ class TrainingState:
     optimizer_settings: dict | None = None  # optimizer_settings(); recorded since a resume applies changed ones
     callbacks: dict = field(default_factory=dict)  # CallbackList.state_dict()
     rng: tuple[dict[str, torch.Tensor], dict] | None = None  # capture_rng() of this rank; None: saved by fewer ranks
+    sharded_optimizer: Path | None = None  # FSDP2: the optimizer's slices (a torch distributed checkpoint folder)
 
 
 def load_training_state(checkpoint: Path, rank: int) -> TrainingState:
@@ -277,13 +287,15 @@ def load_training_state(checkpoint: Path, rank: int) -> TrainingState:
     if rng_path.is_file():
         with safe_open(str(rng_path), framework="pt") as handle:
             rng = (load_file(rng_path), json.loads(handle.metadata()["extra"]))
+    sharded = checkpoint / SHARDED_OPTIMIZER_DIR  # read into this run's slices by resume (fsdp.py)
+    whole = {} if sharded.is_dir() else load_file(checkpoint / "optimizer.safetensors")
     known = {f.name for f in fields(TrainingState)}
     return TrainingState(**{**{k: v for k, v in state.items() if k in known},
                             "position": Position(**state["position"]),
                             "model": load_file(checkpoint / "model.safetensors"),
-                            "optimizer": join_optimizer_state(load_file(checkpoint / "optimizer.safetensors"),
-                                                              state["optimizer"]),
-                            "callbacks": state.get("callbacks") or {}, "rng": rng})
+                            "optimizer": join_optimizer_state(whole, state["optimizer"]),
+                            "callbacks": state.get("callbacks") or {}, "rng": rng,
+                            "sharded_optimizer": sharded if sharded.is_dir() else None})
 
 
 # recorded since resumes check what the sample order and the optimizer depend on: an older checkpoint lacks them

@@ -225,10 +225,11 @@ def test_torchrun_without_cpu_flag_trains_two_synchronised_ranks(image_folders, 
     assert_identical(*rank_files(tmp_path, "final"), "torchrun end")
 
 
-@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
-def test_freezing_strategies_are_refused_under_sharding(kind, tiny_data, monkeypatch):
-    """What `accelerate launch --use_fsdp` (or DeepSpeed) asks for reaches finetune as ACCELERATE_USE_*;
-    a freezing strategy is refused before anything is built (on CPU accelerate would fall back to DDP)."""
+@pytest.mark.parametrize("kind, name", [("FSDP", "FSDP1"), ("DEEPSPEED", "DeepSpeed")])
+def test_freezing_strategies_are_refused_under_fsdp1_and_deepspeed(kind, name, tiny_data, monkeypatch):
+    """What `accelerate launch --use_fsdp` (FSDP1 unless fsdp_version is 2) or DeepSpeed asks for reaches finetune
+    as ACCELERATE_USE_*; a freezing strategy is refused before anything is built, pointing to FSDP2
+    (tests/test_fsdp.py runs every strategy under FSDP2)."""
     from conftest import tiny_trainer
 
     from dist_finetune import ImageClassifier
@@ -237,7 +238,7 @@ def test_freezing_strategies_are_refused_under_sharding(kind, tiny_data, monkeyp
     monkeypatch.setenv(f"ACCELERATE_USE_{kind}", "true")
     task = ImageClassifier(tiny_data.num_classes, backbone="tiny_resnet", pretrained=False)
     trainer = tiny_trainer(max_epochs=1)
-    with pytest.raises(DistributedSetupError, match=f"freezing strategies are not supported under {kind}"):
+    with pytest.raises(DistributedSetupError, match=f"freezing strategies are not supported under {name}.*fsdp2"):
         trainer.finetune(task, tiny_data, strategy="freeze_unfreeze")
     assert trainer.accelerator is None, "refused before an Accelerator was made"
     if kind == "FSDP":  # no_freeze is fine (DeepSpeed itself is not installed here)
@@ -267,11 +268,11 @@ def test_a_process_outside_the_launched_world_is_refused(tiny_data, monkeypatch)
 
 
 def test_fully_sharded_no_freeze_writes_whole_tensors_and_resumes(image_folders, tmp_path):
-    """FSDP2 in one torchrun process (gloo on CPU): every parameter and its optimizer state is a DTensor
-    after ``fully_shard`` on the process's mesh. (Two ranks would need the trainer to leave a sharded
-    model out of the DDP wrapper accelerate puts around it on CPU: the FSDP2 issue's work.) The model files and the training-state checkpoint hold whole tensors, equal to the gathered
-    state; the rank check's checksums are those of the same weights unsharded; a run resumed from the
-    first epoch's checkpoint ends exactly where the uninterrupted one does."""
+    """A task the caller fully_shard-ed itself, in one torchrun process (gloo on CPU): every parameter and its
+    optimizer state is a DTensor. The model files and the training-state checkpoint hold whole tensors, equal
+    to the gathered state; the rank check compares each sharded parameter's layout (its gathered whole is
+    the same on every rank by construction); a run resumed from the first epoch's checkpoint ends exactly
+    where the uninterrupted one does. (The trainer's own FSDP2 over 2 ranks: tests/test_fsdp.py.)"""
     from dist_finetune import ImageClassifier
     from dist_finetune.distributed import rank_fingerprint
 
@@ -292,7 +293,9 @@ def test_fully_sharded_no_freeze_writes_whole_tensors_and_resumes(image_folders,
         sum(t.numel() for t in last.values())
     plain = ImageClassifier.load_from_checkpoint(uninterrupted / "last.safetensors")
     unsharded = rank_fingerprint(plain, torch.optim.SGD(plain.parameters(), lr=1.0))["params"]
-    assert report["fingerprint"]["params"] == [list(entry) for entry in unsharded]
+    assert [name for name, _ in report["fingerprint"]["params"]] == [name for name, _ in unsharded]
+    head = dict(report["fingerprint"]["params"])["head.layers.0.weight"]
+    assert head == "sharded (3, 64) (Shard(dim=0),) over 1", "a sharded parameter is compared by its layout"
     first_epoch = min((uninterrupted / "checkpoints").glob("step-*")).name  # kept: keep_last=2, 2 epochs
     assert json.loads((resumed / "run_info.json").read_text())["resumed_from"].endswith(first_epoch)
     resumed_last = load_file(resumed / "last.safetensors")
@@ -301,14 +304,18 @@ def test_fully_sharded_no_freeze_writes_whole_tensors_and_resumes(image_folders,
 
 def test_sharded_state_is_gathered_whole_and_loaded_back_into_each_ranks_slice(tmp_path):
     """Two gloo ranks, the task fully_shard-ed over both (its 3-class head splits 2 + 1 rows): every rank
-    gathers the whole initial weights; the rank check sums the same bits as on the unsharded task;
+    gathers the whole initial weights; the rank check compares the sharded parameters' layouts (the same
+    on both ranks) where it sums the unsharded task's bits;
     whole weights load back into the slices; Adam's moments go into a checkpoint whole and come back
     into each rank's slice unchanged."""
     launch("sharded_state", Path("unused"), tmp_path)
     for rank in (0, 1):
         report = json.loads((tmp_path / f"rank{rank}_report.json").read_text())
         assert report["head_local_rows"] == (2, 1)[rank]
-        assert report["fingerprints"]["sharded"] == report["fingerprints"]["plain"]
+        sharded, plain = report["fingerprints"]["sharded"], report["fingerprints"]["plain"]
+        assert [name for name, _ in sharded] == [name for name, _ in plain]
+        assert all(isinstance(bits, int) for _, bits in plain)
+        assert all(layout.startswith("sharded (") and layout.endswith("over 2") for _, layout in sharded)
         whole = load_file(tmp_path / f"rank{rank}_whole.safetensors")
         for name in ("gathered", "reloaded"):
             held = load_file(tmp_path / f"rank{rank}_{name}.safetensors")

@@ -19,7 +19,7 @@ from accelerate.utils import ComputeEnvironment, DistributedType
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "launch_configs"
 EXPECTED = {"single_gpu.yaml", "multi_gpu_bf16.yaml", "multi_node.yaml", "cpu_2proc.yaml",
-            "fsdp_no_freeze.yaml"}
+            "fsdp2.yaml"}
 
 # prints one JSON line per process; the all_gather proves that the ranks really talk to each other
 RANK_SCRIPT = r"""
@@ -36,15 +36,21 @@ os.write(1, ("RANKINFO " + json.dumps(info) + "\n").encode())  # one write: line
 a.end_training()  # destroys the process group; otherwise gloo may abort at exit (SIGABRT)
 """
 
-# builds the FSDP plugin from the environment accelerate's launcher prepared; needs no GPU
+# builds the FSDP plugin from the environment accelerate's launcher prepared, and the runner's choice; no GPU
 FSDP_PROBE = """
-import json
+import json, os
 from accelerate.utils import FullyShardedDataParallelPlugin
+from dist_finetune.distributed import launcher_mixed_precision
+from dist_finetune.fsdp import mixed_precision_policy, resolve_sharding, runner_applies_fsdp2
 p = FullyShardedDataParallelPlugin()
+policy = mixed_precision_policy(launcher_mixed_precision())
+with runner_applies_fsdp2():
+    hidden = os.environ["ACCELERATE_USE_FSDP"]
 print("FSDPINFO " + json.dumps({
     "version": p.fsdp_version, "reshard_after_forward": p.reshard_after_forward,
-    "state_dict_type": str(p.state_dict_type), "min_num_params": p.min_num_params,
-    "auto_wrap_policy": getattr(p.auto_wrap_policy, "__name__", str(p.auto_wrap_policy))}))
+    "sharding": resolve_sharding(None, freezes=True), "mixed_precision": launcher_mixed_precision(),
+    "param_dtype": str(policy.param_dtype), "reduce_dtype": str(policy.reduce_dtype),
+    "use_fsdp_while_the_accelerator_is_built": hidden, "use_fsdp_after": os.environ["ACCELERATE_USE_FSDP"]}))
 """
 
 
@@ -140,17 +146,16 @@ def test_cpu_2proc():
     assert "ACCELERATE_USE_CPU=1" in (CONFIGS / "cpu_2proc.yaml").read_text()
 
 
-def test_fsdp_no_freeze():
-    cfg = load("fsdp_no_freeze.yaml")
+def test_fsdp2():
+    cfg = load("fsdp2.yaml")
     assert cfg.distributed_type == DistributedType.FSDP
     fsdp = cfg.fsdp_config
     assert fsdp["fsdp_version"] == 2
-    assert fsdp["fsdp_auto_wrap_policy"] == "SIZE_BASED_WRAP"
-    assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
     assert fsdp["fsdp_reshard_after_forward"] is True
     assert not fsdp["fsdp_offload_params"]
-    text = (CONFIGS / "fsdp_no_freeze.yaml").read_text()
-    assert "no_freeze" in text and "refuses" in text  # documents the strategy restriction
+    assert cfg.mixed_precision == "bf16"
+    text = (CONFIGS / "fsdp2.yaml").read_text()
+    assert "freeze_unfreeze" in text and "fsdp_version must be 2" in text  # documents every strategy working
 
 
 # ---------------------------------------------------------------- the files under accelerate launch
@@ -200,17 +205,17 @@ def test_multi_node_yaml_with_slurm_style_overrides(tmp_path):
 
 
 @pytest.mark.distributed
-def test_fsdp_no_freeze_gives_a_valid_fsdp2_plugin(tmp_path):
+def test_fsdp2_launch_config_selects_the_runners_fsdp2_with_bf16(tmp_path):
+    """What `accelerate launch --config_file fsdp2.yaml` hands the process: accelerate's own plugin reads
+    version 2; the runner resolves sharding 'fsdp2' with FSDP2's bf16 MixedPrecisionPolicy, and builds its
+    Accelerator with accelerate's FSDP hidden (the runner shards per backbone layer itself)."""
     script = tmp_path / "probe.py"
     script.write_text(FSDP_PROBE)
     out = finish(accelerate_launch(
-        ["--config_file", str(CONFIGS / "fsdp_no_freeze.yaml"), "--num_processes", "1",
-         "--mixed_precision", "no", str(script)],
-        launch_env(), tmp_path,
+        ["--config_file", str(CONFIGS / "fsdp2.yaml"), "--num_processes", "1", str(script)],
+        launch_env(PYTHONPATH=str(ROOT)), tmp_path,
     ))
     (info,) = rank_lines(out, "FSDPINFO")
-    assert info == {
-        "version": 2, "reshard_after_forward": True,
-        "state_dict_type": "StateDictType.FULL_STATE_DICT", "min_num_params": 1000000,
-        "auto_wrap_policy": "size_based_auto_wrap_policy",
-    }, out
+    assert info == {"version": 2, "reshard_after_forward": True, "sharding": "fsdp2", "mixed_precision": "bf16",
+                    "param_dtype": "torch.bfloat16", "reduce_dtype": "torch.float32",
+                    "use_fsdp_while_the_accelerator_is_built": "false", "use_fsdp_after": "true"}, out

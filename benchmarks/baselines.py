@@ -65,7 +65,8 @@ def train_epoch(model: torch.nn.Module, batches: Iterable, optimizer: torch.opti
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
     return {"train_images": seen, "epoch_time_s": elapsed, "images_per_s": seen / elapsed,
-            "train_loss": float(loss_sum) / max(seen, 1), "train_loss_last": float(loss) if loss is not None else None,
+            "train_loss": float(loss_sum) / max(seen, 1),
+            "train_loss_last": float(loss.detach()) if loss is not None else None,
             "lr": [group["lr"] for group in optimizer.param_groups]}, step
 
 

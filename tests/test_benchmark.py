@@ -24,8 +24,9 @@ ROWS = {"a_trainer_no_freeze", "a_default_malloc", "b_bare", "c_plain_accelerate
 @pytest.mark.slow  # about 2 minutes on 2 cores: six fresh job processes
 def test_benchmark_quick_runs_end_to_end(tmp_path):
     output = tmp_path / "benchmark.json"
-    result = subprocess.run([sys.executable, "-m", "benchmarks", "speed", "--quick", "--data-dir", str(tmp_path / "data"),
-                             "--output", str(output)], capture_output=True, text=True, timeout=900, cwd=ROOT, env=ENV)
+    result = subprocess.run([sys.executable, "-m", "benchmarks", "speed", "--quick", "--data-dir",
+                             str(tmp_path / "data"), "--output", str(output)],
+                            capture_output=True, text=True, timeout=900, cwd=ROOT, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(output.read_text())
     assert set(report["results"]) == ROWS

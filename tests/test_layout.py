@@ -1,7 +1,7 @@
-"""The package's layering is what the Layout section says (README.md's "## Layout", the one place the
-modules are listed; LAYOUT_PAGE names it, should it move to a docs page): every module is listed there, and
-each imports (at module level or inside a function) only modules listed before it, so there are no
-cycles and the leaves import nothing of ours. No module grows much past 400 lines."""
+"""The package's layering is what the Layout section says (README.md's "## Layout", the one place
+the modules are listed; LAYOUT_PAGE names it): every module is listed there, and each imports (at
+module level or inside a function) only modules listed before it, so there are no cycles and the
+leaves import nothing of ours. No module grows much past 400 lines."""
 
 from __future__ import annotations
 

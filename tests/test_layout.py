@@ -1,8 +1,8 @@
-"""The package's layering is what README's Layout section says: every module is listed there, and
-each imports (at module level or inside a function) only modules listed before it, so there are no
-cycles and the leaves import nothing of ours. Imports under ``if TYPE_CHECKING:`` serve string
-annotations only (they never run), so a module may name a later module's types there. No module grows
-much past 400 lines."""
+"""The package's layering is what the Layout section says (README.md's "## Layout", the one place
+the modules are listed; LAYOUT_PAGE names it): every module is listed there, and each imports (at
+module level or inside a function) only modules listed before it, so there are no cycles and the
+leaves import nothing of ours. Imports under ``if TYPE_CHECKING:`` serve string annotations only
+(they never run), so a module may name a later module's types there. No module grows much past 400 lines."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "dist_finetune"
+LAYOUT_PAGE = ROOT / "README.md"
 MAX_LINES = 420
 
 
 def documented_order() -> list[str]:
-    section = ROOT.joinpath("README.md").read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    section = LAYOUT_PAGE.read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
     listing = section.split("`launch_configs/`", 1)[0]
     return [name[:-3] for name in re.findall(r"`(\w+\.py)`", listing)]
 
@@ -59,10 +60,10 @@ def test_imports_for_annotations_only_are_not_layering_imports(tmp_path):
 def test_every_module_is_in_the_layout_and_imports_only_what_comes_before_it():
     order = documented_order()
     modules = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__"))
-    assert sorted(order) == modules, f"README Layout lists {sorted(order)}, the package has {modules}"
+    assert sorted(order) == modules, f"{LAYOUT_PAGE.name} Layout lists {sorted(order)}, the package has {modules}"
     for position, name in enumerate(order):
         later = our_imports(PACKAGE / f"{name}.py") - set(order[:position])
-        assert not later, f"{name}.py imports {sorted(later)}, listed after it in README's Layout"
+        assert not later, f"{name}.py imports {sorted(later)}, listed after it in {LAYOUT_PAGE.name}'s Layout"
 
 
 def test_no_module_is_much_over_400_lines():

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -78,7 +80,9 @@ def run_page(page: Path) -> tuple[dict, list[list[str]]]:
     """Run the page's python blocks in order in one namespace; returns it and, per block, the warnings
     raised from dist_finetune."""
     package = str(ROOT / "dist_finetune")
-    namespace: dict = {"__name__": "docs"}
+    module = types.ModuleType("docs_page")  # a real module: a dataclass defined in a block looks itself up there
+    sys.modules[module.__name__] = module
+    namespace = module.__dict__
     ours: list[list[str]] = []
     for index, block in enumerate(blocks(page, "python")):
         with warnings.catch_warnings(record=True) as caught:

@@ -1,0 +1,1 @@
+"""Benchmarks of dist_finetune: ``python -m benchmarks.<module> --help``."""

@@ -18,6 +18,7 @@ SUBCOMMANDS = {  # name -> module of this package
     "data": "decode",
     "weights": "weights",
     "data-startup": "data_startup",
+    "fsdp-memory": "fsdp_memory",
 }
 
 

@@ -12,6 +12,10 @@ from PIL import Image
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# processes the tests launch (the worker scripts of tests/integration/) import conftest, tiny_resnet and
+# test modules from this folder, as the tests themselves do through pyproject's pythonpath
+os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent),
+                                            *filter(None, [os.environ.get("PYTHONPATH")])])
 
 import tiny_resnet  # noqa: E402,F401  (registers the "tiny_resnet" backbone the tests train)
 
@@ -63,6 +67,14 @@ def tiny_trainer(**settings):
 
     defaults = {"max_epochs": 3, "lr": 1e-2, "progress_bar": False, "seed": 0}
     return Trainer(**{**defaults, **settings})
+
+
+def task(data=None):
+    """A seeded random-init tiny_resnet classifier for ``data``'s classes (3 without data)."""
+    from dist_finetune import ImageClassifier, seed_everything
+
+    seed_everything(0)
+    return ImageClassifier(3 if data is None else data.num_classes, backbone=BACKBONE, pretrained=False)
 
 
 def nan_head_from_epoch_1():

@@ -1,4 +1,5 @@
-"""The backbone registry: every architecture builds offline, layers cover its weights, local weights load."""
+"""The backbone registry: every architecture builds offline, layers cover its weights, local weights load,
+timm names with a pretrained tag."""
 
 from __future__ import annotations
 
@@ -182,3 +183,9 @@ def test_pretrained_weights_are_downloaded_once_into_torchvisions_cache(tmp_path
     url = "https://download.pytorch.org/models/resnet18-f37072fd.pth"  # torchvision's ResNet18_Weights.DEFAULT
     assert [(u, Path(d).parent) for u, d in downloads] == [(url, tmp_path / "torch" / "hub" / "checkpoints")]
     assert (tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth").is_file()
+
+
+def test_timm_names_with_a_pretrained_tag_are_accepted():
+    from dist_finetune.backbones import build_backbone
+
+    assert build_backbone("timm:test_resnet.r160_in1k", pretrained=False).name == "timm:test_resnet.r160_in1k"

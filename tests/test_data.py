@@ -1,18 +1,23 @@
-"""Image folders: discovery, class order, splits, any image mode, and errors that name the path."""
+"""Image folders: discovery, class order, splits, any image mode, and errors that name the path; the balanced
+sampler, and repeated images' augmentation."""
 
 from __future__ import annotations
 
 import csv
 import os
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
-from conftest import write_image_folder
+from conftest import BACKBONE, tiny_trainer, write_image_folder
 from PIL import Image
+from safetensors.torch import load_file
+from test_sources import SETTINGS, image_dataset, scan_cache  # noqa: F401  (scan_cache: the fixture)
 
-from dist_finetune import ImageClassificationData
-from dist_finetune.data import eval_resize_size, stratified_split
+from dist_finetune import ImageClassificationData, ImageClassifier, seed_everything
+from dist_finetune.callbacks import Callback
+from dist_finetune.data import BalancedSampler, REPEAT_STRIDE, eval_resize_size, stratified_split
 from dist_finetune.errors import DataError
 from dist_finetune.images import load_rgb
 
@@ -265,3 +270,78 @@ def test_loader_workers_default_and_val_workers_are_not_persistent(tiny_data, mo
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     assert Trainer(max_epochs=1)._loaders(data, one_process)[0].num_workers == 8
+
+
+@pytest.mark.usefixtures("scan_cache")  # XDG_CACHE_HOME in tmp_path, as in test_splits.py
+def test_balanced_sampler_draws_classes_equally_from_seed_and_epoch_only():
+    labels = [0] * 90 + [1] * 8 + [2] * 2
+    sampler = BalancedSampler(labels, seed=5)
+    drawn = Counter()
+    for epoch in range(20):
+        sampler.set_epoch(epoch)
+        keys = list(sampler)
+        assert len(keys) == 100 and len(set(keys)) == 100  # repeats get keys of their own
+        assert all(key // 100 % REPEAT_STRIDE == epoch for key in keys)  # EpochSampler's key format
+        drawn.update(labels[key % 100] for key in keys)
+    assert all(600 < drawn[c] < 730 for c in range(3)), drawn  # 2000 draws, ~667 per class
+    again = BalancedSampler(labels, seed=5)
+    again.set_epoch(19)
+    assert list(again) == keys
+    again.set_epoch(18)
+    assert list(again) != keys
+
+
+class Killed(Exception):
+    pass
+
+
+class Kill(Callback):
+    """Stops the run at an optimizer step, as a SIGKILL would: the step's own checkpoint is not written."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, run) -> None:
+        if run.position.global_step == self.step:
+            raise Killed
+
+
+@pytest.mark.usefixtures("scan_cache")  # XDG_CACHE_HOME in tmp_path, as in test_splits.py
+def test_balanced_sampler_on_a_dataset_resumes_bit_exactly(tmp_path, capsys):
+    saved = tmp_path / "saved"
+    image_dataset((10, 6, 4)).save_to_disk(saved)  # a memory-mapped dataset source, a val_split of it
+
+    def finetune(out, callbacks=(), resume=None):
+        data = ImageClassificationData.from_hub(str(saved), val_split=0.2, balanced_sampler=True,
+                                                class_weights="auto", **SETTINGS)
+        seed_everything(0)
+        task = ImageClassifier(3, BACKBONE, pretrained=False)
+        trainer = tiny_trainer(max_epochs=2, output_dir=str(out), save_every_n_steps=5, callbacks=list(callbacks))
+        trainer.finetune(task, data, "no_freeze", resume=resume)
+        return load_file(out / "last.safetensors")
+
+    uninterrupted = finetune(tmp_path / "a")
+    with pytest.raises(Killed):
+        finetune(tmp_path / "b", [Kill(step=6)])  # epoch 1 (4 steps per epoch), batch 2
+    resumed = finetune(tmp_path / "b", resume="latest")
+    assert "at epoch 1, batch 1, step 5" in capsys.readouterr().out
+    different = [name for name in uninterrupted if not torch.equal(uninterrupted[name], resumed[name])]
+    assert uninterrupted.keys() == resumed.keys() and not different
+
+
+@pytest.mark.usefixtures("scan_cache")  # XDG_CACHE_HOME in tmp_path, as in test_splits.py
+def test_a_repeated_image_gets_its_own_augmentation_each_time():
+    """One green image among seven blue: the balanced sampler draws it about 4 times an epoch; each draw is
+    another crop/flip of it."""
+    data = ImageClassificationData.from_datasets(image_dataset((7, 1)), image_dataset((2, 2), seed=1),
+                                                 balanced_sampler=True, **SETTINGS)
+    dataset = data.train_dataset(seed=0)
+    red = data.train_labels.index(1)
+    sampler = BalancedSampler(data.train_labels, seed=0)
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        repeats = [key for key in sampler if key % len(data.train_labels) == red]
+        assert len(repeats) >= 2, repeats
+        images = [dataset[key][0] for key in repeats]
+        assert all(label == 1 for _, label in (dataset[key] for key in repeats))
+        assert all(not torch.equal(a, b) for i, a in enumerate(images) for b in images[i + 1:])

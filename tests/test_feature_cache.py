@@ -1,4 +1,5 @@
-"""Frozen-feature caching: the head trains on cached features exactly as on recomputed ones."""
+"""Frozen-feature caching: the head trains on cached features exactly as on recomputed ones; when a backbone
+is static, and a second run never reuses the first's cache."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_trainer
+import torchvision
+from conftest import task, tiny_trainer, write_image_folder
+from torch import nn
 from torchvision.ops import StochasticDepth
 
 from dist_finetune import ImageClassificationData, ImageClassifier, seed_everything
@@ -156,3 +159,35 @@ def test_the_cache_is_gathered_in_chunks_into_its_rows(monkeypatch):
         assert torch.equal(cache, expected)
     assert max(size for _, size in ranks.sent) <= 40
     assert [size for rank, size in ranks.sent if rank == 0] == [40, 40, 40, 20]  # 7 rows as 2 + 2 + 2 + 1
+
+
+def test_static_backbone_ignores_zero_rate_dropout_but_not_stochastic_depth():
+    from torchvision.ops import StochasticDepth
+
+    def frozen(*modules) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 4, 3), *modules).requires_grad_(False).train()
+
+    assert backbone_is_static(frozen(nn.Dropout(p=0.0)))  # ViT's default dropout: nothing random
+    assert not backbone_is_static(frozen(nn.Dropout(p=0.1)))
+    assert not backbone_is_static(frozen(StochasticDepth(0.1, "row")))
+    assert backbone_is_static(frozen(StochasticDepth(0.0, "row")))
+    convnext = torchvision.models.convnext_tiny().requires_grad_(False).train()
+    assert not backbone_is_static(convnext), "ConvNeXt's stochastic depth is active in train mode"
+    assert backbone_is_static(convnext.eval())
+
+
+def test_a_second_finetune_never_reuses_the_first_runs_cached_features(image_folders, tmp_path, capsys):
+    other = write_image_folder(tmp_path / "other", per_class=6, seed=7)
+    settings = dict(image_size=32, batch_size=4, num_workers=0, augment=False)
+    first = ImageClassificationData.from_folders(str(image_folders / "train"), str(image_folders / "val"), **settings)
+    second = ImageClassificationData.from_folders(str(other), str(image_folders / "val"), **settings)
+    trainer = tiny_trainer(max_epochs=1)
+    trainer.finetune(task(), first, "freeze")
+    reused = task()
+    trainer.finetune(reused, second, "freeze")
+    fresh = task()
+    tiny_trainer(max_epochs=1).finetune(fresh, second, "freeze")
+    printed = capsys.readouterr().out
+    assert "cached frozen backbone features of 24 images" in printed
+    assert printed.count("cached frozen backbone features of 18 images") == 2
+    assert all(torch.equal(a, b) for a, b in zip(reused.head.parameters(), fresh.head.parameters()))

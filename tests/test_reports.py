@@ -1,17 +1,15 @@
-"""Evaluation reports and curves: `dist-finetune evaluate` (1 and 2 processes), the end-of-training
-report, `dist-finetune plot`. The report's arithmetic itself is checked in test_evaluation.py."""
+"""Evaluation reports and curves: `dist-finetune evaluate` (2 processes: integration/test_reports_ranks.py),
+the end-of-training report, `dist-finetune plot`. The report's arithmetic itself is checked in test_evaluation.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BACKBONE, free_port, tiny_trainer, write_image_folder
+from conftest import BACKBONE, tiny_trainer, write_image_folder
 
 from dist_finetune import ImageClassifier, seed_everything
 from dist_finetune.cli import main
@@ -20,8 +18,6 @@ from dist_finetune.plots import MATPLOTLIB_HINT
 from dist_finetune.reports import save_report
 
 CLASSES = ["blue", "green", "red"]
-ENV = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
-ENV.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")
@@ -69,23 +65,6 @@ def test_evaluate_prints_the_table_and_writes_the_files(saved_model, one_process
     for row in report["per_class"]:
         assert f"{row['class']} " in printed and f"{row['recall']:.3f}" in printed
     assert f"{'accuracy':<14}" in printed and "report written:" in printed
-
-
-def test_evaluate_with_two_processes_counts_every_image_once(saved_model, one_process_report, tmp_path):
-    out = tmp_path / "eval2"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
-               "--num_processes", "2", "--main_process_port", str(free_port()), "--mixed_precision", "no",
-               "--dynamo_backend", "no", "-m", "dist_finetune", *evaluate_args(*saved_model, out)]
-    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("report written:") == 1  # printed and written by the main process only
-    one = json.loads((one_process_report / "report.json").read_text())
-    two = json.loads((out / "report.json").read_text())
-    assert two["num_images"] == 9
-    for key in ("confusion_matrix", "per_class", "accuracy", "most_confused", "macro_avg", "weighted_avg"):
-        assert two[key] == one[key], key
-    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
-    assert [row["path"] for row in two["top_losses"]] == [row["path"] for row in one["top_losses"]]
 
 
 def png_size(path: Path) -> tuple[int, int]:

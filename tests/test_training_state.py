@@ -1,13 +1,17 @@
-"""Loading a training-state checkpoint: the fields a checkpoint holds, also from one written before some were."""
+"""Training-state checkpoints: the save cadence, resuming over only corrupt checkpoints, and loading one
+written before some of its fields were recorded."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 import torch
+from conftest import task, tiny_trainer
 from safetensors.torch import save_file
 
-from dist_finetune.callbacks import Position
+from dist_finetune.callbacks import Callback, Position
+from dist_finetune.errors import CheckpointError
 from dist_finetune.training_state import load_training_state
 
 
@@ -29,3 +33,49 @@ def test_a_checkpoint_written_before_layout_settings_and_callbacks_were_recorded
     assert state.optimizer["state"][0]["step"] == 5.0 and state.optimizer["state"][0]["exp_avg"].shape == (2, 3)
     assert (state.schedule, state.scaler, state.num_processes) == ({"step_count": 5}, None, 1)
     assert (state.layout, state.optimizer_settings, state.callbacks, state.rng) == (None, None, {}, None)
+
+
+def test_resume_latest_over_only_corrupt_checkpoints_is_refused_and_loses_nothing(tiny_data, tmp_path):
+    tiny_trainer(max_epochs=2, output_dir=str(tmp_path)).finetune(task(), tiny_data, "no_freeze")
+    for checkpoint in (tmp_path / "checkpoints").glob("step-*"):
+        model = checkpoint / "model.safetensors"
+        data = bytearray(model.read_bytes())
+        data[-1] ^= 0xFF  # same size: only the SHA-256 can tell
+        model.write_bytes(bytes(data))
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(CheckpointError, match=r"every checkpoint in .*checkpoints is corrupt or incomplete "
+                                              r"\(step-00000006, step-00000012\): refusing to start over"):
+        tiny_trainer(max_epochs=2, output_dir=str(tmp_path)).finetune(task(), tiny_data, "no_freeze", resume="latest")
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+class CheckpointInodes(Callback):
+    """Remembers the inode of every checkpoint folder the first time it is seen, and every later sighting."""
+
+    def __init__(self):
+        self.seen: dict[str, set[int]] = {}
+
+    def _look(self, run) -> None:
+        for folder in (run.output_dir / "checkpoints").glob("step-*"):
+            self.seen.setdefault(folder.name, set()).add(folder.stat().st_ino)
+
+    def on_step_end(self, trainer, run) -> None:
+        self._look(run)
+
+    def on_validation_end(self, trainer, run, record) -> None:  # after the last step, before the epoch's save
+        self._look(run)
+
+    def on_epoch_start(self, trainer, run) -> None:
+        self._look(run)
+
+
+def test_a_step_is_saved_once_when_the_cadence_divides_the_epoch(tiny_data, tmp_path):
+    """6 steps per epoch, a cadence of 3: step 6 ends epoch 0; rewriting it in place (rmtree, then
+    rename) would leave a moment without that checkpoint."""
+    watcher = CheckpointInodes()
+    tiny_trainer(max_epochs=2, output_dir=str(tmp_path), save_every_n_steps=3, keep_last=5,
+                 callbacks=[watcher]).finetune(task(), tiny_data, "no_freeze")
+    assert sorted(watcher.seen) == ["step-00000003", "step-00000006", "step-00000009"]
+    assert all(len(inodes) == 1 for inodes in watcher.seen.values()), watcher.seen
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == \
+        ["step-00000003", "step-00000006", "step-00000009", "step-00000012"]

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from slurm_cluster import skip_or_fail
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MULTI = ROOT / "scripts" / "slurm_multi_node.sbatch"
 SINGLE = ROOT / "scripts" / "slurm_single_node.sbatch"
 SCRIPTS = [pytest.param(SINGLE, id="single_node"), pytest.param(MULTI, id="multi_node")]

@@ -1,7 +1,7 @@
 """The SLURM scripts on a real (local, two-node) SLURM cluster.
 
 Needs root and ``apt-get install -y slurm-wlm munge``; otherwise every test here is skipped with a
-reason. ``tests/slurm_cluster.py`` brings the cluster up once per session (about 1 s) in a private
+reason. ``tests/integration/slurm_cluster.py`` brings the cluster up once per session (about 1 s) in a private
 temporary directory and stops it by PID afterwards. The batch scripts run unchanged: everything
 test-specific is an sbatch option (``--nodes``, ``--gres=none`` with the CPUs and memory of this
 machine's small nodes, ``--output``, ``--chdir``) or an environment variable.
@@ -26,7 +26,7 @@ from slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
 
 pytestmark = pytest.mark.slurm
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MULTI = ROOT / "scripts" / "slurm_multi_node.sbatch"
 SINGLE = ROOT / "scripts" / "slurm_single_node.sbatch"
 

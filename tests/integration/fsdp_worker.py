@@ -1,4 +1,4 @@
-"""Launched as N gloo processes by test_fsdp.py; every rank writes what it holds, for the test to compare.
+"""Launched as N gloo processes by test_fsdp_ranks.py; every rank writes what it holds, for the test to compare.
 
     python fsdp_worker.py SCENARIO DATA_ROOT OUT_DIR [BATCH_SIZE]
 
@@ -24,7 +24,7 @@ from dist_finetune.callbacks import Callback
 from dist_finetune.distributed import shutdown
 from dist_finetune.finetuning import Freeze, FreezeUnfreeze, NoFreeze, UnfreezeMilestones
 from dist_finetune.sharding import full_state_dict, full_tensor
-from test_strategies import FeatureExtractorFreezeUnfreeze as GuideStrategy  # the Flash guide's example
+from test_finetuning import FeatureExtractorFreezeUnfreeze as GuideStrategy  # the Flash guide's example
 
 EPOCHS = 3
 

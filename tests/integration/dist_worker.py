@@ -1,4 +1,4 @@
-"""Launched as N processes by test_distributed.py; every rank writes what it holds, for the test to compare.
+"""Launched as N processes by test_distributed_ranks.py; every rank writes what it holds, for the test to compare.
 
     python dist_worker.py SCENARIO DATA_ROOT OUT_DIR [BATCH_SIZE]
 
@@ -28,7 +28,7 @@ from dist_finetune.callbacks import Callback
 from dist_finetune.distributed import make_accelerator, shutdown
 from dist_finetune.errors import RankMismatchError
 from dist_finetune.finetuning import BaseFinetuning, FreezeUnfreeze, UnfreezeMilestones
-from test_strategies import FeatureExtractorFreezeUnfreeze as GuideStrategy  # the Flash guide's example
+from test_finetuning import FeatureExtractorFreezeUnfreeze as GuideStrategy  # the Flash guide's example
 
 BACKBONE = "tiny_resnet"
 

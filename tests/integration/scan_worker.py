@@ -1,4 +1,4 @@
-"""Launched as 2 processes by test_distributed.py: a dry run's data decisions when rank 1 alone cannot
+"""Launched as 2 processes by test_distributed_ranks.py: a dry run's data decisions when rank 1 alone cannot
 read some files (a transient error), twice; each rank writes what it drew and decided (train/val lists,
 duplicates, summary) to rank{R}_{part}.json.
 

@@ -1,4 +1,4 @@
-"""A finetuning run that can be made to die or be signalled at a chosen optimizer step (test_resume.py).
+"""A finetuning run that can be made to die or be signalled at a chosen optimizer step (test_resume_killed.py).
 
     python resume_worker.py DATA OUT [--kill-at N] [--signal-at N] [--resume latest] [--strategy S]
 

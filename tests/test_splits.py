@@ -1,27 +1,23 @@
-"""Before training: class counts, byte-identical images across train/val (leakage) and within,
-dedupe, imbalance; class weights in the loss and the model file; the class-balanced sampler, whose
-draw depends on (seed, epoch) only, so a resumed run ends bit-identical to an uninterrupted one."""
+"""Train/val splits (dist_finetune/splits.py): duplicates and leakage between the splits, the stratified val
+split, the imbalance warning, class counts and the auto class weights."""
 
 from __future__ import annotations
 
 import re
 import shutil
-from collections import Counter
 
 import datasets
 import pytest
 import torch
 from conftest import BACKBONE, tiny_trainer, write_image_folder
-from safetensors.torch import load_file
+from test_evaluation import NAMES
 from test_sources import SETTINGS, image_dataset
 
 from dist_finetune import ImageClassificationData, ImageClassifier, seed_everything
-from dist_finetune.callbacks import Callback
 from dist_finetune.checkpoint import read_metadata
-from dist_finetune.data import REPEAT_STRIDE, BalancedSampler
 from dist_finetune.errors import DataError
 from dist_finetune.images import content_digests
-from dist_finetune.splits import stratified_split
+from dist_finetune.splits import class_count_lines, stratified_split
 
 
 @pytest.fixture(autouse=True)
@@ -108,61 +104,6 @@ def test_class_weights_auto_weight_the_loss_and_are_saved(tmp_path, capsys, monk
     assert not torch.equal(weighted.head.layers[-1].weight, plain.head.layers[-1].weight)
 
 
-def test_balanced_sampler_draws_classes_equally_from_seed_and_epoch_only():
-    labels = [0] * 90 + [1] * 8 + [2] * 2
-    sampler = BalancedSampler(labels, seed=5)
-    drawn = Counter()
-    for epoch in range(20):
-        sampler.set_epoch(epoch)
-        keys = list(sampler)
-        assert len(keys) == 100 and len(set(keys)) == 100  # repeats get keys of their own
-        assert all(key // 100 % REPEAT_STRIDE == epoch for key in keys)  # EpochSampler's key format
-        drawn.update(labels[key % 100] for key in keys)
-    assert all(600 < drawn[c] < 730 for c in range(3)), drawn  # 2000 draws, ~667 per class
-    again = BalancedSampler(labels, seed=5)
-    again.set_epoch(19)
-    assert list(again) == keys
-    again.set_epoch(18)
-    assert list(again) != keys
-
-
-class Killed(Exception):
-    pass
-
-
-class Kill(Callback):
-    """Stops the run at an optimizer step, as a SIGKILL would: the step's own checkpoint is not written."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, trainer, run) -> None:
-        if run.position.global_step == self.step:
-            raise Killed
-
-
-def test_balanced_sampler_on_a_dataset_resumes_bit_exactly(tmp_path, capsys):
-    saved = tmp_path / "saved"
-    image_dataset((10, 6, 4)).save_to_disk(saved)  # a memory-mapped dataset source, a val_split of it
-
-    def finetune(out, callbacks=(), resume=None):
-        data = ImageClassificationData.from_hub(str(saved), val_split=0.2, balanced_sampler=True,
-                                                class_weights="auto", **SETTINGS)
-        seed_everything(0)
-        task = ImageClassifier(3, BACKBONE, pretrained=False)
-        trainer = tiny_trainer(max_epochs=2, output_dir=str(out), save_every_n_steps=5, callbacks=list(callbacks))
-        trainer.finetune(task, data, "no_freeze", resume=resume)
-        return load_file(out / "last.safetensors")
-
-    uninterrupted = finetune(tmp_path / "a")
-    with pytest.raises(Killed):
-        finetune(tmp_path / "b", [Kill(step=6)])  # epoch 1 (4 steps per epoch), batch 2
-    resumed = finetune(tmp_path / "b", resume="latest")
-    assert "at epoch 1, batch 1, step 5" in capsys.readouterr().out
-    different = [name for name in uninterrupted if not torch.equal(uninterrupted[name], resumed[name])]
-    assert uninterrupted.keys() == resumed.keys() and not different
-
-
 def test_a_file_listed_twice_is_kept_once_and_a_file_in_both_splits_is_leakage(tmp_path):
     """csv: the same path twice in train is one image (kept once, said once); the same path in train and
     val is leakage, found by path; --dedupe keeps exactly one copy of each image, the train one."""
@@ -221,23 +162,6 @@ def test_auto_class_weights_are_counted_after_drops_and_weight_only_the_training
     assert metrics[0]["val_loss"] == pytest.approx((6 * losses[0] + 2 * losses[1] + 4 * losses[2]) / 12, rel=1e-5)
 
 
-def test_a_repeated_image_gets_its_own_augmentation_each_time():
-    """One green image among seven blue: the balanced sampler draws it about 4 times an epoch; each draw is
-    another crop/flip of it."""
-    data = ImageClassificationData.from_datasets(image_dataset((7, 1)), image_dataset((2, 2), seed=1),
-                                                 balanced_sampler=True, **SETTINGS)
-    dataset = data.train_dataset(seed=0)
-    red = data.train_labels.index(1)
-    sampler = BalancedSampler(data.train_labels, seed=0)
-    for epoch in range(2):
-        sampler.set_epoch(epoch)
-        repeats = [key for key in sampler if key % len(data.train_labels) == red]
-        assert len(repeats) >= 2, repeats
-        images = [dataset[key][0] for key in repeats]
-        assert all(label == 1 for _, label in (dataset[key] for key in repeats))
-        assert all(not torch.equal(a, b) for i, a in enumerate(images) for b in images[i + 1:])
-
-
 def test_identical_images_with_different_labels_are_listed_with_their_labels(tmp_path):
     train = write_image_folder(tmp_path / "train", per_class=3, size=16, seed=1)
     val = write_image_folder(tmp_path / "val", per_class=2, size=16, seed=2)
@@ -251,3 +175,14 @@ def test_identical_images_with_different_labels_are_listed_with_their_labels(tmp
     # in listing order: train before val, class folders sorted
     assert f"{train / 'blue' / 'looks_red.png'} (blue) = {train / 'red' / 'red_0.png'} (red)" in conflicting[0]
     assert f"{train / 'green' / 'green_1.png'} (green) = {val / 'red' / 'looks_green.png'} (red)" in conflicting[0]
+
+
+def test_class_counts_above_a_few_dozen_classes_are_min_median_max_with_the_smallest_named():
+    train = [label for label in range(60) for _ in range(10 + label)]
+    val = [label for label in range(60) for _ in range(2)]
+    assert class_count_lines(NAMES, train, val) == [
+        f"images per class (train / val), {len(train)} / 120 in all:",
+        "  train: 60 classes, min 10 / median 40 / max 69 images; smallest: c00 (10), c01 (11), c02 (12), c03 (13), "
+        "c04 (14)",
+        "  val: 60 classes, min 2 / median 2 / max 2 images; smallest: c00 (2), c01 (2), c02 (2), c03 (2), c04 (2)"]
+    assert len(class_count_lines(NAMES[:3], [0, 1, 2], [0, 1, 2])) == 4  # a table below

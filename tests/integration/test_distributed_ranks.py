@@ -1,6 +1,6 @@
 """Two real processes (gloo on CPU): every rank holds the same model after every transition.
 
-Each test launches tests/dist_worker.py with ``accelerate launch`` (or torchrun) and compares the
+Each test launches tests/integration/dist_worker.py with ``accelerate launch`` (or torchrun) and compares the
 files each rank wrote, never what rank 0 reports about the others.
 """
 
@@ -229,7 +229,7 @@ def test_torchrun_without_cpu_flag_trains_two_synchronised_ranks(image_folders, 
 def test_freezing_strategies_are_refused_under_fsdp1_and_deepspeed(kind, name, tiny_data, monkeypatch):
     """What `accelerate launch --use_fsdp` (FSDP1 unless fsdp_version is 2) or DeepSpeed asks for reaches finetune
     as ACCELERATE_USE_*; a freezing strategy is refused before anything is built, pointing to FSDP2
-    (tests/test_fsdp.py runs every strategy under FSDP2)."""
+    (tests/integration/test_fsdp_ranks.py runs every strategy under FSDP2)."""
     from conftest import tiny_trainer
 
     from dist_finetune import ImageClassifier
@@ -272,7 +272,7 @@ def test_fully_sharded_no_freeze_writes_whole_tensors_and_resumes(image_folders,
     optimizer state is a DTensor. The model files and the training-state checkpoint hold whole tensors, equal
     to the gathered state; the rank check compares each sharded parameter's layout (its gathered whole is
     the same on every rank by construction); a run resumed from the first epoch's checkpoint ends exactly
-    where the uninterrupted one does. (The trainer's own FSDP2 over 2 ranks: tests/test_fsdp.py.)"""
+    where the uninterrupted one does. (The trainer's own FSDP2 over 2 ranks: tests/integration/test_fsdp_ranks.py.)"""
     from dist_finetune import ImageClassifier
     from dist_finetune.distributed import rank_fingerprint
 
@@ -341,7 +341,7 @@ def scan_data(image_folders, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def flaky_scans(scan_data, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """tests/scan_worker.py: what each rank drew and decided, in rank{R}_scan.json and rank{R}_split.json."""
+    """tests/integration/scan_worker.py: what each rank drew and decided, in rank{R}_scan.json and rank{R}_split.json."""
     out = tmp_path_factory.mktemp("flaky_scans")
     return out, launch("flaky_scans", scan_data, out, worker=SCAN_WORKER)
 
@@ -417,7 +417,7 @@ def test_eight_two_rank_jobs_exit_cleanly_with_no_gloo_thread_left_after_shutdow
     """A rank that finished its work now and then died at exit with SIGABRT ("terminate called without
     an active exception"): destroy_process_group does not stop a gloo group's threads, and the DDP
     wrappers in the run's reference cycle kept the group alive into the interpreter's final garbage
-    collection, so its threads were stopped during finalisation. tests/exit_worker.py runs the exit
+    collection, so its threads were stopped during finalisation. tests/integration/exit_worker.py runs the exit
     path 8 times (before the fix every run left the threads alive: 30 of 30); every rank must exit 0,
     with no gloo thread left once shutdown has run."""
     result = subprocess.run([sys.executable, str(EXIT_WORKER), "8", str(tmp_path)], capture_output=True, text=True,

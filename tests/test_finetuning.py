@@ -1,20 +1,74 @@
-"""Each strategy changes exactly the parameters it should, when it should, with the right groups."""
+"""Finetuning strategies and the optimizer (dist_finetune/finetuning.py): what each strategy freezes and
+unfreezes and when, custom strategies, build_optimizer's weight decay and gradient clipping."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 from conftest import BACKBONE, tiny_trainer
 
-from dist_finetune import ImageClassifier
-from dist_finetune.finetuning import (
-    BaseFinetuning,
-    Freeze,
-    FreezeUnfreeze,
-    NoFreeze,
-    UnfreezeMilestones,
-)
-from dist_finetune.schedule import WarmupSchedule
+from dist_finetune import ImageClassificationData, ImageClassifier, seed_everything
+from dist_finetune.callbacks import Callback
+from dist_finetune.finetuning import BaseFinetuning, Freeze, FreezeUnfreeze, NoFreeze, UnfreezeMilestones
+
+
+@pytest.fixture(scope="module")
+def plain_data(image_folders):
+    """No augmentation: every sample is the same each epoch (frozen epochs train the head on cached features)."""
+    return ImageClassificationData.from_folders(str(image_folders / "train"), str(image_folders / "val"),
+                                                image_size=32, batch_size=4, num_workers=0, augment=False)
+
+
+def new_task(**options) -> ImageClassifier:
+    seed_everything(0)
+    return ImageClassifier(3, "tiny_resnet", pretrained=False, **options)
+
+
+class Recorder(Callback):
+    """The trainable parameters before training and after the first optimizer step, the first group's lr
+    after every step, the optimizer itself, and where a resumed run started."""
+
+    def __init__(self):
+        self.lrs, self.first_step, self.start = [], None, None
+
+    def on_fit_start(self, trainer, run) -> None:
+        self.optimizer = run.optimizer.optimizer  # the torch optimizer inside accelerate's wrapper
+        self.start = (run.position.epoch, run.position.batch)
+        self.before = {n: p.detach().clone() for n, p in run.task.named_parameters() if p.requires_grad}
+
+    def on_step_end(self, trainer, run) -> None:
+        self.lrs.append(run.optimizer.param_groups[0]["lr"])
+        if self.first_step is None:
+            self.first_step = run.position.global_step
+            self.after = {n: p.detach().clone() for n, p in run.task.named_parameters() if n in self.before}
+
+
+def test_sgd_step_applies_weight_decay_and_clips_the_gradient(plain_data):
+    """One plain SGD step (momentum 0) is p - lr * (clip(g) + wd * p), with ||clip(g)|| = max_grad_norm:
+    exact to float rounding. AdamW (a sign-like first step), a lost weight decay or a lost clip all miss it."""
+    lr, decay, max_norm = 0.5, 0.2, 1e-3
+    recorder = Recorder()
+    tiny_trainer(max_epochs=1, optimizer="sgd", momentum=0.0, lr=lr, weight_decay=decay, max_grad_norm=max_norm,
+                 scheduler="constant", callbacks=[recorder]).finetune(new_task(), plain_data, "freeze")
+    assert type(recorder.optimizer) is torch.optim.SGD
+    assert sorted(recorder.before) == ["head.layers.0.bias", "head.layers.0.weight"]
+    residual = [recorder.after[n] - recorder.before[n] * (1 - lr * decay) for n in recorder.before]
+    step_norm = math.sqrt(sum(float(r.double().pow(2).sum()) for r in residual))
+    assert step_norm == pytest.approx(lr * max_norm, rel=1e-3)  # the gradient's part: lr x the clipped norm
+    moved = [recorder.after[n] - recorder.before[n] for n in recorder.before]
+    assert math.sqrt(sum(float(m.double().pow(2).sum()) for m in moved)) > 100 * lr * max_norm  # the decay's part
+
+
+def test_adamw_weight_decay_reaches_every_group(tiny_data):
+    """The group a strategy adds at the unfreeze carries the same weight decay as the first one."""
+    recorder = Recorder()
+    tiny_trainer(max_epochs=2, weight_decay=0.05, callbacks=[recorder]).finetune(new_task(), tiny_data,
+                                                                                 ("freeze_unfreeze", 1))
+    groups = recorder.optimizer.param_groups
+    assert type(recorder.optimizer) is torch.optim.AdamW and len(groups) == 2
+    assert [group["weight_decay"] for group in groups] == [0.05, 0.05]
 
 
 def recording(strategy: BaseFinetuning) -> BaseFinetuning:
@@ -147,27 +201,6 @@ def test_guide_custom_strategy_and_schedule_after_group_added(tiny_data):
     assert lrs[2][1] == pytest.approx(lrs[2][0] / 10) and lrs[3][1] == pytest.approx(lrs[3][0] / 10)
     assert lrs[3][0] < lrs[2][0] < lrs[1][0]  # the cosine keeps decaying every group after the add
     assert all(p.requires_grad for p in task.backbone.parameters())
-
-
-def test_schedule_handles_group_added_midway():
-    weights = [torch.nn.Parameter(torch.zeros(2)) for _ in range(2)]
-    optimizer = torch.optim.AdamW([weights[0]], lr=1.0)
-    schedule = WarmupSchedule(optimizer, total_steps=10, warmup_steps=2)
-    for _ in range(4):
-        schedule.step()
-    factor = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["initial_lr"]
-    group = BaseFinetuning.unfreeze_and_add_param_group(torch.nn.Linear(1, 1), optimizer)
-    assert group["lr"] == pytest.approx(0.1 * factor) and group["initial_lr"] == pytest.approx(0.1)
-    history = []
-    for _ in range(6):
-        schedule.step()
-        history.append([g["lr"] for g in optimizer.param_groups])
-    assert all(b == pytest.approx(a / 10) for a, b in history)
-    assert history[-1] == [pytest.approx(0.0), pytest.approx(0.0)]
-    state = schedule.state_dict()
-    restored = WarmupSchedule(optimizer, total_steps=1)
-    restored.load_state_dict(state)
-    assert restored.step_count == 10
 
 
 @pytest.mark.parametrize("strategy, message", [

@@ -15,6 +15,7 @@ of a file, the SHA-256 of stored bytes; ``stamps_are_stats``: taken in one threa
 from __future__ import annotations
 
 import fcntl
+import gc
 import hashlib
 import io
 import json
@@ -277,8 +278,22 @@ def scan(items: Sequence[str], cache_file: str | os.PathLike | None = None,
     (``distributed.split_over_ranks``); each process then stores the merged verdicts in its cache, so
     node-local caches start warm next time. Without it, processes scanning at once wait for the first.
     """
-    entries = _scan(items, cache_file, reader or FileImages(), share)
-    return {item: (entry[-2], entry[-1]) for item, entry in entries.items()}
+    with _collector_paused():
+        entries = _scan(items, cache_file, reader or FileImages(), share)
+        return {item: (entry[-2], entry[-1]) for item, entry in entries.items()}
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection meanwhile: a warm scan builds a few small objects per image, none in a
+    cycle, and the collector's passes over them cost as much as building them (0.5 of 1.1 s at 210 k)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def scan_images(paths: Sequence[str], cache_file: str | os.PathLike | None = None, reader=None) -> dict[str, str]:

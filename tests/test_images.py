@@ -62,3 +62,18 @@ def test_file_stamps_are_taken_in_the_calling_thread(tmp_path, monkeypatch):
     monkeypatch.setattr(images_module, "file_stamp", lambda path: threads.add(threading.get_ident()) or real(path))
     scan_images([str(tmp_path / "a.png"), str(tmp_path / "b.png")], tmp_path / "scan.json")
     assert threads == {threading.get_ident()}
+
+
+def test_the_scan_runs_with_the_garbage_collector_paused_and_restores_it(tmp_path):
+    """Its many small acyclic objects made the collector's passes cost as much as a warm scan itself."""
+    import gc
+
+    class Recording(Rows):
+        def stamp(self, item):
+            self.collecting = gc.isenabled()
+            return ["bytes"]
+
+    reader = Recording()
+    assert gc.isenabled()
+    scan(["row-1"], tmp_path / "scan.json", reader)
+    assert reader.collecting is False and gc.isenabled()

@@ -11,7 +11,7 @@ each in a fresh interpreter (imports included where said):
 - ``dist-finetune pack`` of the folder, and the first step when training from the packed dataset.
 
 The machine may be shared: the torchvision figures are taken in the same run, so compare ratios.
-``python -m benchmarks.data_startup --files 10000 100000 --out results/data-startup.json``.
+``python -m benchmarks data-startup --files 10000 100000 --out results/data-startup.json``.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def measure(root: Path, files: int, work: Path, processes: tuple[int, ...]) -> d
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.data_startup", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks data-startup", description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, nargs="+", default=[10_000, 100_000], help="folder sizes to measure")
     parser.add_argument("--quick", action="store_true", help="one small folder (2,000 files), 1 process")
     parser.add_argument("--root", default="/tmp/dist_finetune_data_startup", help="where folders are generated")

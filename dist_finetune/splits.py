@@ -53,11 +53,13 @@ def stratified_split(labels: Sequence[int], fraction: float, seed: int,
 
 def identical_groups(items: Sequence[str], digests: dict[str, str]) -> list[list[str]]:
     """Groups (2 or more, in ``items`` order) of items whose bytes are identical."""
+    known = list(map(digests.get, items))
+    repeated = {digest for digest, count in Counter(known).items() if count > 1 and digest is not None}
     by_digest: dict[str, list[str]] = {}
-    for item in items:
-        if item in digests:
-            by_digest.setdefault(digests[item], []).append(item)
-    return [group for group in by_digest.values() if len(group) > 1]
+    for item, digest in zip(items, known) if repeated else ():
+        if digest in repeated:
+            by_digest.setdefault(digest, []).append(item)
+    return list(by_digest.values())
 
 
 def first_listings(role: str, items: Sequence[str], labels: Sequence[int],

@@ -319,17 +319,45 @@ def image_lists(train_paths: list[str], train_labels: list[int], val_paths: list
                 val_labels: list[int]) -> dict[str, str]:
     """``train_images``/``val_images``: "<count> images <digest>" of the items and their labels, paths taken
     relative to their common folder so that a data folder moved (or staged to a local disk) still matches."""
-    try:
-        root = os.path.commonpath(train_paths + val_paths) if train_paths + val_paths else ""
-    except ValueError:  # absolute and relative paths mixed
-        root = ""
+    relative = relative_to_common_folder(train_paths + val_paths)
     lists = {}
-    for name, paths, labels in (("train_images", train_paths, train_labels), ("val_images", val_paths, val_labels)):
+    for name, paths, labels in (("train_images", relative[:len(train_paths)], train_labels),
+                                ("val_images", relative[len(train_paths):], val_labels)):
         digest = hashlib.sha256()
-        for path, label in zip(paths, labels):
-            digest.update(f"{os.path.relpath(path, root) if root else path}\0{label}\n".encode())
+        digest.update("".join(f"{path}\0{label}\n" for path, label in zip(paths, labels)).encode())
         lists[name] = f"{len(paths)} images {digest.hexdigest()[:16]}"
     return lists
+
+
+def relative_to_common_folder(paths: list[str]) -> list[str]:
+    """``os.path.relpath(path, root)`` of every path, root = ``os.path.commonpath(paths)`` (the paths as they
+    are without one, or for absolute and relative paths mixed). By string slicing when every path is the root
+    plus a normalized rest with two or more first components (any listed folder: ~0.1 s per million paths
+    instead of ~7 s); otherwise the slow way, which normalizes."""
+    try:
+        root = os.path.commonpath([min(paths), max(paths)]) if paths else ""  # the common path, if all share it
+    except ValueError:  # absolute and relative paths mixed
+        return list(paths)
+    if not root:
+        return list(paths)
+    prefix = root if root.endswith(os.sep) else root + os.sep
+    rest = [path[len(prefix):] for path in paths]
+    if all(path.startswith(prefix) for path in paths) and _normalized(rest) \
+            and len({path.partition(os.sep)[0] for path in rest}) > 1:
+        return rest
+    try:
+        root = os.path.commonpath(paths)
+    except ValueError:
+        return list(paths)
+    return [os.path.relpath(path, root) for path in paths] if root else list(paths)
+
+
+def _normalized(relative: list[str]) -> bool:
+    """Whether every one of the relative paths has no empty, ``.`` or ``..`` component (``normpath`` keeps it)."""
+    joined, sep = "\0" + "\0".join(relative) + "\0", os.sep  # NUL: the one character no path holds
+    bad = ("\0\0", sep + sep, "\0" + sep, sep + "\0", *(a + dots + b for dots in (".", "..")
+                                                    for a in ("\0", sep) for b in ("\0", sep)))
+    return joined.count("\0") == len(relative) + 1 and not any(part in joined for part in bad)
 
 
 def check_signature(saved: dict, current: dict, checkpoint: Path) -> None:

@@ -60,7 +60,10 @@ def docs_world(tmp_path, monkeypatch):
     hub = tmp_path / "torch_home"
     weights = torchvision.models.ResNet18_Weights.DEFAULT
     (hub / "hub" / "checkpoints").mkdir(parents=True)
-    torch.save(torchvision.models.resnet18().state_dict(), hub / "hub" / "checkpoints" / Path(weights.url).name)
+    with torch.random.fork_rng():  # the same "pretrained" weights whatever ran before (the RNG's state)
+        torch.manual_seed(0)
+        pretrained = torchvision.models.resnet18().state_dict()
+    torch.save(pretrained, hub / "hub" / "checkpoints" / Path(weights.url).name)
     monkeypatch.setenv("TORCH_HOME", str(hub))
     monkeypatch.chdir(tmp_path)
     return tmp_path

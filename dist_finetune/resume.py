@@ -9,7 +9,7 @@
 - A changed lr, weight decay or SGD momentum is applied from the resume point: every param group's
   value is scaled by new / old, so the groups keep their ratios (layer decay, ``initial_denom_lr``).
 - What changes the data or the sample order (the image lists, the seed, the sampler) is refused
-  before anything is loaded, by the run signature (``training_state.check_signature``).
+  before anything is loaded, by the run signature (``run_signature.check_signature``).
 - Checkpoints as new as or newer than the one resumed from belong to an abandoned continuation:
   ``training_state.CheckpointCadence`` moves them aside when training starts.
 """
@@ -24,10 +24,10 @@ from typing import Callable
 from .callbacks import RunState
 from .errors import CheckpointError
 from .fsdp import load_sharded_tensors
+from .run_signature import check_signature
 from .sharding import shard_optimizer_state
 from .training_state import (
     TrainingState,
-    check_signature,
     join_optimizer_state,
     layout_of,
     load_training_state,

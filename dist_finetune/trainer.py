@@ -59,12 +59,8 @@ from .schedule import WarmupSchedule
 from .sharding import full_state_dict
 from .task import ImageClassifier
 from .trackers import check_trackers
-from .training_state import (
-    CheckpointCadence,
-    checkpoint_to_resume,
-    run_signature,
-    write_training_state,
-)
+from .run_signature import run_signature
+from .training_state import CheckpointCadence, checkpoint_to_resume, write_training_state
 
 __all__ = ["Trainer", "MODEL_FILENAME"]
 

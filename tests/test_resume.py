@@ -43,7 +43,8 @@ def test_resume_refuses_another_run(image_folders, tmp_path):
     from conftest import tiny_trainer, write_image_folder
 
     from dist_finetune import ImageClassificationData, ImageClassifier
-    from dist_finetune.training_state import find_checkpoint, image_lists
+    from dist_finetune.run_signature import image_lists
+    from dist_finetune.training_state import find_checkpoint
 
     def data(train=image_folders / "train", size=32, **options):
         return ImageClassificationData.from_folders(str(train), val_split=0.25, image_size=size, batch_size=4,
@@ -97,7 +98,7 @@ def test_a_checkpoint_from_before_initial_denom_lr_is_read_as_lr_over_10(tmp_pat
     """Built-in strategies' checkpoints written before ``initial_denom_lr`` was a setting added groups at
     lr / 10: they resume with --initial-denom-lr 10 and are refused, naming the setting, under the new 100."""
     from dist_finetune.finetuning import FreezeUnfreeze, UnfreezeMilestones
-    from dist_finetune.training_state import check_signature
+    from dist_finetune.run_signature import check_signature
 
     for strategy in (FreezeUnfreeze, UnfreezeMilestones):
         old = {k: v for k, v in strategy().describe().items() if k != "initial_denom_lr"}
@@ -203,7 +204,7 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tiny_data, tmp_p
 def test_a_checkpoint_from_before_the_seed_optimizer_and_image_records_is_not_refused_for_lacking_them(tmp_path):
     """Older checkpoints' signatures lack the seed, optimizer and image lists: those are not compared; a
     recorded one that differs is refused."""
-    from dist_finetune.training_state import check_signature
+    from dist_finetune.run_signature import check_signature
 
     current = {"backbone": "tiny_resnet", "seed": 0, "optimizer": "adamw", "train_images": "18 images 0123456789abcdef",
                "val_images": "6 images fedcba9876543210"}

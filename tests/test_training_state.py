@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 
 from dist_finetune.callbacks import Callback, Position
 from dist_finetune.errors import CheckpointError
-from dist_finetune.training_state import image_lists, load_training_state, relative_to_common_folder
+from dist_finetune.run_signature import image_lists, relative_to_common_folder
+from dist_finetune.training_state import load_training_state
 
 
 def test_a_checkpoint_written_before_layout_settings_and_callbacks_were_recorded_loads(tmp_path):

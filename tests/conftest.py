@@ -77,6 +77,22 @@ def task(data=None):
     return ImageClassifier(3 if data is None else data.num_classes, backbone=BACKBONE, pretrained=False)
 
 
+class Killed(Exception):
+    """Raised by :class:`KillAt`: the run ends there, as under SIGKILL."""
+
+
+def kill_at(step: int):
+    """A callback that ends the run after optimizer step ``step``, before its checkpoint (as a SIGKILL would)."""
+    from dist_finetune.callbacks import Callback
+
+    class KillAt(Callback):
+        def on_step_end(self, trainer, run) -> None:
+            if run.position.global_step == step:
+                raise Killed
+
+    return KillAt()
+
+
 def nan_head_from_epoch_1():
     """A freeze_unfreeze strategy that also fills the head's last weight with NaN at epoch 1, so
     every loss from then on is non-finite (for the tests of the non-finite-loss check)."""

@@ -10,13 +10,12 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import BACKBONE, tiny_trainer, write_image_folder
+from conftest import BACKBONE, Killed, kill_at, tiny_trainer, write_image_folder
 from PIL import Image
 from safetensors.torch import load_file
 from test_sources import SETTINGS, image_dataset, scan_cache  # noqa: F401  (scan_cache: the fixture)
 
 from dist_finetune import ImageClassificationData, ImageClassifier, seed_everything
-from dist_finetune.callbacks import Callback
 from dist_finetune.data import BalancedSampler, REPEAT_STRIDE, eval_resize_size, stratified_split
 from dist_finetune.errors import DataError
 from dist_finetune.images import load_rgb
@@ -291,21 +290,6 @@ def test_balanced_sampler_draws_classes_equally_from_seed_and_epoch_only():
     assert list(again) != keys
 
 
-class Killed(Exception):
-    pass
-
-
-class Kill(Callback):
-    """Stops the run at an optimizer step, as a SIGKILL would: the step's own checkpoint is not written."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, trainer, run) -> None:
-        if run.position.global_step == self.step:
-            raise Killed
-
-
 @pytest.mark.usefixtures("scan_cache")  # XDG_CACHE_HOME in tmp_path, as in test_splits.py
 def test_balanced_sampler_on_a_dataset_resumes_bit_exactly(tmp_path, capsys):
     saved = tmp_path / "saved"
@@ -322,7 +306,7 @@ def test_balanced_sampler_on_a_dataset_resumes_bit_exactly(tmp_path, capsys):
 
     uninterrupted = finetune(tmp_path / "a")
     with pytest.raises(Killed):
-        finetune(tmp_path / "b", [Kill(step=6)])  # epoch 1 (4 steps per epoch), batch 2
+        finetune(tmp_path / "b", [kill_at(6)])  # epoch 1 (4 steps per epoch), batch 2
     resumed = finetune(tmp_path / "b", resume="latest")
     assert "at epoch 1, batch 1, step 5" in capsys.readouterr().out
     different = [name for name in uninterrupted if not torch.equal(uninterrupted[name], resumed[name])]

@@ -12,11 +12,10 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import BACKBONE, tiny_trainer, write_image_folder
+from conftest import BACKBONE, Killed, kill_at, tiny_trainer, write_image_folder
 from PIL import Image
 
 from dist_finetune import ImageClassificationData, ImageClassifier, seed_everything
-from dist_finetune.callbacks import Callback
 from dist_finetune.checkpoint import read_metadata
 from dist_finetune.cli import main
 from dist_finetune.config import ConfigError, config_from_dict
@@ -307,21 +306,6 @@ def test_the_image_column_may_hold_images_encoded_bytes_or_file_paths(tmp_path):
         assert all(torch.equal(a, b) and y == z for (a, y), (b, z) in zip(decoded[kind], decoded["image"])), kind
 
 
-class Killed(Exception):
-    pass
-
-
-class KillAt(Callback):
-    """Ends the run after optimizer step ``step``, before its checkpoint (as a SIGKILL would)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, trainer, run) -> None:
-        if run.position.global_step == self.step:
-            raise Killed
-
-
 @pytest.mark.parametrize("kind", ["in_memory", "csv"])
 def test_a_killed_run_on_any_source_resumes_bit_exactly(tmp_path, scan_cache, kind):
     """Folders and save_to_disk datasets are resumed in test_resume and test_leakage (a parquet folder is
@@ -347,7 +331,7 @@ def test_a_killed_run_on_any_source_resumes_bit_exactly(tmp_path, scan_cache, ki
 
     uninterrupted, _ = finetune(tmp_path / "a")
     with pytest.raises(Killed):
-        finetune(tmp_path / "b", [KillAt(step=6)])  # 12 train images, 3 steps per epoch: epoch 1, batch 3
+        finetune(tmp_path / "b", [kill_at(6)])  # 12 train images, 3 steps per epoch: epoch 1, batch 3
     resumed, trainer = finetune(tmp_path / "b", resume="latest")
     assert trainer.run.resumed_from.name == "step-00000005"
     assert uninterrupted.keys() == resumed.keys()

@@ -18,7 +18,6 @@ from .config import MIXED_PRECISION, RunConfig, apply_overrides, load_yaml
 from .errors import UserError
 
 
-
 def config_flag(section: str, spec: dataclasses.Field, kind: Any) -> tuple[str, str, dict]:
     """``--name`` (or the field's ``flag``), ``section.name``, argparse options: the type from the annotation,
     and the help with the field's default after it."""
@@ -42,22 +41,25 @@ def config_flag(section: str, spec: dataclasses.Field, kind: Any) -> tuple[str, 
     return flag, f"{section}.{spec.name}", options
 
 
-def config_flags() -> list[tuple[str, str, dict]]:
-    """One ``train`` flag per RunConfig field that has help (``config.setting``), in the fields' order:
-    (flag, "section.field", argparse options)."""
-    flags = []
+def settings() -> list[tuple[str, dataclasses.Field, Any]]:
+    """Every RunConfig field: (section name, the field, its resolved annotation), in the fields' order."""
+    found = []
     for section in fields(RunConfig):
         section_class = get_type_hints(RunConfig)[section.name]
         kinds = get_type_hints(section_class)
-        flags += [config_flag(section.name, spec, kinds[spec.name]) for spec in fields(section_class)
-                  if spec.metadata.get("help")]
-    return flags
+        found += [(section.name, spec, kinds[spec.name]) for spec in fields(section_class)]
+    return found
+
+
+def config_flags() -> list[tuple[str, str, dict]]:
+    """One ``train`` flag per RunConfig field that has help (``config.setting``), in the fields' order:
+    (flag, "section.field", argparse options)."""
+    return [config_flag(section, spec, kind) for section, spec, kind in settings() if spec.metadata.get("help")]
 
 
 TRAIN_FLAGS = config_flags()
-CLI_DEFAULTS = {f"{section.name}.{spec.name}": spec.metadata["cli_default"] for section in fields(RunConfig)
-                for spec in fields(get_type_hints(RunConfig)[section.name]) if "cli_default" in spec.metadata}
-
+CLI_DEFAULTS = {f"{section}.{spec.name}": spec.metadata["cli_default"] for section, spec, _ in settings()
+                if "cli_default" in spec.metadata}
 
 PACKED_DATA_SETTINGS = ("train_folder", "val_folder", "train_csv", "val_csv", "image_root", "skip_bad_images",
                         "dedupe")

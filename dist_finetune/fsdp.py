@@ -89,11 +89,12 @@ def runner_applies_fsdp2():
     if launcher_fsdp_version() != 2:
         yield
         return
+    launched_with = os.environ["ACCELERATE_USE_FSDP"]  # set: the launch config asks for FSDP2
     os.environ["ACCELERATE_USE_FSDP"] = "false"
     try:
         yield
     finally:
-        os.environ["ACCELERATE_USE_FSDP"] = "true"
+        os.environ["ACCELERATE_USE_FSDP"] = launched_with  # as the launcher spelled it ("true", "1", ...)
 
 
 def shard_units(task) -> list[list[nn.Module]]:

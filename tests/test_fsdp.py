@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import os
 import pytest
 import torch
 
@@ -114,3 +115,13 @@ def test_launch_config_fsdp2_on_gpus_shards_every_layer_with_a_bf16_policy(monke
         policy = options["mp_policy"]
         assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
         assert options["reshard_after_forward"] is True
+
+
+def test_the_launchers_fsdp_request_is_hidden_while_the_accelerator_is_built_then_restored_as_spelled(monkeypatch):
+    from dist_finetune.fsdp import runner_applies_fsdp2
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "1")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with runner_applies_fsdp2():
+        assert os.environ["ACCELERATE_USE_FSDP"] == "false"
+    assert os.environ["ACCELERATE_USE_FSDP"] == "1"

@@ -4,9 +4,9 @@ Two real gloo ranks training sharded: integration/test_fsdp_ranks.py."""
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
-import os
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""``dist-finetune train | predict | evaluate | plot | pack | demo``: a thin layer over the Python API.
+"""``dist-finetune train | lr-find | predict | evaluate | plot | pack | demo``: a thin layer over the Python API.
 
 Every ``train`` flag is one :class:`~dist_finetune.config.RunConfig` field, generated from the field (its
 help, type and default: ``config.setting``); flags override the ``--config`` YAML file, which overrides the
@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import sys
 from dataclasses import fields
+from pathlib import Path
 from types import UnionType
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -43,12 +44,14 @@ def config_flag(section: str, spec: dataclasses.Field, kind: Any) -> tuple[str, 
 
 def settings() -> list[tuple[str, dataclasses.Field, Any]]:
     """Every RunConfig field: (section name, the field, its resolved annotation), in the fields' order."""
-    found = []
-    for section in fields(RunConfig):
-        section_class = get_type_hints(RunConfig)[section.name]
-        kinds = get_type_hints(section_class)
-        found += [(section.name, spec, kinds[spec.name]) for spec in fields(section_class)]
-    return found
+    return [setting for section in fields(RunConfig)
+            for setting in section_settings(section.name, get_type_hints(RunConfig)[section.name])]
+
+
+def section_settings(section: str, section_class: type) -> list[tuple[str, dataclasses.Field, Any]]:
+    """Every field of one settings dataclass: (``section``, the field, its resolved annotation)."""
+    kinds = get_type_hints(section_class)
+    return [(section, spec, kinds[spec.name]) for spec in fields(section_class)]
 
 
 def config_flags() -> list[tuple[str, str, dict]]:
@@ -60,6 +63,26 @@ def config_flags() -> list[tuple[str, str, dict]]:
 TRAIN_FLAGS = config_flags()
 CLI_DEFAULTS = {f"{section}.{spec.name}": spec.metadata["cli_default"] for section, spec, _ in settings()
                 if "cli_default" in spec.metadata}
+
+# lr-find: every data, model and strategy flag, and these trainer ones (the sweep sets the lr, and runs no epochs)
+LR_FIND_TRAINER_SETTINGS = ("optimizer", "weight_decay", "label_smoothing", "mixed_precision",
+                            "gradient_accumulation_steps", "max_grad_norm", "seed", "output_dir",
+                            "process_group_timeout_s", "tune_cpu_allocator", "deterministic", "progress_bar",
+                            "layer_decay")
+LR_FIND_OUTPUT_HELP = "where lr_find.json and lr_find.png go (default: outputs)"
+
+
+def lr_find_flags() -> list[tuple[str, str, dict]]:
+    """``lr-find``'s flags: train's for what it shares with ``train`` (``LR_FIND_TRAINER_SETTINGS``), then the
+    sweep's own (``LRSweep`` fields, dest ``sweep.NAME``)."""
+    from .lr_finder import LRSweep
+
+    shared = [(flag, dest, options) for flag, dest, options in TRAIN_FLAGS
+              if not dest.startswith("trainer.") or dest.split(".")[1] in LR_FIND_TRAINER_SETTINGS]
+    shared = [(flag, dest, {**options, "help": LR_FIND_OUTPUT_HELP} if dest == "trainer.output_dir" else options)
+              for flag, dest, options in shared]
+    return shared + [config_flag(*setting) for setting in section_settings("sweep", LRSweep)]
+
 
 PACKED_DATA_SETTINGS = ("train_folder", "val_folder", "train_csv", "val_csv", "image_root", "skip_bad_images",
                         "dedupe")
@@ -76,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument(flag, dest=dest, default=argparse.SUPPRESS, **options)
     train.add_argument("--dry-run", action="store_true", help="check everything (config, folders, images, backbone, "
                                                               "strategy) and print the plan; train nothing")
+
+    lr_find = commands.add_parser("lr-find", help="sweep the head lr exponentially and suggest one (fastai's lr_find)",
+                                  description="Train what the strategy's first epoch trains, on a copy of the model, "
+                                              "with an lr growing from --start-lr to --end-lr; write the loss "
+                                              "against the lr (OUTPUT_DIR/lr_find.json, .png) and print the "
+                                              "suggested --lr. Works under accelerate launch.")
+    lr_find.add_argument("--config", help="train's YAML file (its data/model/strategy/trainer); flags override it")
+    for flag, dest, options in lr_find_flags():
+        lr_find.add_argument(flag, dest=dest, default=argparse.SUPPRESS, **options)
 
     from .prediction import PREDICTION_FORMATS, UNREADABLE_EXIT_CODE
 
@@ -177,6 +209,28 @@ def run_train(args: argparse.Namespace) -> None:
         shutdown()
 
 
+def run_lr_find(args: argparse.Namespace) -> None:
+    from .distributed import shutdown
+    from .lr_finder import LR_FIND_JSON, LR_FIND_PNG, LRSweep
+    from .recipe import lr_find_from_config
+
+    config = train_config(args)
+    sweep = LRSweep(**{name: value for dest, value in vars(args).items()
+                       for section, _, name in [dest.partition(".")] if section == "sweep"})
+    try:
+        trainer, result = lr_find_from_config(config, sweep)
+        suggested = f"{result.suggestion:.1e}" if result.suggestion is not None else "none (fewer than 2 steps)"
+        trainer.announce(f"lr-find: {len(result.lrs)} steps from lr {result.lrs[0]:.1e} to {result.lrs[-1]:.1e}"
+                         + (f"; stopped early: {result.stopped_early}" if result.stopped_early else ""))
+        trainer.announce(f"lr-find: suggested --lr {suggested} (steepest descent of the smoothed loss); lowest loss "
+                         f"at {result.min_loss_lr:.1e}, a tenth of it: {result.min_loss_lr / 10:.1e}")
+        output = config.trainer.output_dir
+        written = [name for name in (LR_FIND_JSON, LR_FIND_PNG) if (Path(output) / name).is_file()]
+        trainer.announce(f"lr-find: written to {output}: {', '.join(written)}")
+    finally:
+        shutdown()
+
+
 def run_predict(args: argparse.Namespace) -> None:
     from .distributed import launched_world_size, make_accelerator, shutdown
     from .errors import ConfigError
@@ -251,7 +305,7 @@ def run_pack(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    commands = {"train": run_train, "predict": run_predict, "demo": run_demo_command, "evaluate": run_evaluate,
+    commands = {"train": run_train, "lr-find": run_lr_find, "predict": run_predict, "demo": run_demo_command, "evaluate": run_evaluate,
                 "plot": run_plot, "pack": run_pack}
     try:
         commands[args.command](args)

@@ -1,4 +1,5 @@
-"""Training curves of a run folder: losses, accuracy and every param group's learning rate.
+"""Training curves of a run folder (losses, accuracy and every param group's learning rate), and the lr
+finder's loss-against-lr curve.
 
 Reads ``metrics.jsonl`` (one record per finished epoch) and, when present, ``steps.jsonl`` (one
 record every few optimizer steps). A run may still be going or have been preempted and resumed, so
@@ -69,17 +70,11 @@ def plot_curves(run_dir, output=None) -> Path:
     """
     run_dir = Path(run_dir)
     run = read_run(run_dir)
-    try:
-        import matplotlib  # noqa: F401  (first, so that a missing matplotlib fails here)
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise PlotsUnavailable(MATPLOTLIB_HINT) from error
     epochs, steps = run["epochs"], run["steps"]
     unfreezes = [record["epoch"] for record in epochs if record.get("joined")]
     best = next((record for record in reversed(epochs) if record.get("best")), None)
 
-    # The Figure API renders with Agg and leaves pyplot's global state (and any GUI backend) alone.
-    figure = Figure(figsize=(16, 4.8), layout="constrained")
+    figure = _new_figure((16, 4.8))
     loss_axes, accuracy_axes, lr_axes = figure.subplots(1, 3)
     figure.suptitle(run_dir.resolve().name)
 
@@ -118,7 +113,37 @@ def plot_curves(run_dir, output=None) -> Path:
         axes.grid(alpha=0.3)
         if axes.get_legend_handles_labels()[0]:
             axes.legend(fontsize=8)
-    output = Path(output) if output is not None else run_dir / CURVES_FILENAME
+    return _write_png(figure, Path(output) if output is not None else run_dir / CURVES_FILENAME)
+
+
+def plot_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], suggestion: float | None,
+                 output) -> Path:
+    """Draw the lr finder's loss (raw and smoothed) against the lr, log x, the suggested lr marked; write
+    ``output`` (PNG) and return it. Raises PlotsUnavailable without matplotlib."""
+    figure = _new_figure((7, 4.8))
+    axes = figure.subplots()
+    axes.plot(lrs, losses, color="lightgrey", label="loss")
+    axes.plot(lrs, smoothed, label="smoothed loss")
+    if suggestion is not None:
+        axes.axvline(suggestion, color="red", linestyle="--", label=f"suggested lr {suggestion:.2e}")
+    axes.set_xscale("log")
+    axes.set(title="lr finder", xlabel="learning rate (head)", ylabel="training loss")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    return _write_png(figure, Path(output))
+
+
+def _new_figure(size: tuple[float, float]):
+    """A matplotlib Figure (the Figure API renders with Agg and leaves pyplot's global state and any GUI
+    backend alone); raises PlotsUnavailable without matplotlib."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise PlotsUnavailable(MATPLOTLIB_HINT) from error
+    return Figure(figsize=size, layout="constrained")
+
+
+def _write_png(figure, output: Path) -> Path:
     png = io.BytesIO()
     figure.savefig(png, format="png", dpi=100)
     write_atomic(output, png.getvalue())

@@ -13,6 +13,7 @@ from .config import RunConfig
 from .errors import ConfigError
 from .data import ImageClassificationData
 from .evaluation import format_report
+from .lr_finder import LRFinderResult, LRSweep
 from .reports import evaluation_data, save_report
 from .run_records import dry_run as plan_run
 from .task import ImageClassifier
@@ -29,22 +30,29 @@ def finetune_from_config(config: RunConfig, resume: str | None = None,
     """
     if resume is not None:
         config = dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, resume=resume))
-    model_config, strategy_config = config.model, config.strategy
     data = build_data(config)
-    set_seed(config.trainer.seed)  # the new head's initialisation
-    task = ImageClassifier(
-        num_classes=data.num_classes,
-        backbone=model_config.backbone,
-        pretrained=model_config.pretrained,
-        weights=model_config.weights,
-        head_hidden=model_config.head_hidden,
-        head_dropout=model_config.head_dropout,
-    )
+    task = build_task(config, data)
     trainer = Trainer(config)
     if dry_run:
-        return trainer, task, plan_run(trainer, task, data, strategy_config.strategy())
-    metrics = trainer.finetune(task, data, strategy=strategy_config.strategy())
+        return trainer, task, plan_run(trainer, task, data, config.strategy.strategy())
+    metrics = trainer.finetune(task, data, strategy=config.strategy.strategy())
     return trainer, task, metrics
+
+
+def lr_find_from_config(config: RunConfig, sweep: LRSweep) -> tuple[Trainer, LRFinderResult]:
+    """``Trainer.lr_find`` on the data, model and strategy ``finetune_from_config`` would train; the CLI calls
+    this. Writes ``lr_find.json`` (and ``.png``) to ``config.trainer.output_dir`` when set."""
+    data = build_data(config)
+    trainer = Trainer(config)
+    return trainer, trainer.lr_find(build_task(config, data), data, strategy=config.strategy.strategy(), sweep=sweep)
+
+
+def build_task(config: RunConfig, data: ImageClassificationData) -> ImageClassifier:
+    """The model section's classifier for ``data``'s classes, its new head seeded by ``trainer.seed``."""
+    model = config.model
+    set_seed(config.trainer.seed)  # the new head's initialisation
+    return ImageClassifier(num_classes=data.num_classes, backbone=model.backbone, pretrained=model.pretrained,
+                           weights=model.weights, head_hidden=model.head_hidden, head_dropout=model.head_dropout)
 
 
 def build_data(config: RunConfig) -> ImageClassificationData:

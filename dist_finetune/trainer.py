@@ -48,6 +48,7 @@ from .host_memory import keep_freed_memory
 from .inference import eval_loader, validation_metrics
 from .load_failures import LoadFailureReport
 from .loss_guard import LossGuard, refuse_non_finite_weights
+from .lr_finder import LRFinderResult, LRSweep, find_lr
 from .memory_format import resolve_channels_last
 from .metrics import MetricsLogger
 from .model_selection import MODEL_FILENAME, BestModel, EarlyStopping
@@ -106,6 +107,16 @@ class Trainer:
         finally:
             self._teardown(run)
         return run.history
+
+    def lr_find(self, task: ImageClassifier, data: ImageClassificationData, strategy="no_freeze",
+                train_bn: bool | None = None, sweep: LRSweep | None = None) -> LRFinderResult:
+        """fastai's ``lr_find`` (``lr_finder.py``): an exponential lr sweep of what ``strategy``'s first epoch
+        trains, on a copy (``task`` is left as it was); the main process writes the curve to output_dir."""
+        strategy, config, _ = self._check_inputs(task, data, strategy, train_bn, None)
+        accelerator = self._make_accelerator()
+        self._check_images(data, accelerator)
+        return find_lr(task, strategy, config, accelerator, self._loaders(data, accelerator)[0],
+                       data.loss_weights(), sweep or LRSweep())
 
     @property
     def metrics(self) -> list[dict]:

@@ -305,8 +305,8 @@ def run_pack(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    commands = {"train": run_train, "lr-find": run_lr_find, "predict": run_predict, "demo": run_demo_command, "evaluate": run_evaluate,
-                "plot": run_plot, "pack": run_pack}
+    commands = {"train": run_train, "lr-find": run_lr_find, "predict": run_predict, "demo": run_demo_command,
+                "evaluate": run_evaluate, "plot": run_plot, "pack": run_pack}
     try:
         commands[args.command](args)
     except UserError as error:  # names the file or setting and the fix; anything else is a bug: traceback

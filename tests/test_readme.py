@@ -152,7 +152,7 @@ def test_documented_commands_use_flags_and_subcommands_that_exist():
     checked = 0
     for page in pages():
         for line in commands(page):
-            ours = re.search(r"(?:dist-finetune|-m dist_finetune) (\w+)(.*)", line)
+            ours = re.search(r"(?:dist-finetune|-m dist_finetune) ([\w-]+)(.*)", line)
             if ours and ours.group(1) in subparsers:
                 known = set(subparsers[ours.group(1)]._option_string_actions)
                 unknown = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", ours.group(2))) - known

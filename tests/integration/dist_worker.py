@@ -3,7 +3,7 @@
     python dist_worker.py SCENARIO DATA_ROOT OUT_DIR [BATCH_SIZE]
 
 Scenarios: strategies (freeze_unfreeze, unfreeze_milestones, the guide's custom strategy, in turn; then early
-stopping; then the balanced sampler with one rank that alone would stop early),
+stopping; then the balanced sampler with one rank that alone would stop early; then a short lr sweep),
 equivalence (one deterministic run), mismatch (at a transition rank 1 alone alters a weight, adds its
 groups in another layout, or gives a group another lr; each rank writes the error it got), no_resync
 (a plain Accelerate loop that unfreezes after ``prepare`` without rebuilding DDP: the drift the
@@ -13,6 +13,7 @@ forward runs before and after the DDP rebuild; then the same run uncompiled, for
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from dist_finetune.callbacks import Callback
 from dist_finetune.distributed import make_accelerator, shutdown
 from dist_finetune.errors import RankMismatchError
 from dist_finetune.finetuning import BaseFinetuning, FreezeUnfreeze, UnfreezeMilestones
+from dist_finetune.lr_finder import LRSweep
 from test_finetuning import FeatureExtractorFreezeUnfreeze as GuideStrategy  # the Flash guide's example
 
 BACKBONE = "tiny_resnet"
@@ -155,6 +157,22 @@ def train_balanced_with_a_rank_that_would_stop(data_root: Path, out: Path, batch
     (out / f"rank{rank}_report.json").write_text(json.dumps(report))
 
 
+def find_lr(data_root: Path, out: Path, batch_size: int) -> None:
+    """A short lr sweep (``Trainer.lr_find``): each rank writes the curve it got and its task's weights after."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = ImageClassificationData.from_folders(str(data_root / "train"), str(data_root / "val"), image_size=32,
+                                                batch_size=batch_size, num_workers=0, augment=False)
+    seed_everything(0)
+    task = ImageClassifier(data.num_classes, backbone=BACKBONE, pretrained=False)
+    trainer = Trainer(seed=0, progress_bar=False, output_dir=str(out))
+    sweep = LRSweep(start_lr=1e-4, end_lr=1e-2, num_steps=5)  # no divergence: five points
+    result = trainer.lr_find(task, data, FreezeUnfreeze(unfreeze_epoch=1), sweep=sweep)
+    rank = trainer.accelerator.process_index
+    (out / f"rank{rank}_curve.json").write_text(json.dumps(dataclasses.asdict(result)))
+    save_file({n: t.detach().cpu().contiguous() for n, t in task.state_dict().items()},
+              out / f"rank{rank}_after.safetensors")
+
+
 def train_without_resync(data_root: Path, out: Path, batch_size: int) -> None:
     """The trap, in a plain Accelerate loop: DDP wrapped while the backbone was frozen, then unfrozen."""
     out.mkdir(parents=True, exist_ok=True)
@@ -272,6 +290,7 @@ def main() -> None:
                   early_stopping_min_delta=1.0),
         ]
         train_balanced_with_a_rank_that_would_stop(data_root, out / "balanced_early_stop", batch_size)
+        find_lr(data_root, out / "lr_find", batch_size)
         rank = trainers[0].accelerator.process_index
         shutdown()
         (out / f"rank{rank}_gloo_threads_after_shutdown.json").write_text(json.dumps(gloo_threads()))

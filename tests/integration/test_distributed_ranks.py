@@ -127,6 +127,22 @@ def test_the_balanced_sampler_splits_one_draw_over_the_ranks(strategies_run):
         assert sorted(mine + theirs) == sorted(sampler)
 
 
+def test_the_lr_sweep_gives_every_rank_one_curve_and_leaves_each_model_as_it_was(strategies_run):
+    """Each step's loss is the mean over the ranks, so both stop together and hold the same curve, which the
+    main process wrote; the sweep trained copies, so every rank's task still has the weights all ranks
+    built from seed 0."""
+    folder = strategies_run / "lr_find"
+    curves = [json.loads((folder / f"rank{r}_curve.json").read_text()) for r in (0, 1)]
+    assert curves[0] == curves[1] and len(curves[0]["losses"]) == 5
+    assert json.loads((folder / "lr_find.json").read_text()) == curves[0]
+    assert_identical(*rank_files(folder, "after"), "the tasks after the sweep")
+    from dist_finetune import ImageClassifier, seed_everything
+
+    seed_everything(0)
+    built = ImageClassifier(3, backbone="tiny_resnet", pretrained=False).state_dict()
+    assert_identical(rank_files(folder, "after")[0], {n: t.contiguous() for n, t in built.items()}, "before and after")
+
+
 def test_checkpoint_and_metrics_written_once_by_the_main_process(strategies_run, image_folders):
     from dist_finetune import ImageClassificationData, ImageClassifier, Trainer
 

@@ -112,6 +112,9 @@ def find_lr(task, strategy: BaseFinetuning, config: TrainerConfig, accelerator, 
 
     Raises NonFiniteLossError, before any update and with nothing written, when the first loss is not finite.
     """
+    if config.sharding == "fsdp2":
+        raise ConfigError("lr-find trains the whole model on every rank (DDP), not sharded: run it without "
+                          "trainer.sharding fsdp2 (from the config or the accelerate launch config)")
     rng = capture_rng(accelerator.device)
     set_seed(config.seed)
     model = copy.deepcopy(task)
@@ -133,8 +136,8 @@ def find_lr(task, strategy: BaseFinetuning, config: TrainerConfig, accelerator, 
             loss = _step(model, optimizer, batches, accelerator, config, weights)
             if not math.isfinite(loss) and not losses:
                 raise NonFiniteLossError(
-                    f"lr-find: the loss of the first batch is {loss}, before any update (lr {lr:.1e}): the "
-                    "model's weights (--weights) or the images give non-finite values; nothing was written")
+                    f"the loss of the first batch is {loss}, before any update (lr {lr:.1e}): the model's weights "
+                    "(model.weights, --weights) or the images hold non-finite values; nothing was written")
             if not math.isfinite(loss):
                 stopped = f"the loss became {loss} at lr {lr:.2e}"
                 break

@@ -14,7 +14,6 @@ import torch
 from conftest import BACKBONE, task as make_task, tiny_trainer
 
 from dist_finetune.cli import main
-from dist_finetune.errors import NonFiniteLossError
 from dist_finetune.finetuning import FreezeUnfreeze
 from dist_finetune.lr_finder import LR_FIND_JSON, LR_FIND_PNG, LRSweep, smooth, steepest_lr, sweep_lrs
 from dist_finetune.plots import matplotlib_available
@@ -101,21 +100,31 @@ def test_the_sweep_stops_once_the_smoothed_loss_passes_four_times_its_minimum(sw
     assert (sweep_run["output"] / LR_FIND_PNG).is_file() == matplotlib_available()
 
 
-def test_a_non_finite_first_loss_is_refused_before_any_update_and_nothing_is_written(tiny_data, tmp_path):
-    task = make_task(tiny_data)
-    with torch.no_grad():
-        task.head.layers[-1].weight.fill_(float("nan"))  # every logit, so every loss, is NaN
-    with pytest.raises(NonFiniteLossError, match=r"the loss of the first batch is nan, before any update"):
-        tiny_trainer(output_dir=str(tmp_path / "out")).lr_find(task, tiny_data, "freeze",
-                                                               sweep=LRSweep(num_steps=4))
-    assert list(tmp_path.iterdir()) == []
+def test_a_non_finite_first_loss_is_one_clear_error_with_nothing_written(image_folders, tmp_path, capsys):
+    from safetensors.torch import save_file
+    from tiny_resnet import TinyResNet
+
+    weights = TinyResNet().state_dict()
+    weights["conv1.weight"][0, 0, 0, 0] = float("nan")  # one NaN weight: every feature, so every loss, is NaN
+    save_file(weights, tmp_path / "nan.safetensors")
+    with pytest.raises(SystemExit) as stopped:
+        main([*lr_find_args(image_folders), "--weights", str(tmp_path / "nan.safetensors"), "--output-dir",
+              str(tmp_path / "out")])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("dist-finetune lr-find: error: the loss of the first batch is nan, before any update")
+    assert "\n" not in error and not (tmp_path / "out").exists()
+
+
+def lr_find_args(image_folders) -> list[str]:
+    return ["lr-find", "--train-folder", str(image_folders / "train"), "--val-folder", str(image_folders / "val"),
+            "--backbone", BACKBONE, "--image-size", "32", "--batch-size", "4", "--num-workers", "0",
+            "--strategy", "freeze", "--seed", "0", "--no-progress-bar"]
 
 
 def test_the_command_prints_the_suggestion_and_writes_the_curve(image_folders, tmp_path, capsys):
-    main(["lr-find", "--train-folder", str(image_folders / "train"), "--val-folder", str(image_folders / "val"),
-          "--backbone", BACKBONE, "--no-pretrained", "--image-size", "32", "--batch-size", "4", "--num-workers", "0",
-          "--strategy", "freeze", "--num-steps", "5", "--start-lr", "1e-4", "--end-lr", "1e-2", "--seed", "0",
-          "--output-dir", str(tmp_path), "--no-progress-bar"])
+    main([*lr_find_args(image_folders), "--no-pretrained", "--num-steps", "5", "--start-lr", "1e-4",
+          "--end-lr", "1e-2", "--output-dir", str(tmp_path)])
     printed = capsys.readouterr().out
     written = json.loads((tmp_path / LR_FIND_JSON).read_text())
     assert written["lrs"] == pytest.approx([1e-4, 10 ** -3.5, 1e-3, 10 ** -2.5, 1e-2], rel=1e-12)
@@ -128,3 +137,12 @@ def test_the_command_prints_the_suggestion_and_writes_the_curve(image_folders, t
     for flag in ("--start-lr", "--end-lr", "--num-steps", "--smoothing", "--divergence", "--config", "--train-folder",
                  "--backbone", "--strategy", "--unfreeze-epoch", "--optimizer", "--weight-decay", "--output-dir"):
         assert flag in listed, flag
+
+
+def test_a_sharded_run_is_refused_before_anything_starts():
+    from dist_finetune.config import TrainerConfig
+    from dist_finetune.errors import ConfigError
+    from dist_finetune.lr_finder import find_lr
+
+    with pytest.raises(ConfigError, match="lr-find trains the whole model on every rank"):
+        find_lr(None, FreezeUnfreeze(), TrainerConfig(sharding="fsdp2"), None, None, None, LRSweep())

@@ -2,7 +2,9 @@
 
 Every ``train`` flag is one :class:`~dist_finetune.config.RunConfig` field, generated from the field (its
 help, type and default: ``config.setting``); flags override the ``--config`` YAML file, which overrides the
-defaults. Works under ``accelerate launch -m dist_finetune``.
+defaults. ``lr-find`` takes train's data, model and strategy flags, the trainer ones its sweep uses, and the
+sweep's own (:class:`~dist_finetune.lr_finder.LRSweep` fields, generated the same way). Works under
+``accelerate launch -m dist_finetune``.
 """
 
 from __future__ import annotations

@@ -127,6 +127,8 @@ def plot_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], s
     if suggestion is not None:
         axes.axvline(suggestion, color="red", linestyle="--", label=f"suggested lr {suggestion:.2e}")
     axes.set_xscale("log")
+    low, high = min(losses + smoothed), max(smoothed)  # the raw spikes past divergence would flatten the rest
+    axes.set_ylim(low - 0.05 * (high - low), high + 0.25 * (high - low))
     axes.set(title="lr finder", xlabel="learning rate (head)", ylabel="training loss")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)

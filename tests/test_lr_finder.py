@@ -123,11 +123,13 @@ def lr_find_args(image_folders) -> list[str]:
 
 
 def test_the_command_prints_the_suggestion_and_writes_the_curve(image_folders, tmp_path, capsys):
-    main([*lr_find_args(image_folders), "--no-pretrained", "--num-steps", "5", "--start-lr", "1e-4",
+    # 8 steps, 6 batches of 4 of the 24 train images: the loader starts a second epoch
+    main([*lr_find_args(image_folders), "--no-pretrained", "--num-steps", "8", "--start-lr", "1e-4",
           "--end-lr", "1e-2", "--output-dir", str(tmp_path)])
     printed = capsys.readouterr().out
     written = json.loads((tmp_path / LR_FIND_JSON).read_text())
-    assert written["lrs"] == pytest.approx([1e-4, 10 ** -3.5, 1e-3, 10 ** -2.5, 1e-2], rel=1e-12)
+    assert written["lrs"] == pytest.approx([10 ** (-4 + 2 * step / 7) for step in range(8)], rel=1e-12)
+    assert written["stopped_early"] is None and len(written["losses"]) == 8
     assert f"suggested --lr {written['suggestion']:.1e}" in printed
     assert f"written to {tmp_path}: {LR_FIND_JSON}" in printed
     assert (tmp_path / LR_FIND_PNG).is_file() == matplotlib_available()
@@ -146,3 +148,17 @@ def test_a_sharded_run_is_refused_before_anything_starts():
 
     with pytest.raises(ConfigError, match="lr-find trains the whole model on every rank"):
         find_lr(None, FreezeUnfreeze(), TrainerConfig(sharding="fsdp2"), None, None, None, LRSweep())
+
+
+def test_without_matplotlib_the_curve_is_still_written_and_the_missing_plot_explained(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from dist_finetune.lr_finder import LRFinderResult
+    from dist_finetune.plots import MATPLOTLIB_HINT
+
+    for name in [name for name in sys.modules if name.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)  # import matplotlib now raises ImportError
+    result = LRFinderResult([1e-3, 1e-2], [2.0, 1.0], [2.0, 1.4], 1e-2, 1e-2, None)
+    assert result.save(tmp_path / "out") == [tmp_path / "out" / LR_FIND_JSON]
+    assert json.loads((tmp_path / "out" / LR_FIND_JSON).read_text())["suggestion"] == 1e-2
+    assert MATPLOTLIB_HINT in capsys.readouterr().out and not (tmp_path / "out" / LR_FIND_PNG).exists()

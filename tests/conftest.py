@@ -17,6 +17,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent),
                                             *filter(None, [os.environ.get("PYTHONPATH")])])
 
+
+
+def one_thread_per_xdist_worker() -> None:
+    """With a pytest-xdist worker per core, each worker's torch, and every process it starts, gets one
+    thread: two workers of two OpenMP threads each on two cores wait on each other's barriers. A thread
+    count set in the environment is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and workers >= (os.cpu_count() or 1) and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = "1"
+
+
+one_thread_per_xdist_worker()  # before torch is imported
 import tiny_resnet  # noqa: E402,F401  (registers the "tiny_resnet" backbone the tests train)
 
 CLASSES = ("blue", "green", "red")

@@ -32,7 +32,7 @@ def test_quick_settings():
             args.timed_epochs) == ("resnet18", 64, 8, 32, 8, 4, 1)
 
 
-@pytest.mark.slow  # seven fresh job processes
+@pytest.mark.slow  # two job processes
 def test_benchmark_quick_runs_end_to_end(tmp_path):
     output = tmp_path / "benchmark.json"
     result = subprocess.run([sys.executable, "-m", "benchmarks", "speed", "--quick", "--backbone", "timm:test_resnet",

@@ -272,8 +272,15 @@ def sharded_state_round_trip(out: Path) -> None:
 
 
 def main() -> None:
-    scenario, data_root, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    """``SCENARIO[+SCENARIO...] DATA OUT [BATCH]``: several scenarios share one launch (and its start-up), each
+    writing to ``OUT/<scenario>``; a scenario that ends the process group (``no_resync``) goes last."""
+    scenarios, data_root, out = sys.argv[1].split("+"), Path(sys.argv[2]), Path(sys.argv[3])
     batch_size = int(sys.argv[4]) if len(sys.argv) > 4 else 4
+    for scenario in scenarios:
+        run_scenario(scenario, data_root, out / scenario if len(scenarios) > 1 else out, batch_size)
+
+
+def run_scenario(scenario: str, data_root: Path, out: Path, batch_size: int) -> None:
     if scenario == "strategies":
         # the trainers stay referenced, as in a script that keeps its trainer: after shutdown no gloo
         # thread may be left (a finished run holds no DDP wrapper, and so not the process group)

@@ -161,21 +161,29 @@ def test_checkpoint_and_metrics_written_once_by_the_main_process(strategies_run,
         assert single["val_loss"] == pytest.approx(record["val_loss"], rel=1e-5), name
 
 
-def test_two_processes_equal_one_process_with_twice_the_batch(image_folders, tmp_path):
+@pytest.fixture(scope="module")
+def torchrun_pair(image_folders, tmp_path_factory) -> Path:
+    """The "equivalence" run, 2 processes x batch 4, started by torchrun without ACCELERATE_USE_CPU."""
+    out = tmp_path_factory.mktemp("torchrun_pair")
+    launch("equivalence", image_folders, out, launcher="torchrun")
+    return out
+
+
+def test_two_processes_equal_one_process_with_twice_the_batch(image_folders, torchrun_pair, tmp_path):
     """2 x B=4 and 1 x B=8 see the same 8 samples per step in the same order (seeded sampler, no
     augmentation, BatchNorm frozen so batch statistics do not depend on the per-rank batch). They
     differ only in float summation order (per-rank means averaged by DDP vs one mean of 8): ~1e-7
     relative per step, grown by Adam's normalisation over 9 steps; we allow 1e-4 absolute."""
-    launch("equivalence", image_folders, tmp_path / "two", processes=2, batch_size=4)
     launch("equivalence", image_folders, tmp_path / "one", processes=1, batch_size=8)
-    worlds = [json.loads((tmp_path / d / "rank0_report.json").read_text())["world_size"] for d in ("two", "one")]
+    folders = {"two": torchrun_pair, "one": tmp_path / "one"}
+    worlds = [json.loads((folders[d] / "rank0_report.json").read_text())["world_size"] for d in ("two", "one")]
     assert worlds == [2, 1]
-    two, one = load_file(tmp_path / "two" / "rank0_final.safetensors"), load_file(tmp_path / "one" / "rank0_final.safetensors")
+    two, one = load_file(folders["two"] / "rank0_final.safetensors"), load_file(folders["one"] / "rank0_final.safetensors")
     worst = max((two[n].double() - one[n].double()).abs().max().item() for n in one if one[n].is_floating_point())
     assert worst < 1e-4, f"max difference {worst}"
     moved = load_file(tmp_path / "one" / "rank0_epoch0.safetensors")
     assert (moved["head.layers.0.weight"] - one["head.layers.0.weight"]).abs().max() > 1e-2, "training happened"
-    acc = [json.loads((tmp_path / d / "rank0_report.json").read_text())["metrics"][-1]["val_acc"] for d in ("two", "one")]
+    acc = [json.loads((folders[d] / "rank0_report.json").read_text())["metrics"][-1]["val_acc"] for d in ("two", "one")]
     assert acc[0] == acc[1]
 
 
@@ -199,10 +207,17 @@ def test_compiled_two_processes_stay_identical_and_match_eager(image_folders, tm
 
 
 @pytest.fixture(scope="module")
-def mismatch_run(image_folders, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("mismatch")
-    launch("mismatch", image_folders, out)
+def shared_launch(image_folders, tmp_path_factory) -> Path:
+    """Three scenarios in one launch of two processes: the rank-mismatch runs, the sharded state round trip and
+    (last: it ends the process group) the plain loop without the DDP rebuild; each in its own folder."""
+    out = tmp_path_factory.mktemp("shared_launch")
+    launch("mismatch+sharded_state+no_resync", image_folders, out)
     return out
+
+
+@pytest.fixture(scope="module")
+def mismatch_run(shared_launch) -> Path:
+    return shared_launch / "mismatch"
 
 
 @pytest.mark.parametrize("case, difference", [
@@ -226,19 +241,17 @@ def test_consistency_check_catches_a_rank_that_drifts_on_every_rank(mismatch_run
     assert not list((mismatch_run / case).glob("rank*_final.safetensors")), "training stopped at the check"
 
 
-def test_without_the_ddp_rebuild_ranks_drift(image_folders, tmp_path):
+def test_without_the_ddp_rebuild_ranks_drift(shared_launch):
     """The trap the runner handles: DDP built while the backbone was frozen never averages its grads."""
-    launch("no_resync", image_folders, tmp_path)
-    first, second = rank_files(tmp_path, "final")
+    first, second = rank_files(shared_launch / "no_resync", "final")
     assert torch.equal(first["head.layers.0.weight"], second["head.layers.0.weight"])
     assert not torch.equal(first["backbone.layer4.1.conv2.weight"], second["backbone.layer4.1.conv2.weight"])
 
 
-def test_torchrun_without_cpu_flag_trains_two_synchronised_ranks(image_folders, tmp_path):
-    launch("equivalence", image_folders, tmp_path, launcher="torchrun")
-    reports = [json.loads((tmp_path / f"rank{r}_report.json").read_text()) for r in (0, 1)]
+def test_torchrun_without_cpu_flag_trains_two_synchronised_ranks(torchrun_pair):
+    reports = [json.loads((torchrun_pair / f"rank{r}_report.json").read_text()) for r in (0, 1)]
     assert [(r["rank"], r["world_size"]) for r in reports] == [(0, 2), (1, 2)]
-    assert_identical(*rank_files(tmp_path, "final"), "torchrun end")
+    assert_identical(*rank_files(torchrun_pair, "final"), "torchrun end")
 
 
 @pytest.mark.parametrize("kind, name", [("FSDP", "FSDP1"), ("DEEPSPEED", "DeepSpeed")])
@@ -318,31 +331,31 @@ def test_fully_sharded_no_freeze_writes_whole_tensors_and_resumes(image_folders,
     assert [n for n in last if not torch.equal(last[n], resumed_last[n])] == [], "resume is bit-exact"
 
 
-def test_sharded_state_is_gathered_whole_and_loaded_back_into_each_ranks_slice(tmp_path):
+def test_sharded_state_is_gathered_whole_and_loaded_back_into_each_ranks_slice(shared_launch):
     """Two gloo ranks, the task fully_shard-ed over both (its 3-class head splits 2 + 1 rows): every rank
     gathers the whole initial weights; the rank check compares the sharded parameters' layouts (the same
     on both ranks) where it sums the unsharded task's bits;
     whole weights load back into the slices; Adam's moments go into a checkpoint whole and come back
     into each rank's slice unchanged."""
-    launch("sharded_state", Path("unused"), tmp_path)
+    folder = shared_launch / "sharded_state"
     for rank in (0, 1):
-        report = json.loads((tmp_path / f"rank{rank}_report.json").read_text())
+        report = json.loads((folder / f"rank{rank}_report.json").read_text())
         assert report["head_local_rows"] == (2, 1)[rank]
         sharded, plain = report["fingerprints"]["sharded"], report["fingerprints"]["plain"]
         assert [name for name, _ in sharded] == [name for name, _ in plain]
         assert all(isinstance(bits, int) for _, bits in plain)
         assert all(layout.startswith("sharded (") and layout.endswith("over 2") for _, layout in sharded)
-        whole = load_file(tmp_path / f"rank{rank}_whole.safetensors")
+        whole = load_file(folder / f"rank{rank}_whole.safetensors")
         for name in ("gathered", "reloaded"):
-            held = load_file(tmp_path / f"rank{rank}_{name}.safetensors")
+            held = load_file(folder / f"rank{rank}_{name}.safetensors")
             assert held.keys() == whole.keys() and all(torch.equal(held[k], whole[k]) for k in whole), name
-        moments = load_file(tmp_path / f"rank{rank}_moments.safetensors")
+        moments = load_file(folder / f"rank{rank}_moments.safetensors")
         assert moments["head_moment_in_checkpoint"].shape == (3, 64)
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(moments[f"saved.{key}"], moments[f"restored.{key}"]) and moments[f"saved.{key}"].any()
-    whole_moment = load_file(tmp_path / "rank0_moments.safetensors")["head_moment_in_checkpoint"]
-    assert torch.equal(whole_moment[:2], load_file(tmp_path / "rank0_moments.safetensors")["saved.exp_avg"])
-    assert torch.equal(whole_moment[2:], load_file(tmp_path / "rank1_moments.safetensors")["saved.exp_avg"])
+    whole_moment = load_file(folder / "rank0_moments.safetensors")["head_moment_in_checkpoint"]
+    assert torch.equal(whole_moment[:2], load_file(folder / "rank0_moments.safetensors")["saved.exp_avg"])
+    assert torch.equal(whole_moment[2:], load_file(folder / "rank1_moments.safetensors")["saved.exp_avg"])
 
 
 @pytest.fixture(scope="module")

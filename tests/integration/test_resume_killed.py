@@ -87,13 +87,11 @@ def first_steps(out: Path, processes: int) -> list[dict]:
 
 
 # 1 process: 6 steps an epoch, the backbone unfreezes between steps 6 and 7; 2 processes: 3 steps an
-# epoch, the unfreeze between steps 3 and 4. A kill after step N resumes from step N - 1: (1, 5) and
-# (2, 2) before the unfreeze, mid-epoch (the resumed run unfreezes, and with 2 processes rebuilds DDP);
-# (1, 9) and (2, 5) after it, mid-epoch (the resumed run replays the unfreeze before the optimizer state
-# is loaded and DDP is built). At the unfreeze itself, from the checkpoint of the last frozen step: the
-# corrupt-checkpoint test (1 process, from step 6) and the SIGUSR1 test (2 processes, from step 3, where
-# the resumed run's first act is the unfreeze: new param groups and the DDP rebuild).
-@pytest.mark.parametrize("processes, kill_at", [(1, 5), pytest.param(1, 9, marks=pytest.mark.slow), (2, 2), (2, 5)])
+# epoch, the unfreeze between steps 3 and 4. A kill after step N resumes from step N - 1: (1, 5) before
+# the unfreeze, mid-epoch (the resumed run unfreezes); (1, 9) after it, mid-epoch (the resumed run replays
+# the unfreeze before the optimizer state is loaded). At the unfreeze itself, from the checkpoint of the
+# last frozen step: the corrupt-checkpoint test (1 process, from step 6). Two processes: the test after this.
+@pytest.mark.parametrize("processes, kill_at", [(1, 5), pytest.param(1, 9, marks=pytest.mark.slow)])
 def test_sigkill_then_resume_is_bit_identical(image_folders, baselines, killed, tmp_path, processes, kill_at):
     out = killed(processes, kill_at, tmp_path / "run")
     resumed = run(image_folders, out, "--resume", "latest", processes=processes)
@@ -103,6 +101,48 @@ def test_sigkill_then_resume_is_bit_identical(image_folders, baselines, killed, 
     assert [(f["step"], Path(f["resumed_from"]).name) for f in first_steps(out, processes)] == \
         [(kill_at, f"step-{kill_at - 1:08d}")] * processes
     assert_bit_identical(final_weights(out), final_weights(baselines[processes]))
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2]
+
+
+def test_two_processes_killed_preempted_and_killed_again_end_bit_identical(image_folders, baselines, killed,
+                                                                            tmp_path):
+    """One 2-process run, 3 steps an epoch, the unfreeze between steps 3 and 4, stopped three times and each
+    time resumed with ``--resume latest`` (one run for all three, so the launches are shared):
+
+    1. SIGKILL after step 2, mid-epoch before the unfreeze: the pair resumes from step 1 and unfreezes
+       later, rebuilding DDP.
+    2. SIGUSR1 to rank 0 only, during step 2: both ranks agree to stop, save step 3 together and exit 42
+       (accelerate launch reports 1). The stop is at the unfreeze boundary: step 3 is epoch 0's last (frozen)
+       step, so the resumed pair starts by unfreezing the backbone, adding its param group at the ramp's start
+       and rebuilding DDP, all as the uninterrupted pair did.
+    3. SIGKILL after step 5, mid-epoch after the unfreeze: the pair resumes from step 4, replaying the unfreeze
+       before the optimizer state is loaded and DDP is built.
+
+    Then the pair ends bit-identical to the uninterrupted one, every epoch logged once."""
+    out = killed(2, 2, tmp_path / "run")
+    stopped = run(image_folders, out, "--resume", "latest", "--signal-at", "2", processes=2)
+    assert stopped.returncode in (PREEMPTED_EXIT_CODE, 1), stopped.stderr[-3000:]
+    assert "step 1" in stopped.stdout
+    assert [(f["step"], Path(f["resumed_from"]).name, f["param_groups"], f["ddp_covers_trainable"])
+            for f in first_steps(out, 2)] == [(2, "step-00000001", 1, True)] * 2
+    saved = out / "checkpoints" / "step-00000003"
+    assert f"stopped by SIGUSR1; state saved in {saved}" in stopped.stderr
+    assert f"stopped by a peer rank; state saved in {saved}" in stopped.stderr
+    assert not (out / "checkpoints" / "step-00000004").exists()
+
+    killed_again = run(image_folders, out, "--resume", "latest", "--kill-at", "5", processes=2)
+    assert killed_again.returncode != 0 and not (out / "last.safetensors").exists(), killed_again.stderr[-3000:]
+    # the resumed ranks' first step is the first unfrozen one: head and backbone groups, in DDP
+    assert [(f["step"], Path(f["resumed_from"]).name, f["param_groups"], f["ddp_covers_trainable"])
+            for f in first_steps(out, 2)] == [(4, "step-00000003", 2, True)] * 2
+
+    resumed = run(image_folders, out, "--resume", "latest", processes=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step 4" in resumed.stdout
+    assert [(f["step"], Path(f["resumed_from"]).name, f["param_groups"], f["ddp_covers_trainable"])
+            for f in first_steps(out, 2)] == [(5, "step-00000004", 2, True)] * 2
+    assert_bit_identical(final_weights(out), final_weights(baselines[2]))
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2]
 
@@ -216,27 +256,6 @@ def test_cli_exits_42_on_sigusr1_and_sigterm_and_resumes_exactly(image_folders, 
     assert f"step {stopped_at}\n" in stdout
     assert logged_steps(out) == list(range(1, 19)), "every step logged once"
     assert_bit_identical(final_weights(out), final_weights(cli_uninterrupted))
-
-
-def test_sigusr1_to_one_rank_stops_both_and_resumes_exactly(image_folders, baselines, tmp_path):
-    """SIGUSR1 to rank 0 only: both ranks agree to stop, save together and exit 42 (accelerate launch
-    reports 1); the resumed pair ends bit-identical. The stop is at the unfreeze boundary: the checkpoint
-    is epoch 0's last (frozen) step, so the resumed pair starts by unfreezing the backbone, adding its param
-    group at the ramp's start and rebuilding DDP, all as the uninterrupted pair did. (One process: the CLI
-    test above.)"""
-    stopped = run(image_folders, tmp_path, "--signal-at", "2", processes=2)  # noticed at the epoch's end, step 3
-    assert stopped.returncode in (PREEMPTED_EXIT_CODE, 1), stopped.stderr[-3000:]
-    saved = tmp_path / "checkpoints" / "step-00000003"
-    assert f"stopped by SIGUSR1; state saved in {saved}" in stopped.stderr
-    assert f"stopped by a peer rank; state saved in {saved}" in stopped.stderr
-    assert not (tmp_path / "checkpoints" / "step-00000004").exists()
-    assert [(f["param_groups"], f["ddp_covers_trainable"]) for f in first_steps(tmp_path, 2)] == [(1, True)] * 2
-    resumed = run(image_folders, tmp_path, "--resume", "latest", processes=2)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    # the resumed ranks' first step is the first unfrozen one: head and backbone groups, in DDP
-    assert [(f["step"], f["param_groups"], f["ddp_covers_trainable"]) for f in first_steps(tmp_path, 2)] == \
-        [(4, 2, True)] * 2
-    assert_bit_identical(final_weights(tmp_path), final_weights(baselines[2]))
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_an_intact_one(image_folders, baselines, killed, tmp_path):

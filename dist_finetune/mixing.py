@@ -19,14 +19,12 @@ from .errors import ConfigError
 MIXING_SALT = 0x5DEECE66D  # keeps a batch's mixing seed apart from the seed of the sample with the same index
 
 
-def check_mixing(mixup: float, cutmix: float, num_classes: int | None = None) -> None:
-    """Refuse a negative alpha, and mixing (which blends the labels of two images) with a single class."""
+def check_mixing(mixup: float, cutmix: float) -> None:
+    """Refuse a negative alpha (data of one class, which mixing could not blend, never reaches training: the
+    readers and ``ImageClassifier`` refuse it)."""
     for name, alpha in (("mixup", mixup), ("cutmix", cutmix)):
         if alpha < 0:
             raise ConfigError(f"{name} (--{name}) is the Beta distribution's alpha: 0 (off) or positive, got {alpha}")
-    if (mixup or cutmix) and num_classes is not None and num_classes < 2:
-        raise ConfigError(f"mixup/cutmix blend the labels of two classes but the data has {num_classes}: set "
-                          "mixup and cutmix to 0 (--mixup 0 --cutmix 0) or add classes")
 
 
 class BatchMixing:
@@ -37,7 +35,7 @@ class BatchMixing:
     """
 
     def __init__(self, mixup: float, cutmix: float, num_classes: int, seed: int, rank: int):
-        check_mixing(mixup, cutmix, num_classes)
+        check_mixing(mixup, cutmix)
         choices = [kind(alpha=alpha, num_classes=num_classes)
                    for kind, alpha in ((v2.MixUp, mixup), (v2.CutMix, cutmix)) if alpha > 0]
         self.mix = choices[0] if len(choices) == 1 else v2.RandomChoice(choices)

@@ -48,7 +48,7 @@ from .inference import eval_loader, validation_metrics
 from .load_failures import LoadFailureReport
 from .loss_guard import LossGuard, refuse_non_finite_weights
 from .memory_format import resolve_channels_last
-from .mixing import batch_mixing, check_mixing, training_loss
+from .mixing import batch_mixing, training_loss
 from .metrics import MetricsLogger
 from .model_selection import MODEL_FILENAME, BestModel, EarlyStopping
 from .preemption import Preemption
@@ -175,7 +175,6 @@ class Trainer:
         strategy = resolve_strategy(strategy, train_bn=train_bn)
         strategy.validate(self.config.max_epochs)
         task.check_data(data)
-        check_mixing(self.config.mixup, self.config.cutmix, data.num_classes)
         config = dataclasses.replace(self.config, resume=self.config.resume if resume is None else resume)
         checkpoint = checkpoint_to_resume(config.resume, config.output_dir)
         config.sharding = resolve_sharding(config.sharding, freezes=not isinstance(strategy, NoFreeze))

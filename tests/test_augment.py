@@ -89,3 +89,10 @@ def test_tta_in_validation_evaluate_and_predict(model_and_data, image_folders, t
           str(image_folders / "val"), "--output-dir", str(tmp_path / "eval"), "--tta", "flip", "--num-workers", "0"])
     written = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert written["loss"] == pytest.approx(expected_loss, rel=1e-5) and written["model"]["tta"] == "flip"
+
+
+def test_a_resume_must_keep_the_policy():
+    """The policy is part of the data signature a checkpoint records (the default leaves it as before: None)."""
+    assert ImageClassificationData([], [], [], [], ["a"]).signature() is None
+    assert ImageClassificationData([], [], [], [], ["a"], augment_policy="trivial").signature() == {
+        "dedupe": False, "class_weights": "none", "balanced_sampler": False, "augment_policy": "trivial"}

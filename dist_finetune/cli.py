@@ -62,7 +62,6 @@ TRAIN_FLAGS = config_flags()
 CLI_DEFAULTS = {f"{section}.{spec.name}": spec.metadata["cli_default"] for section, spec, _ in settings()
                 if "cli_default" in spec.metadata}
 
-TTA_HELP = "test-time augmentation: flip averages the probabilities of each image and its mirror image (none)"
 PACKED_DATA_SETTINGS = ("train_folder", "val_folder", "train_csv", "val_csv", "image_root", "skip_bad_images",
                         "dedupe")
 
@@ -80,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "strategy) and print the plan; train nothing")
 
     from .prediction import PREDICTION_FORMATS, UNREADABLE_EXIT_CODE
+
+    tta_help = "test-time augmentation: flip averages the probabilities of each image and its mirror image (none)"
 
     predict = commands.add_parser("predict", help="label images with a saved model",
                                   description="Write path, label, probability, error for each image, in input "
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="bf16 or fp16 autocast for inference (default: no, or the accelerate config's)")
     predict.add_argument("--tune-cpu-allocator", action=argparse.BooleanOptionalAction, default=True,
                          help="on the CPU: glibc malloc keeps freed memory for the next batch (default: on)")
-    predict.add_argument("--tta", choices=TTA_MODES, default="none", help=TTA_HELP)
+    predict.add_argument("--tta", choices=TTA_MODES, default="none", help=tta_help)
     predict.add_argument("--strict", action="store_true",
                          help=f"exit with code {UNREADABLE_EXIT_CODE} if any file was unreadable (rows still written)")
     predict.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", help="no tqdm bar")
@@ -132,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=32, help="images per forward pass per process (32)")
     evaluate.add_argument("--num-workers", type=int, help="decoding workers per process (default: from CPU count)")
     evaluate.add_argument("--top-losses", type=int, default=10, help="highest-loss images to list (10)")
-    evaluate.add_argument("--tta", choices=TTA_MODES, default="none", help=TTA_HELP)
+    evaluate.add_argument("--tta", choices=TTA_MODES, default="none", help=tta_help)
 
     pack = commands.add_parser("pack", help="write an image folder or csv once as a dataset that trains with no "
                                             "listing and no scan (--dataset PATH)",

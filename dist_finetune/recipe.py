@@ -74,7 +74,8 @@ def evaluate_checkpoint(checkpoint: str, source, output_dir: str | None = None, 
     data = evaluation_data(source, task.labels, task.image_size, batch_size, num_workers)
     trainer = Trainer(progress_bar=False, tta=tta)
     report = trainer.evaluate(task, data, top_losses)
-    report["model"], report["data"] = {"checkpoint": str(checkpoint), "tta": tta}, source.description
+    report["model"] = {"checkpoint": str(checkpoint), **({"tta": tta} if tta != "none" else {})}
+    report["data"] = source.description
     if trainer.accelerator.is_main_process and output_dir:
         save_report(report, output_dir, print)
     elif trainer.accelerator.is_main_process:

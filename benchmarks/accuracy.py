@@ -5,6 +5,7 @@
     python -m benchmarks accuracy --methods a --extra-args "--lr 3e-3 --no-train-bn" --unfreeze-epoch 3
     python -m benchmarks accuracy --folds 4 --seeds 0 1            # 4-fold cross-validation x 2 seeds
     python -m benchmarks accuracy --classes daisy sunflowers       # a 2-class subset (near ceiling)
+    python -m benchmarks accuracy --methods a --tta                # also (a)'s kept model with --tta flip
 
 Dataset: flowers5-small (150 train / 50 val photos, 5 classes, in benchmarks/data/flowers5-small);
 backbone timm efficientnet_lite0 from a local ImageNet safetensors file (made with ``python -m
@@ -21,6 +22,8 @@ frozen features are already near the ceiling, the regime where an unfreeze has l
       an epoch is frozen when it has as many lr groups as epoch 0 (the backbone joins as a new group).
       Final model: the epoch marked ``"best": true`` if the run wrote model.safetensors and marks one,
       else the last epoch. A failed run is reported (stderr tail) and the other methods go on.
+      ``--tta``: the kept model.safetensors is also scored by ``dist-finetune evaluate`` on the val
+      images without and with ``--tta flip`` (``tta_eval``).
   (b) linear probe, to show what the frozen ImageNet features alone give: backbone frozen in eval
       mode; its pooled features are computed ONCE (eval transform: resize size/0.875 + center crop,
       no augmentation) since nothing in it changes; then only a new Linear head trains: AdamW lr 1e-2,
@@ -64,6 +67,7 @@ import torch
 from torch import nn
 
 from .baselines import FolderImages, cosine, evaluate, plain_transform, train_epoch
+from .tta_eval import evaluate_kept_model, tta_summary
 
 REPO = Path(__file__).resolve().parent.parent
 FLOWERS = Path(__file__).resolve().parent / "data" / "flowers5-small"
@@ -90,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strategy", default="freeze_unfreeze", help="(a) only")
     p.add_argument("--unfreeze-epoch", type=int, default=None, help="(a) when given; (c) always (default 3)")
     p.add_argument("--extra-args", default="", help="appended to the (a) command (shlex-split)")
+    p.add_argument("--tta", action="store_true", help="(a): also evaluate the kept model without and with --tta flip")
     p.add_argument("--work-dir", default=None, help="keep (a)'s output dirs here (default: temporary)")
     p.add_argument("--output", default="accuracy.json")
     p.add_argument("--folds", type=int, default=0, help="K >= 2: K-fold cross-validation over train+val pooled")
@@ -246,6 +251,8 @@ def run_cli(args: argparse.Namespace, data: Path, seed: int, work_dir: str) -> d
         use_best = run["model_file"] and marked
         run["final_acc"] = marked[-1]["val_acc"] if use_best else (records[-1]["val_acc"] if records else None)
         run["final_is"] = "best-marked epoch" if use_best else "last epoch"
+        if args.tta:
+            evaluate_kept_model(run, data, subprocess_env(), REPO)
     return summarise_run(run)
 
 
@@ -454,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
 def write_result(args: argparse.Namespace, command: str, machine: dict, runs: list[dict]) -> str:
     """Write the JSON for the runs so far; returns the printable summary table."""
     summary, table = summary_table(runs, args.methods, args.c_unfreeze)
+    if args.tta:
+        summary["tta"], line = tta_summary(runs)
+        table += "\n" + line
     result = {"command": command, "machine": machine, "recipes": RECIPES,
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "summary": summary, "runs": runs}

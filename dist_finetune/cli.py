@@ -17,6 +17,7 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, get_args, get_origin, get_type_hints
 
+from .augment import TTA_MODES
 from .config import MIXED_PRECISION, RunConfig, apply_overrides, load_yaml
 from .errors import UserError
 
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .prediction import PREDICTION_FORMATS, UNREADABLE_EXIT_CODE
 
+    tta_help = "test-time augmentation: flip averages the probabilities of each image and its mirror image (none)"
+
     predict = commands.add_parser("predict", help="label images with a saved model",
                                   description="Write path, label, probability, error for each image, in input "
                                               "order (CSV or JSONL, streamed); works under accelerate launch.")
@@ -137,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="bf16 or fp16 autocast for inference (default: no, or the accelerate config's)")
     predict.add_argument("--tune-cpu-allocator", action=argparse.BooleanOptionalAction, default=True,
                          help="on the CPU: glibc malloc keeps freed memory for the next batch (default: on)")
+    predict.add_argument("--tta", choices=TTA_MODES, default="none", help=tta_help)
     predict.add_argument("--strict", action="store_true",
                          help=f"exit with code {UNREADABLE_EXIT_CODE} if any file was unreadable (rows still written)")
     predict.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", help="no tqdm bar")
@@ -163,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=32, help="images per forward pass per process (32)")
     evaluate.add_argument("--num-workers", type=int, help="decoding workers per process (default: from CPU count)")
     evaluate.add_argument("--top-losses", type=int, default=10, help="highest-loss images to list (10)")
+    evaluate.add_argument("--tta", choices=TTA_MODES, default="none", help=tta_help)
 
     pack = commands.add_parser("pack", help="write an image folder or csv once as a dataset that trains with no "
                                             "listing and no scan (--dataset PATH)",
@@ -253,7 +258,7 @@ def run_predict(args: argparse.Namespace) -> None:
         summary = predict_to_file(task, paths, args.output, args.format, args.top_k, args.progress_bar,
                                   batch_size=args.batch_size, device=args.device, mixed_precision=args.mixed_precision,
                                   num_workers=args.num_workers, accelerator=accelerator, reader=reader,
-                                  tune_cpu_allocator=args.tune_cpu_allocator)
+                                  tune_cpu_allocator=args.tune_cpu_allocator, tta=args.tta)
     finally:
         shutdown()
     if summary.images:
@@ -280,7 +285,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     try:
         source = evaluation_source(args.data_folder, args.dataset, args.split, args.image_column, args.label_column)
         evaluate_checkpoint(args.checkpoint, source, args.output_dir, args.batch_size, args.num_workers,
-                            args.top_losses)
+                            args.top_losses, args.tta)
     finally:
         shutdown()
 

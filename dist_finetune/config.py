@@ -14,6 +14,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from .augment import AUGMENT_POLICIES, TTA_MODES, check_choice
 from .distributed import DEFAULT_PROCESS_GROUP_TIMEOUT_S
 from .errors import ConfigError
 from .fsdp import SHARDINGS
@@ -27,6 +28,7 @@ from .finetuning import (
     BaseFinetuning,
     build_strategy,
 )
+from .mixing import check_mixing
 from .model_selection import METRICS_FOR_BEST
 from .trackers import tracker_names
 
@@ -59,6 +61,9 @@ class DataConfig:
     batch_size: int = setting(32, "images per process per step")
     num_workers: int | None = setting(None, "data loader workers per process (default: from CPU count)")
     augment: bool = setting(True, "deterministic train transforms (resize + center crop)")
+    augment_policy: str = setting("basic", "train transform: basic (random resized crop + flip); trivial or "
+                                           "randaugment add torchvision's TrivialAugmentWide or RandAugment "
+                                           "(docs/augmentation.md)", flag="--augment", choices=AUGMENT_POLICIES)
     skip_bad_images: bool = setting(False, "skip unreadable images (listed) instead of stopping")
     dataset: str | None = setting(None, "a `datasets` dataset instead of folders: a Hub name (needs internet), a "
                                         "folder of parquet/arrow files, or a save_to_disk folder", metavar="NAME_OR_PATH")
@@ -97,6 +102,9 @@ class DataConfig:
                      f"data.{setting} is set but data.{needs} is not: {setting} belongs to that source")
         _require(self.class_weights in CLASS_WEIGHTS,
                  f"class_weights must be one of {CLASS_WEIGHTS}, got {self.class_weights!r}")
+        check_choice("data.augment_policy (--augment)", self.augment_policy, AUGMENT_POLICIES)
+        _require(self.augment or self.augment_policy == "basic",
+                 f"data.augment_policy {self.augment_policy!r} needs augment on: drop --no-augment")
 
 
 @dataclass
@@ -147,6 +155,12 @@ class TrainerConfig:
     scheduler: str = setting("cosine", "lr schedule after warmup", choices=SCHEDULERS)
     warmup_epochs: float = setting(0.0, "linear warmup length in epochs")
     label_smoothing: float = setting(0.0, "cross-entropy label smoothing")
+    mixup: float = setting(0.0, "MixUp's Beta alpha: blend each training image and its label with the previous "
+                                "one in the batch (0: off; 0.2 is common)")
+    cutmix: float = setting(0.0, "CutMix's Beta alpha: paste a box of the previous image in the batch, labels "
+                                 "by area (0: off; 1.0 is common); with --mixup too, each batch takes one of them")
+    tta: str = setting("none", "test-time augmentation of validation, evaluate and predict: flip averages the "
+                               "probabilities of each image and its mirror image", choices=TTA_MODES)
     mixed_precision: str | None = setting(None, "no, fp16 or bf16 (default: the accelerate config's, else no)",
                                           choices=MIXED_PRECISION)
     gradient_accumulation_steps: int = setting(1, "steps per update")
@@ -204,6 +218,8 @@ class TrainerConfig:
         _require(self.scheduler in SCHEDULERS, f"unknown scheduler {self.scheduler!r}; choose {SCHEDULERS}")
         _require(0 <= self.warmup_epochs < self.max_epochs, "warmup_epochs must be in [0, max_epochs)")
         _require(0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)")
+        check_mixing(self.mixup, self.cutmix)
+        check_choice("tta (--tta)", self.tta, TTA_MODES)
         _require(
             self.mixed_precision is None or self.mixed_precision in MIXED_PRECISION,
             f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}",

@@ -20,8 +20,8 @@ from typing import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.transforms import v2
 
+from .augment import AUGMENT_POLICIES, check_choice, eval_resize_size, eval_transform, sample_seed, train_transform
 from .distributed import local_world_size, same_on_every_rank, split_over_ranks
 from .errors import ConfigError, DataError
 from .images import FileImages, content_digests, load_rgb, scan, scan_cache_file
@@ -40,35 +40,6 @@ from .splits import (
 )
 
 CLASS_WEIGHTS = ("none", "auto")
-EVAL_RESIZE_RATIO = 0.875  # resize to size/0.875, then center-crop size (the torchvision convention)
-
-
-def train_transform(image_size: int) -> v2.Compose:
-    return v2.Compose([
-        v2.PILToTensor(),
-        v2.RandomResizedCrop(image_size, antialias=True),
-        v2.RandomHorizontalFlip(),
-    ])
-
-
-def eval_resize_size(image_size: int) -> int:
-    """The short side eval_transform resizes to before its center crop (256 for 224)."""
-    return int(round(image_size / EVAL_RESIZE_RATIO))
-
-
-def eval_transform(image_size: int) -> v2.Compose:
-    return v2.Compose([
-        v2.PILToTensor(),
-        v2.Resize(eval_resize_size(image_size), antialias=True),
-        v2.CenterCrop(image_size),
-    ])
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed 63-bit seed for one sample's augmentation in one epoch."""
-    value = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % (1 << 64)
-    value ^= value >> 31
-    return value % (1 << 63)
 
 
 class EpochSampler(Sampler[int]):
@@ -205,6 +176,7 @@ class ImageClassificationData:
     batch_size: int = 32
     num_workers: int | None = None
     augment: bool = True
+    augment_policy: str = "basic"  # with augment: the train transform (augment.AUGMENT_POLICIES)
     skip_bad_images: bool = False
     source: dict = field(default_factory=dict)
     reader: object = field(default_factory=FileImages, repr=False)  # opens an item (see ``sources``)
@@ -219,6 +191,9 @@ class ImageClassificationData:
     def __post_init__(self) -> None:
         if self.class_weights not in CLASS_WEIGHTS:
             raise ConfigError(f"class_weights must be one of {CLASS_WEIGHTS}, got {self.class_weights!r}")
+        check_choice("augment_policy (--augment)", self.augment_policy, AUGMENT_POLICIES)
+        if not self.augment and self.augment_policy != "basic":
+            raise ConfigError(f"augment_policy {self.augment_policy!r} needs augment on: drop --no-augment")
         self.load_failures = None if self.scan else LoadFailures()
 
     @classmethod
@@ -228,7 +203,7 @@ class ImageClassificationData:
                      **options) -> "ImageClassificationData":
         """Read ``train/<class>/*`` (and ``val/<class>/*``, else a stratified ``val_split`` of train).
 
-        ``options``: ``dedupe``, ``class_weights``, ``balanced_sampler``, ``scan``.
+        ``options``: ``augment_policy``, ``dedupe``, ``class_weights``, ``balanced_sampler``, ``scan``.
         """
         return cls.from_source(read_folders(train_folder, valid_folder), val_split, seed, image_size=image_size,
                                batch_size=batch_size, num_workers=num_workers, augment=augment,
@@ -240,8 +215,8 @@ class ImageClassificationData:
         """`datasets.Dataset` objects with an image column (``datasets.Image``, encoded bytes or paths)
         and a label column (ClassLabel, or strings: classes are the sorted labels). Items are
         ``"train_dataset[i]"`` / ``"val_dataset[i]"``. ``settings``: this class's fields
-        (``image_size``, ``batch_size``, ``num_workers``, ``augment``, ``skip_bad_images``, ``dedupe``,
-        ``class_weights``, ``balanced_sampler``)."""
+        (``image_size``, ``batch_size``, ``num_workers``, ``augment``, ``augment_policy``, ``skip_bad_images``,
+        ``dedupe``, ``class_weights``, ``balanced_sampler``)."""
         parts = {"train_dataset": train_dataset, **({"val_dataset": val_dataset} if val_dataset is not None else {})}
         source = read_datasets(parts, image_column, label_column, {"datasets": list(parts)})
         return cls.from_source(source, val_split, seed, **settings)
@@ -359,7 +334,8 @@ class ImageClassificationData:
         """The settings that change what training sees beyond the class list (None: the defaults), so a
         resume with other ones is refused."""
         settings = {"dedupe": self.dedupe, "class_weights": self.class_weights,
-                    "balanced_sampler": self.balanced_sampler}
+                    "balanced_sampler": self.balanced_sampler,
+                    **({"augment_policy": self.augment_policy} if self.augment_policy != "basic" else {})}
         return settings if settings != {"dedupe": False, "class_weights": "none", "balanced_sampler": False} else None
 
     @property
@@ -367,7 +343,8 @@ class ImageClassificationData:
         return len(self.classes)
 
     def train_dataset(self, seed: int = 0) -> ImageListDataset:
-        transform = train_transform(self.image_size) if self.augment else eval_transform(self.image_size)
+        size = self.image_size
+        transform = train_transform(size, self.augment_policy) if self.augment else eval_transform(size)
         # RandomResizedCrop may keep only ~8% of the area; decode large enough that the crop is not upsampled
         min_side = self.image_size * 2 if self.augment else eval_resize_size(self.image_size)
         return ImageListDataset(self.train_paths, self.train_labels, transform, min_side, self.augment, seed,

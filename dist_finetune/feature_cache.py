@@ -10,7 +10,7 @@ train the head on them. The head sees the same features in the same order as wit
 equal up to float rounding of batched convolutions. Memory: images x features x 4 bytes on every
 rank's host (plus its own share while gathering); the gather goes through the device in chunks
 (``distributed.gather_rows``), so the GPU never holds the cache. The cache belongs to one run and is
-dropped at the first unfreeze.
+dropped at the first unfreeze. Mixed batches (mixup, cutmix) never use it.
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ def epoch_loader(run, announce) -> tuple[object, bool]:
     task, data, accelerator = run.task, run.data, run.accelerator
     # a sharded task (FSDP2) runs its head and backbone only as a whole: never the cache's head-only steps
     usable = (run.config.cache_frozen_features and not data.augment and not run.sharded
+              and not (run.config.mixup or run.config.cutmix)  # mixing blends images, not features
               and backbone_is_static(task.backbone) and cache_fits(len(data.train_paths), task.num_features))
     if not usable:
         run.feature_loader = None  # unfrozen (or never cacheable): free the cache

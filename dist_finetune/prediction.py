@@ -29,7 +29,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .data import default_num_workers, eval_resize_size, eval_transform
+from .augment import TTA_MODES, check_choice, eval_resize_size, eval_transform, tta_logits
+from .data import default_num_workers
 from .distributed import from_main_process, launcher_mixed_precision, local_world_size
 from .errors import ConfigError, DataError
 from .host_memory import keep_freed_memory
@@ -188,7 +189,7 @@ def effective_top_k(task, top_k: int) -> int:
 def predict_batches(task, paths: Sequence[str], batch_size: int = 32, top_k: int = 1,
                     device: str | torch.device | None = None, mixed_precision: str | None = None,
                     num_workers: int | None = None, accelerator=None, reader=None,
-                    tune_cpu_allocator: bool = True) -> Iterator[list[Prediction]]:
+                    tune_cpu_allocator: bool = True, tta: str = "none") -> Iterator[list[Prediction]]:
     """Predictions batch by batch in input order: the rows on the main process, ``[]`` on other ranks.
 
     ``paths``: image files, or the items ``reader`` opens (a dataset split, see ``sources.dataset_images``).
@@ -198,10 +199,12 @@ def predict_batches(task, paths: Sequence[str], batch_size: int = 32, top_k: int
     runs on ``device`` (see :func:`model_device`), moving ``task`` there. ``mixed_precision``:
     ``"bf16"``/``"fp16"`` autocast (None: the accelerator's setting, else float32). Settings are
     checked on the call, before anything is decoded or written. ``tune_cpu_allocator``: on the CPU,
-    let malloc keep freed memory for the next batch (see ``host_memory``).
+    let malloc keep freed memory for the next batch (see ``host_memory``). ``tta``: ``"flip"`` averages the
+    probabilities of each image and its mirror image (``augment.tta_logits``).
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    check_choice("tta (--tta)", tta, TTA_MODES)
     top_k = effective_top_k(task, top_k)
     if accelerator is not None:
         target = launcher_device(accelerator, device)
@@ -217,11 +220,11 @@ def predict_batches(task, paths: Sequence[str], batch_size: int = 32, top_k: int
     loader = prediction_loader(paths, task.image_size, batch_size, num_workers, target.type == "cuda", local, reader)
     if accelerator is not None:
         loader = accelerator.prepare_data_loader(loader)
-    return _prediction_stream(task, paths, loader, target, dtype, top_k, accelerator, reader)
+    return _prediction_stream(task, paths, loader, target, dtype, top_k, accelerator, reader, tta)
 
 
 def _prediction_stream(task, paths: Sequence[str], loader, target: torch.device, dtype: torch.dtype | None,
-                       top_k: int, accelerator, reader) -> Iterator[list[Prediction]]:
+                       top_k: int, accelerator, reader, tta: str) -> Iterator[list[Prediction]]:
     main = accelerator is None or accelerator.is_main_process
     channels_last = channels_last_by_default(task, target)
     was_training = task.training
@@ -235,8 +238,8 @@ def _prediction_stream(task, paths: Sequence[str], loader, target: torch.device,
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(target.type, dtype=dtype, enabled=dtype is not None):
-                    logits = task(images)
-                scores, classes = logits.float().softmax(dim=1).topk(top_k, dim=1)
+                    logits = tta_logits(task, images, tta)
+                scores, classes = logits.softmax(dim=1).topk(top_k, dim=1)
                 status = torch.stack([indices, readable.long()], dim=1).to(target)
                 if accelerator is not None:
                     scores, classes, status = accelerator.gather_for_metrics((scores, classes, status))
@@ -370,7 +373,7 @@ def predict_to_file(task, paths: Sequence[str], output: str | None = None, fmt: 
 
     Only the main process opens the output; every batch is written and flushed as it arrives.
     ``settings``: :func:`predict_batches`'s (batch_size, device, mixed_precision, num_workers, accelerator,
-    reader, tune_cpu_allocator).
+    reader, tune_cpu_allocator, tta).
     """
     accelerator = settings.get("accelerator")
     main = accelerator is None or accelerator.is_main_process

@@ -60,8 +60,8 @@ def build_data(config: RunConfig) -> ImageClassificationData:
     data = config.data
     settings = dict(val_split=data.val_split, seed=config.trainer.seed, image_size=data.image_size,
                     batch_size=data.batch_size, num_workers=data.num_workers, augment=data.augment,
-                    skip_bad_images=data.skip_bad_images, dedupe=data.dedupe, class_weights=data.class_weights,
-                    balanced_sampler=data.balanced_sampler, scan=data.scan)
+                    augment_policy=data.augment_policy, skip_bad_images=data.skip_bad_images, dedupe=data.dedupe,
+                    class_weights=data.class_weights, balanced_sampler=data.balanced_sampler, scan=data.scan)
     if data.dataset:
         return ImageClassificationData.from_hub(data.dataset, data.image_column, data.label_column, data.train_split,
                                                 data.val_split_name, **settings)
@@ -74,14 +74,16 @@ def build_data(config: RunConfig) -> ImageClassificationData:
 
 
 def evaluate_checkpoint(checkpoint: str, source, output_dir: str | None = None, batch_size: int = 32,
-                        num_workers: int | None = None, top_losses: int = 10) -> dict:
+                        num_workers: int | None = None, top_losses: int = 10, tta: str = "none") -> dict:
     """The evaluation report of a saved model on ``source`` (``reports.evaluation_source``), printed and
-    (main process) written to ``output_dir``; works under ``accelerate launch`` (each image counted once)."""
+    (main process) written to ``output_dir``; works under ``accelerate launch`` (each image counted once).
+    ``tta``: test-time augmentation (``augment.TTA_MODES``)."""
     task = ImageClassifier.load_from_checkpoint(checkpoint)
     data = evaluation_data(source, task.labels, task.image_size, batch_size, num_workers)
-    trainer = Trainer(progress_bar=False)
+    trainer = Trainer(progress_bar=False, tta=tta)
     report = trainer.evaluate(task, data, top_losses)
-    report["model"], report["data"] = {"checkpoint": str(checkpoint)}, source.description
+    report["model"] = {"checkpoint": str(checkpoint), **({"tta": tta} if tta != "none" else {})}
+    report["data"] = source.description
     if trainer.accelerator.is_main_process and output_dir:
         save_report(report, output_dir, print)
     elif trainer.accelerator.is_main_process:

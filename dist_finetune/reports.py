@@ -20,9 +20,11 @@ from .inference import collect_outputs
 from .plots import MATPLOTLIB_HINT, matplotlib_available, plot_curves
 from .sources import Labeled, Source, read_split, scan_folder
 
-def validation_report(task, loader, accelerator, data: ImageClassificationData, top_losses: int = 10) -> dict:
-    """The report of ``task`` on ``data``'s val images through ``loader`` (prepared, unshuffled), on every rank."""
-    logits, labels = collect_outputs(task, loader, accelerator)
+def validation_report(task, loader, accelerator, data: ImageClassificationData, top_losses: int = 10,
+                      tta: str = "none") -> dict:
+    """The report of ``task`` on ``data``'s val images through ``loader`` (prepared, unshuffled), on every rank;
+    ``tta``: test-time augmentation (``augment.tta_logits``)."""
+    logits, labels = collect_outputs(task, loader, accelerator, tta)
     if labels.tolist() != list(data.val_labels):  # the order the paths are named in must be the loader's
         raise RuntimeError(f"gathered {len(labels)} labels that do not match the {len(data.val_labels)} "
                            "validation images in order; was the loader shuffled?")
@@ -85,7 +87,8 @@ class Reports(Callback):
     def on_fit_end(self, trainer, run: RunState) -> None:
         if run.output_dir is None or not run.history:
             return
-        report = validation_report(run.task, run.val_loader, run.accelerator, run.data, self.top_losses)
+        report = validation_report(run.task, run.val_loader, run.accelerator, run.data, self.top_losses,
+                                   run.config.tta)
         best = [record["epoch"] for record in run.history if record.get("best")]
         epoch = run.history[-1]["epoch"] if run.model_epoch is None else run.model_epoch
         report["model"] = {"epoch": epoch, "weights": "best" if best and epoch == best[-1] else "last"}

@@ -126,7 +126,11 @@ def dry_run(trainer, task, data, strategy="no_freeze", train_bn: bool | None = N
     for split, source, labels in zip(("train", "val"), _sources(data.source), (data.train_labels, data.val_labels)):
         counts = ", ".join(f"{name} {labels.count(index)}" for index, name in enumerate(data.classes))
         lines.append(f"  {split}: {len(labels)} images from {source}: {counts}")
-    lines.append(f"  {data.num_classes} classes, {data.image_size}px, augmentation {'on' if data.augment else 'off'}")
+    augmentation = "off" if not data.augment else "on" if data.augment_policy == "basic" else data.augment_policy
+    extras = [f"{name} {value:g}" for name, value in (("mixup", config.mixup), ("cutmix", config.cutmix)) if value]
+    extras += [f"validation tta {config.tta}"] if config.tta != "none" else []
+    lines.append(f"  {data.num_classes} classes, {data.image_size}px, augmentation {augmentation}"
+                 + "".join(f", {extra}" for extra in extras))
     total, layers = sum(p.numel() for p in task.parameters()), layer_index(task)[1]
     lines += ["model", f"  {task.backbone_name} + head: {total:,} parameters; {len(layers)} backbone layers: "
                        f"{_shorten(layers)}"]

@@ -182,22 +182,25 @@ class ImageClassifier(nn.Module):
     # ------------------------------------------------------------------------- predict
 
     def predict_with_scores(self, paths: Sequence[str], batch_size: int = 32, device: str | torch.device | None = None,
-                            num_workers: int | None = None) -> list[tuple[str, float]]:
+                            num_workers: int | None = None, tta: str = "none") -> list[tuple[str, float]]:
         """(label, probability) for each image path, in order; an unreadable file raises ``DataError``.
 
         ``device``: None runs where the model is, or on the GPU (when there is one) if the model is on the
-        CPU; the model is moved there. Decoding is validation's (see :mod:`dist_finetune.prediction`).
+        CPU; the model is moved there. Decoding is validation's (see :mod:`dist_finetune.prediction`). ``tta``:
+        ``"flip"`` averages the probabilities of each image and its mirror image.
         """
         rows = predict_paths(self, [str(p) for p in paths], batch_size=batch_size, device=device,
-                             num_workers=num_workers)
+                             num_workers=num_workers, tta=tta)
         return [(row.label, row.probability) for row in rows]
 
     def predict(self, source: str | os.PathLike | Sequence[str], batch_size: int = 32,
-                device: str | torch.device | None = None):
-        """A label for a file, a list of labels for a list, ``{path: label}`` for a folder (recursive)."""
+                device: str | torch.device | None = None, tta: str = "none"):
+        """A label for a file, a list of labels for a list, ``{path: label}`` for a folder (recursive);
+        ``tta`` as in :meth:`predict_with_scores`."""
         if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
             paths = list_image_files(source)
-            return dict(zip(paths, (label for label, _ in self.predict_with_scores(paths, batch_size, device))))
+            scored = self.predict_with_scores(paths, batch_size, device, tta=tta)
+            return dict(zip(paths, (label for label, _ in scored)))
         if isinstance(source, (str, os.PathLike)):
-            return self.predict_with_scores([str(source)], batch_size, device)[0][0]
-        return [label for label, _ in self.predict_with_scores(source, batch_size, device)]
+            return self.predict_with_scores([str(source)], batch_size, device, tta=tta)[0][0]
+        return [label for label, _ in self.predict_with_scores(source, batch_size, device, tta=tta)]

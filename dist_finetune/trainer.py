@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -50,6 +49,7 @@ from .load_failures import LoadFailureReport
 from .loss_guard import LossGuard, refuse_non_finite_weights
 from .lr_finder import LRFinderResult, LRSweep, find_lr
 from .memory_format import resolve_channels_last
+from .mixing import batch_mixing, training_loss
 from .metrics import MetricsLogger
 from .model_selection import MODEL_FILENAME, BestModel, EarlyStopping
 from .preemption import Preemption
@@ -126,16 +126,17 @@ class Trainer:
     def validate(self, task: ImageClassifier, data: ImageClassificationData) -> dict:
         """Validation loss and accuracy of ``task`` on ``data``'s val images (each counted once)."""
         accelerator = self.accelerator or self._make_accelerator()
-        return validation_metrics(task, eval_loader(task, data, accelerator), accelerator)
+        return validation_metrics(task, eval_loader(task, data, accelerator), accelerator, self.config.tta)
 
     def evaluate(self, task: ImageClassifier, data: ImageClassificationData, top_losses: int = 10) -> dict:
         """The report (``evaluation.build_report``) of ``task`` on ``data``'s val images (each once), on every rank."""
         accelerator = self.accelerator or self._make_accelerator()
-        return validation_report(task, eval_loader(task, data, accelerator), accelerator, data, top_losses)
+        return validation_report(task, eval_loader(task, data, accelerator), accelerator, data, top_losses,
+                                 self.config.tta)
 
     def predict(self, task: ImageClassifier, paths, batch_size: int = 32):
-        """Labels for a path, a list of paths, or a folder (see :meth:`ImageClassifier.predict`)."""
-        return task.predict(paths, batch_size=batch_size)
+        """Labels for a path, a list of paths, or a folder (see :meth:`ImageClassifier.predict`), with ``tta``."""
+        return task.predict(paths, batch_size=batch_size, tta=self.config.tta)
 
     def save_checkpoint(self, path: str | os.PathLike, training: dict | None = None) -> None:
         """Write the task's model file (weights + metadata, safetensors); every rank calls it (the finite
@@ -330,7 +331,7 @@ class Trainer:
             run.model.train()
             record = {"epoch": epoch, **self._train_epoch(run)}
             broadcast_buffers(accelerator, run.task)  # every rank validates (and saves) rank 0's BN statistics
-            record.update(validation_metrics(run.task, run.val_loader, accelerator))
+            record.update(validation_metrics(run.task, run.val_loader, accelerator, run.config.tta))
             run.loss_guard.check_validation(record, run.position, run.last_checkpoint)
             record["lr"] = [group["lr"] for group in run.optimizer.param_groups]
             callbacks.call("on_validation_end", self, run, record)
@@ -356,6 +357,7 @@ class Trainer:
         forward = task.head if head_only else self._training_forward(run)
         channels_last = run.channels_last and not head_only
         class_weights = torch.tensor(task.class_weights, device=accelerator.device) if task.class_weights else None
+        mixing = batch_mixing(config.mixup, config.cutmix, task.num_classes, config.seed, accelerator.process_index)
         run.loss_guard.start_epoch(position)
         seen_before = position.seen  # a resumed epoch's images/s counts only what this run trained
         global_batch = 0
@@ -363,12 +365,14 @@ class Trainer:
                    disable=True if not (config.progress_bar and accelerator.is_main_process) else None)
         start = time.perf_counter()
         for images, labels in bar:
+            targets = labels  # class labels, or mixed images' soft targets
+            if mixing is not None:
+                images, targets = mixing(images, labels, position.epoch, position.batch)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with accelerator.accumulate(run.model):
                 logits = forward(images)
-                loss = F.cross_entropy(logits.float(), labels, weight=class_weights,
-                                       label_smoothing=config.label_smoothing)
+                loss = training_loss(logits.float(), targets, class_weights, config.label_smoothing)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and head_only:
                     average_gradients(accelerator, task.head)

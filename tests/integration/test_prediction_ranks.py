@@ -1,4 +1,5 @@
-"""Prediction over two processes: the same rows, complete and in order, as one process writes."""
+"""Prediction over two processes: the same rows, complete and in order, as one process writes (with --tta flip:
+each rank mirrors its own batches)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def test_two_processes_write_what_one_writes(tmp_path, capsys):
     ImageClassifier(3, backbone="timm:test_resnet", pretrained=False, labels=CLASSES, image_size=32).save_checkpoint(
         tmp_path / "m.safetensors")
     args = ["--checkpoint", str(tmp_path / "m.safetensors"), str(folder), first, "--paths-from",
-            str(tmp_path / "list.txt"), "--batch-size", "2", "--num-workers", "1", "--top-k", "2"]
+            str(tmp_path / "list.txt"), "--batch-size", "2", "--num-workers", "1", "--top-k", "2", "--tta", "flip"]
 
     main(["predict", *args, "--output", str(tmp_path / "one.csv"), "--no-progress-bar"])  # one process: here
     stderr = capsys.readouterr().err  # without --strict: exit 0 (main returned)

@@ -17,7 +17,8 @@ scores every photo; the folds are the same for every method and seed.
       224, --unfreeze-epoch when given, and --extra-args). Per-epoch figures come from metrics.jsonl;
       an epoch is frozen when it has as many lr groups as epoch 0 (the backbone joins as a new group).
       Final model: the epoch marked ``"best": true`` if the run wrote model.safetensors and marks one
-      (its weight average's accuracy when ``"best_weights": "ema"``, with --ema-decay), else the last epoch. A failed run is reported (stderr tail) and the other methods go on.
+      (its weight average's accuracy when ``"best_weights": "ema"``, with --ema-decay), else the last
+      epoch. A failed run is reported (stderr tail) and the other methods go on.
   (b) linear probe, to show what the frozen ImageNet features alone give: backbone frozen in eval
       mode; its pooled features are computed ONCE (eval transform: resize size/0.875 + center crop,
       no augmentation) since nothing in it changes; then only a new Linear head trains: AdamW lr 1e-2,

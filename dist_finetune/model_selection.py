@@ -4,9 +4,10 @@ Both follow one validation metric: ``val_acc`` (higher is better; equal accuraci
 by the lower ``val_loss``, which matters on small validation sets where many epochs tie) or
 ``val_loss`` (lower is better). With a weight average (``--ema-decay``) each epoch has two candidates,
 the live weights and the average (``val_acc_ema``...): both follow the better one (ties: the live).
-Their state (best value and epoch, epochs without improvement) is saved in every training-state checkpoint, so a resumed or requeued run makes the same choices as
-an uninterrupted one. Validation metrics are identical on every rank (gathered), and the one
-decision that ends training is still taken through a collective so no rank can go on alone.
+Their state (best value and epoch, epochs without improvement) is saved in every training-state
+checkpoint, so a resumed or requeued run makes the same choices as an uninterrupted one. Validation
+metrics are identical on every rank (gathered), and the one decision that ends training is still
+taken through a collective so no rank can go on alone.
 """
 
 from __future__ import annotations

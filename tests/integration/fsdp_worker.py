@@ -4,8 +4,9 @@
 
 Scenarios: strategies (under FSDP2: no_freeze, freeze, freeze_unfreeze, unfreeze_milestones, the guide's
 custom strategy; under DDP: freeze_unfreeze and unfreeze_milestones, the same seeds; freeze_unfreeze with a
-weight average both ways; FSDP2 freeze_unfreeze with activation checkpointing; then the FSDP2 freeze_unfreeze run resumed from its epoch-1 checkpoint), resume_elsewhere (that checkpoint resumed by
-this launch's process count, with the optimizer state it loaded written whole).
+weight average both ways; FSDP2 freeze_unfreeze with activation checkpointing; then the FSDP2 freeze_unfreeze
+run resumed from its epoch-1 checkpoint), resume_elsewhere (that checkpoint resumed by this launch's process
+count, with the optimizer state it loaded written whole).
 """
 
 from __future__ import annotations

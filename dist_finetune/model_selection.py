@@ -98,7 +98,7 @@ class BestModel(Callback):
             return
         record["best"] = True
         self.best = {k: candidate[k] for k in ("epoch", "val_acc", "val_loss", "val_top5") if k in candidate}
-        if run.ema is not None:
+        if "val_acc" + EMA_SUFFIX in record:  # the weight average was a candidate: say which won
             self.best["weights"] = record["best_weights"] = weights
         with _holding(run, self.best):
             self._weights = {k: v.to("cpu", copy=True) for k, v in full_state_dict(run.task.state_dict()).items()}

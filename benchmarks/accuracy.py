@@ -20,8 +20,9 @@ frozen features are already near the ceiling, the regime where an unfreeze has l
       data, backbone, weights, strategy, epochs, seed and output dir (plus --image-size when it is not
       224, --unfreeze-epoch when given, and --extra-args). Per-epoch figures come from metrics.jsonl;
       an epoch is frozen when it has as many lr groups as epoch 0 (the backbone joins as a new group).
-      Final model: the epoch marked ``"best": true`` if the run wrote model.safetensors and marks one,
-      else the last epoch. A failed run is reported (stderr tail) and the other methods go on.
+      Final model: the epoch marked ``"best": true`` if the run wrote model.safetensors and marks one
+      (its weight average's accuracy when ``"best_weights": "ema"``, with --ema-decay), else the last
+      epoch. A failed run is reported (stderr tail) and the other methods go on.
       ``--tta``: the kept model.safetensors is also scored by ``dist-finetune evaluate`` on the val
       images without and with ``--tta flip`` (``tta_eval``).
   (b) linear probe, to show what the frozen ImageNet features alone give: backbone frozen in eval
@@ -249,7 +250,8 @@ def run_cli(args: argparse.Namespace, data: Path, seed: int, work_dir: str) -> d
     else:
         run["status"] = "ok"
         use_best = run["model_file"] and marked
-        run["final_acc"] = marked[-1]["val_acc"] if use_best else (records[-1]["val_acc"] if records else None)
+        kept = "val_acc_ema" if use_best and marked[-1].get("best_weights") == "ema" else "val_acc"  # --ema-decay
+        run["final_acc"] = marked[-1][kept] if use_best else (records[-1]["val_acc"] if records else None)
         run["final_is"] = "best-marked epoch" if use_best else "last epoch"
         if args.tta:
             evaluate_kept_model(run, data, subprocess_env(), REPO)

@@ -19,7 +19,9 @@ Hooks run on every process; do file I/O on ``run.accelerator.is_main_process`` o
 every decision that changes training identical on all ranks (the trainer checks parameters and
 param groups after each transition). ``state_dict`` must return JSON-able data: it is saved in
 every training-state checkpoint and handed back to ``load_state_dict`` on resume, so a resumed run
-continues exactly where the interrupted one was.
+continues exactly where the interrupted one was. Tensors (an average of the weights) go through
+``state_tensors`` (whole tensors: every rank calls it, gathering sharded ones is collective) and
+come back, whole, to ``load_state_tensors`` on every rank, right after ``load_state_dict``.
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:  # for the annotations only: those modules import this one
     from accelerate import Accelerator
+    import torch
     from torch import nn
     from torch.optim import Optimizer
     from torch.utils.data import DataLoader
 
     from .config import TrainerConfig
     from .data import ImageClassificationData
+    from .ema import WeightEMA
     from .finetuning import BaseFinetuning
     from .loss_guard import LossGuard
     from .schedule import WarmupSchedule
@@ -86,6 +90,13 @@ class RunState:
     history: list[dict] = field(default_factory=list)  # one record per finished epoch
     stop_reason: str | None = None  # set (identically on every rank) to end training after this epoch
     model_epoch: int | None = None  # after training: the epoch whose weights the task holds (BestModel sets it)
+    model_is_ema: bool = False  # after training: the task holds model_epoch's weight average (BestModel sets it)
+    ema: WeightEMA | None = None  # the average of the weights (ema_decay), set as training starts
+
+    @property
+    def ema_weights(self) -> dict[str, torch.Tensor]:
+        """The averaged weights by parameter name ({} without an average): for the rank check."""
+        return self.ema.weights if self.ema is not None else {}
 
     @property
     def is_main_process(self) -> bool:
@@ -130,6 +141,13 @@ class Callback:
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned (called before ``on_fit_start`` on resume)."""
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Whole tensors saved in training checkpoints beside :meth:`state_dict` (every rank calls this)."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_tensors` returned (on resume, right after :meth:`load_state_dict`)."""
+
 
 class CallbackList:
     """Calls a hook on every callback in order; names their saved states by class (``Name#2`` for repeats)."""
@@ -161,6 +179,15 @@ class CallbackList:
     def state_dict(self) -> dict[str, dict]:
         return {key: callback.state_dict() for key, callback in zip(self.keys, self.callbacks)}
 
-    def load_state_dict(self, states: dict[str, dict]) -> None:
+    def load_state_dict(self, states: dict[str, dict], tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Each callback's state and its tensors (``tensors``' keys as :meth:`state_tensors` names them)."""
         for key, callback in zip(self.keys, self.callbacks):
             callback.load_state_dict(states.get(key, {}))
+            prefix = f"{key}/"
+            callback.load_state_tensors({name[len(prefix):]: tensor for name, tensor in (tensors or {}).items()
+                                         if name.startswith(prefix)})
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every callback's tensors as ``<key>/<name>`` (collective: every rank calls it)."""
+        return {f"{key}/{name}": tensor for key, callback in zip(self.keys, self.callbacks)
+                for name, tensor in callback.state_tensors().items()}

@@ -209,6 +209,9 @@ class TrainerConfig:
                                          "(docs/fsdp2.md) (default: the launch config's, else ddp)", choices=SHARDINGS)
     activation_checkpointing: bool = setting(False, "recompute each trainable backbone layer's activations in "
                                                     "backward: less memory, about a third more compute")
+    ema_decay: float | None = setting(None, "keep an exponential moving average of the weights with this decay "
+                                            "(warmed up as (1+step)/(10+step)), validated each epoch beside them and "
+                                            "eligible as the best model (docs/ema.md) (default: off)")
 
     def __post_init__(self) -> None:
         _require(self.max_epochs >= 1, f"max_epochs must be >= 1, got {self.max_epochs}")
@@ -244,6 +247,9 @@ class TrainerConfig:
         _require(self.log_every_n_steps >= 1, "log_every_n_steps must be >= 1")
         _require(self.sharding is None or self.sharding in SHARDINGS,
                  f"sharding must be one of {SHARDINGS}, got {self.sharding!r}")
+        _require(self.ema_decay is None or 0 < self.ema_decay < 1,
+                 f"ema_decay must be in (0, 1), got {self.ema_decay}: the weight the average keeps per step, "
+                 "e.g. 0.999 (leave it unset for no average)")
         tracker_names(self.report_to)  # unknown names fail here; missing packages when training starts
 
 

@@ -258,16 +258,18 @@ def _parameter_fingerprint(param: torch.Tensor) -> int | str:
     return _bit_checksum(param)
 
 
-def rank_fingerprint(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Checksums of the trainable parameters (a sharded one: its layout, see :func:`_parameter_fingerprint`)
-    and the optimizer's group layout."""
+def rank_fingerprint(model: nn.Module, optimizer: torch.optim.Optimizer,
+                     averaged: dict[str, torch.Tensor] | None = None) -> dict:
+    """Checksums of the trainable parameters (a sharded one: its layout, see :func:`_parameter_fingerprint`),
+    the optimizer's group layout, and of ``averaged`` (the weight average, by parameter name) if given."""
     names = {id(p): n for n, p in model.named_parameters()}
     params = [(n, _parameter_fingerprint(p)) for n, p in model.named_parameters() if p.requires_grad]
     layout = [
         (tuple(names.get(id(p), "?") for p in group["params"]), float(group["lr"]))
         for group in optimizer.param_groups
     ]
-    return {"params": params, "layout": layout}
+    return {"params": params, "layout": layout,
+            "averaged": [(n, _parameter_fingerprint(t)) for n, t in (averaged or {}).items()]}
 
 
 def _describe_difference(reference: dict, other: dict) -> str:
@@ -281,14 +283,19 @@ def _describe_difference(reference: dict, other: dict) -> str:
     for index, (a, b) in enumerate(zip(reference["layout"], other["layout"])):
         if a != b:
             return f"optimizer param group {index} differs ({len(a[0])} params lr={a[1]} vs {len(b[0])} lr={b[1]})"
+    if reference["layout"] == other["layout"]:
+        different = [a[0] for a, b in zip(reference["averaged"], other["averaged"]) if a != b]
+        return f"first differing weight average {different[0]!r}" if different else "the weight averages differ"
     return f"optimizer has {len(reference['layout'])} param groups on rank 0 but {len(other['layout'])} here"
 
 
-def check_rank_consistency(accelerator: Accelerator, model: nn.Module, optimizer, when: str) -> None:
-    """Raise on every rank if any rank's trainable parameters or param groups differ from rank 0's."""
+def check_rank_consistency(accelerator: Accelerator, model: nn.Module, optimizer, when: str,
+                           averaged: dict[str, torch.Tensor] | None = None) -> None:
+    """Raise on every rank if any rank's trainable parameters, param groups or weight average (``averaged``)
+    differ from rank 0's."""
     if accelerator.num_processes == 1:
         return
-    gathered = gather_object([rank_fingerprint(accelerator.unwrap_model(model), optimizer)])
+    gathered = gather_object([rank_fingerprint(accelerator.unwrap_model(model), optimizer, averaged)])
     for rank, other in enumerate(gathered[1:], start=1):
         if other != gathered[0]:
             raise RankMismatchError(

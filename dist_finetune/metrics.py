@@ -40,9 +40,11 @@ def format_record(record: dict) -> str:
     """The printed line of one epoch."""
     lrs = ", ".join(f"{lr:.2e}" for lr in record["lr"])
     top5 = f" top5 {record['val_top5']:.3f}" if "val_top5" in record else ""
-    best = "  *best*" if record.get("best") else ""
+    average = f"  ema: val_loss {record['val_loss_ema']:.4f} val_acc {record['val_acc_ema']:.3f}" \
+        if "val_acc_ema" in record else ""
+    best = f"  *best{' (ema)' if record.get('best_weights') == 'ema' else ''}*" if record.get("best") else ""
     return (f"epoch {record['epoch']}: train_loss {record['train_loss']:.4f}  val_loss {record['val_loss']:.4f}  "
-            f"val_acc {record['val_acc']:.3f}{top5}  {record['images_per_s']:.1f} img/s  lr [{lrs}]{best}")
+            f"val_acc {record['val_acc']:.3f}{top5}{average}  {record['images_per_s']:.1f} img/s  lr [{lrs}]{best}")
 
 
 class LossWindow:

@@ -2,10 +2,12 @@
 
 Both follow one validation metric: ``val_acc`` (higher is better; equal accuracies are told apart
 by the lower ``val_loss``, which matters on small validation sets where many epochs tie) or
-``val_loss`` (lower is better). Their state (best value and epoch, epochs without improvement) is
-saved in every training-state checkpoint, so a resumed or requeued run makes the same choices as
-an uninterrupted one. Validation metrics are identical on every rank (gathered), and the one
-decision that ends training is still taken through a collective so no rank can go on alone.
+``val_loss`` (lower is better). With a weight average (``--ema-decay``) each epoch has two candidates,
+the live weights and the average (``val_acc_ema``...): both follow the better one (ties: the live).
+Their state (best value and epoch, epochs without improvement) is saved in every training-state
+checkpoint, so a resumed or requeued run makes the same choices as an uninterrupted one. Validation
+metrics are identical on every rank (gathered), and the one decision that ends training is still
+taken through a collective so no rank can go on alone.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 import os
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -21,6 +24,7 @@ import torch
 from .callbacks import Callback, RunState
 from .checkpoint import load_model, read_metadata, save_model
 from .distributed import any_rank
+from .ema import EMA_SUFFIX, VALIDATION_KEYS
 from .errors import CheckpointError
 from .sharding import full_state_dict
 from .training_state import CHECKPOINTS_DIR
@@ -40,6 +44,21 @@ def score(record: dict, metric: str) -> tuple[float, ...]:
     return (-record["val_loss"],)
 
 
+def best_candidate(record: dict, metric: str) -> tuple[dict, str]:
+    """The better of the epoch's live weights (``record``) and, when it was validated, their average: its
+    metrics as a record of their own, and "live" or "ema" (ties go to the live weights)."""
+    candidates = [(record, "live")]
+    if "val_acc" + EMA_SUFFIX in record:
+        average = {key: record[key + EMA_SUFFIX] for key in VALIDATION_KEYS if key + EMA_SUFFIX in record}
+        candidates.append(({"epoch": record["epoch"], **average}, "ema"))
+    return max(candidates, key=lambda candidate: score(candidate[0], metric))
+
+
+def _holding(run: RunState, best: dict):
+    """A block in which the task holds ``best``'s weights of its epoch: its own, or the average swapped in."""
+    return run.ema.swapped_in(run.task) if best.get("weights") == "ema" else nullcontext()
+
+
 def _holds(path: Path, best: dict) -> bool:
     """Whether the model file at ``path`` records exactly ``best``'s epoch and metrics."""
     try:
@@ -50,7 +69,9 @@ def _holds(path: Path, best: dict) -> bool:
 
 def describe(record: dict) -> str:
     top5 = f", val_top5 {record['val_top5']:.4f}" if "val_top5" in record else ""
-    return f"epoch {record['epoch']} (val_acc {record['val_acc']:.4f}, val_loss {record['val_loss']:.4f}{top5})"
+    average = "'s weight average" if record.get("weights") == "ema" else ""
+    return (f"epoch {record['epoch']}{average} (val_acc {record['val_acc']:.4f}, val_loss {record['val_loss']:.4f}"
+            f"{top5})")
 
 
 class BestModel(Callback):
@@ -72,13 +93,17 @@ class BestModel(Callback):
 
     def on_validation_end(self, trainer, run: RunState, record: dict) -> None:
         best = score(self.best, self.metric) if self.best is not None else (-math.inf,)
-        if score(record, self.metric) <= best:
+        candidate, weights = best_candidate(record, self.metric)
+        if score(candidate, self.metric) <= best:
             return
         record["best"] = True
-        self.best = {k: record[k] for k in ("epoch", "val_acc", "val_loss", "val_top5") if k in record}
-        self._weights = {k: v.to("cpu", copy=True) for k, v in full_state_dict(run.task.state_dict()).items()}
-        if run.output_dir is not None:  # written before the epoch's training state, so never behind it
-            trainer.save_checkpoint(run.output_dir / MODEL_FILENAME, training=self.best)
+        self.best = {k: candidate[k] for k in ("epoch", "val_acc", "val_loss", "val_top5") if k in candidate}
+        if "val_acc" + EMA_SUFFIX in record:  # the weight average was a candidate: say which won
+            self.best["weights"] = record["best_weights"] = weights
+        with _holding(run, self.best):
+            self._weights = {k: v.to("cpu", copy=True) for k, v in full_state_dict(run.task.state_dict()).items()}
+            if run.output_dir is not None:  # written before the epoch's training state, so never behind it
+                trainer.save_checkpoint(run.output_dir / MODEL_FILENAME, training=self.best)
 
     def on_fit_start(self, trainer, run: RunState) -> None:
         if self.best is not None and self._weights is None:  # resumed after a best epoch was chosen
@@ -95,8 +120,10 @@ class BestModel(Callback):
         of_checkpoint = run.resumed_from.parent.parent / MODEL_FILENAME  # the model file of the checkpoint's run
         if run.resumed_from.parent.name == CHECKPOINTS_DIR and of_checkpoint.resolve() not in map(Path.resolve, files):
             files.append(of_checkpoint)
-        if (position.epoch, position.batch) == (best["epoch"] + 1, 0):
-            self._weights = {k: v.to("cpu", copy=True) for k, v in full_state_dict(run.task.state_dict()).items()}
+        at_its_end = (position.epoch, position.batch) == (best["epoch"] + 1, 0)
+        if at_its_end and (best.get("weights") != "ema" or run.ema is not None):
+            with _holding(run, best):
+                self._weights = {k: v.to("cpu", copy=True) for k, v in full_state_dict(run.task.state_dict()).items()}
         else:
             source = next((path for path in files if _holds(path, best)), None)
             self._weights = load_model(source)[0] if source is not None else None
@@ -121,18 +148,20 @@ class BestModel(Callback):
         if run.output_dir is not None:
             trainer.save_checkpoint(run.output_dir / LAST_MODEL_FILENAME,
                                     training={k: last[k] for k in self.best if k in last})
-        have_best = self.best["epoch"] == last["epoch"] or self._weights is not None
+        holds_best = self.best["epoch"] == last["epoch"] and self.best.get("weights") != "ema"
+        have_best = holds_best or self._weights is not None
         kept = self.best if self.load_best_at_end and have_best else last
-        if kept["epoch"] != last["epoch"]:
+        if kept is self.best and not holds_best:
             device = run.accelerator.device
             run.task.load_weights({k: v.to(device) for k, v in self._weights.items()}, "the best epoch's weights")
-        run.model_epoch = kept["epoch"]
+        run.model_epoch, run.model_is_ema = kept["epoch"], kept.get("weights") == "ema"
         message = f"best {describe(self.best)}"
         if run.output_dir is not None:
             message += f" -> {run.output_dir / MODEL_FILENAME}; last epoch {last['epoch']} -> " \
                        f"{run.output_dir / LAST_MODEL_FILENAME}"
         missing = "" if have_best else " (the best epoch's weights were not found: see the warning at the resume)"
-        trainer.announce(f"{message}; the task now holds epoch {kept['epoch']}'s weights{missing}")
+        weights = "weight average" if run.model_is_ema else "weights"
+        trainer.announce(f"{message}; the task now holds epoch {kept['epoch']}'s {weights}{missing}")
 
     def state_dict(self) -> dict:
         return {"best": self.best}
@@ -155,7 +184,7 @@ class EarlyStopping(Callback):
         run.stop_reason = run.stop_reason or self.reason  # a resumed run that had already stopped stays stopped
 
     def on_validation_end(self, trainer, run: RunState, record: dict) -> None:
-        value = score(record, self.metric)[0]
+        value = score(best_candidate(record, self.metric)[0], self.metric)[0]
         if value > (-math.inf if self.best is None else self.best + self.min_delta):
             self.best, self.best_epoch, self.waited = value, record["epoch"], 0
         else:

@@ -64,9 +64,10 @@ def plot_curves(run_dir, output=None) -> Path:
     """Draw ``curves.png`` (default: in the run folder) and return its path.
 
     Panels: train/val loss, val accuracy (top-5 too when logged), and the lr of every param group
-    per step (per epoch when the run has no steps.jsonl), log scale. Dashed lines mark unfreeze
-    points, the boundary before an epoch that added param groups; a star marks the chosen best
-    epoch (the last record with ``best: true``). Raises PlotsUnavailable without matplotlib.
+    per step (per epoch when the run has no steps.jsonl), log scale; with a weight average
+    (``--ema-decay``) its validation too. Dashed lines mark unfreeze points, the boundary before an
+    epoch that added param groups; a star marks the chosen best epoch (the last record with
+    ``best: true``), on the average's curve when it was the one kept. Raises PlotsUnavailable without matplotlib.
     """
     run_dir = Path(run_dir)
     run = read_run(run_dir)
@@ -82,9 +83,12 @@ def plot_curves(run_dir, output=None) -> Path:
     _plot_key(loss_axes, epochs, "val_loss", "val loss")
     _plot_key(accuracy_axes, epochs, "val_acc", "val accuracy")
     _plot_key(accuracy_axes, epochs, "val_top5", "val top-5 accuracy")
+    _plot_key(loss_axes, epochs, "val_loss_ema", "val loss, weight average")  # --ema-decay
+    _plot_key(accuracy_axes, epochs, "val_acc_ema", "val accuracy, weight average")
     if best is not None:
-        _mark_best(loss_axes, best, "val_loss")
-        _mark_best(accuracy_axes, best, "val_acc")
+        kept = "_ema" if best.get("best_weights") == "ema" else ""  # the best model is the weight average
+        _mark_best(loss_axes, best, "val_loss" + kept)
+        _mark_best(accuracy_axes, best, "val_acc" + kept)
     loss_axes.set(title="loss", xlabel="epoch")
     accuracy_axes.set(title="validation accuracy", xlabel="epoch")
     for axes in (loss_axes, accuracy_axes):

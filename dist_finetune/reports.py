@@ -89,9 +89,11 @@ class Reports(Callback):
             return
         report = validation_report(run.task, run.val_loader, run.accelerator, run.data, self.top_losses,
                                    run.config.tta)
-        best = [record["epoch"] for record in run.history if record.get("best")]
+        best = [record for record in run.history if record.get("best")]
         epoch = run.history[-1]["epoch"] if run.model_epoch is None else run.model_epoch
-        report["model"] = {"epoch": epoch, "weights": "best" if best and epoch == best[-1] else "last"}
+        live_best = bool(best) and epoch == best[-1]["epoch"] and best[-1].get("best_weights", "live") == "live"
+        report["model"] = {"epoch": epoch, "weights": "best (EMA)" if run.model_is_ema else
+                           "best" if live_best else "last"}
         if run.is_main_process:
             trainer.announce(f"validation report of epoch {epoch}'s weights:")
             save_report(report, run.output_dir, trainer.announce, curves=True)

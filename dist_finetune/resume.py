@@ -62,7 +62,7 @@ class Resume:
         saved = self.saved
         check_signature(saved.signature, run.signature, self.checkpoint)
         run.position = saved.position
-        run.callbacks.load_state_dict(saved.callbacks)
+        run.callbacks.load_state_dict(saved.callbacks, saved.callback_tensors)
         run.task.load_weights(saved.model, str(self.checkpoint))
 
     def into_prepared(self, trainer, run: RunState) -> None:

@@ -29,6 +29,17 @@ def full_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: full_tensor(tensor.detach()) for name, tensor in state.items()}
 
 
+def sharded_parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s parameters by name, as FSDP2 holds them between steps: a module not resharded after its
+    forward (``reshard_after_forward=False``) is resharded first, so no whole parameter is handed out."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for part in module.modules():
+        if isinstance(part, FSDPModule):
+            part.reshard()
+    return dict(module.named_parameters())
+
+
 def shard_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``tensor`` (whole) as ``like`` holds it: this rank's slice when ``like`` is a DTensor (no communication)."""
     if not isinstance(like, DTensor):

@@ -42,6 +42,7 @@ from .distributed import (
 from .errors import ConfigError
 from .feature_cache import epoch_loader
 from .fsdp import prepare, resolve_sharding, shard_for_training
+from .ema import WeightEMA
 from .finetuning import BaseFinetuning, NoFreeze, StrategyCallback, build_optimizer, resolve_strategy, trainable_parameters
 from .host_memory import keep_freed_memory
 from .inference import eval_loader, validation_metrics
@@ -228,7 +229,8 @@ class Trainer:
 
     def _run_callbacks(self, strategy: BaseFinetuning) -> list[Callback]:
         config = self.config
-        built_in: list[Callback] = [BestModel(config.metric_for_best, config.load_best_model_at_end)]
+        built_in: list[Callback] = [*([WeightEMA(config.ema_decay)] if config.ema_decay else []),
+                                    BestModel(config.metric_for_best, config.load_best_model_at_end)]
         if config.early_stopping_patience is not None:
             built_in.append(EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta,
                                           config.metric_for_best))
@@ -303,7 +305,8 @@ class Trainer:
         run.callbacks.call("on_fit_start", self, run)
         self._run_epochs(run)
         if run.config.check_rank_consistency:
-            check_rank_consistency(run.accelerator, run.model, run.optimizer, "at the end of training")
+            check_rank_consistency(run.accelerator, run.model, run.optimizer, "at the end of training",
+                                   run.ema_weights)
         if run.stop_reason:
             self.announce(f"training stopped: {run.stop_reason}")
         run.callbacks.call("on_fit_end", self, run)
@@ -326,7 +329,7 @@ class Trainer:
                 if len(run.optimizer.param_groups) != groups_before or resync.changed():
                     if run.config.check_rank_consistency:  # before the rebuild, whose broadcast would hide drift
                         check_rank_consistency(accelerator, run.task, run.optimizer,
-                                               f"after the strategy transition at epoch {epoch}")
+                                               f"after the strategy transition at epoch {epoch}", run.ema_weights)
                     run.model = resync()
             run.model.train()
             record = {"epoch": epoch, **self._train_epoch(run)}

@@ -4,7 +4,8 @@ A checkpoint is a folder ``output_dir/checkpoints/step-XXXXXXXX`` holding the mo
 (tensors as safetensors, structure as JSON; under FSDP2 the tensors as every rank's slices, a torch
 distributed checkpoint in ``optimizer/``), the schedule, the GradScaler, the position in the
 epoch's sample order, the batch layout and optimizer settings it was written with (``resume``
-maps or applies other ones), each rank's RNG states, and a manifest of every file's size and SHA-256.
+maps or applies other ones), each rank's RNG states, the callbacks' states (and tensors: the weight
+average of ``--ema-decay``), and a manifest of every file's size and SHA-256.
 It is written under a temporary name and renamed only when complete, so a crash mid-write never
 leaves a folder that looks finished; a folder whose files do not match its manifest is skipped
 with a warning and the newest intact one is used instead.
@@ -38,6 +39,7 @@ from .sharding import full_state_dict, full_tensor
 
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "manifest.json"
+CALLBACK_TENSORS = "callbacks.safetensors"  # the callbacks' state_tensors (a weight average)
 
 
 # ---------------------------------------------------------------------------- RNG states
@@ -168,6 +170,7 @@ def write_training_state(run: RunState) -> Path:
     save_file(rng_tensors, partial / f"rng_rank{accelerator.process_index}.safetensors",
               metadata={"extra": json.dumps(rng_extra)})
     model_tensors = full_state_dict(run.task.state_dict())
+    callback_tensors = run.callbacks.state_tensors()
     sharded = run.sharded  # FSDP2: each rank writes its optimizer slices, none gathers them
     optimizer_tensors, optimizer_structure = split_optimizer_state(run.optimizer.state_dict(), gather=not sharded)
     if sharded:
@@ -178,6 +181,8 @@ def write_training_state(run: RunState) -> Path:
         if not sharded:
             save_file({k: v.cpu().contiguous() for k, v in optimizer_tensors.items()},
                       partial / "optimizer.safetensors")
+        if callback_tensors:
+            save_file({k: v.cpu().contiguous() for k, v in callback_tensors.items()}, partial / CALLBACK_TENSORS)
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         _write_json(partial / "state.json", {
             "position": asdict(position), "optimizer": optimizer_structure, "schedule": run.schedule.state_dict(),
@@ -276,6 +281,7 @@ class TrainingState:
     layout: dict | None = None  # layout_of(); recorded since a resume maps another batch layout
     optimizer_settings: dict | None = None  # optimizer_settings(); recorded since a resume applies changed ones
     callbacks: dict = field(default_factory=dict)  # CallbackList.state_dict()
+    callback_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # CallbackList.state_tensors()
     rng: tuple[dict[str, torch.Tensor], dict] | None = None  # capture_rng() of this rank; None: saved by fewer ranks
     sharded_optimizer: Path | None = None  # FSDP2: the optimizer's slices (a torch distributed checkpoint folder)
 
@@ -290,11 +296,13 @@ def load_training_state(checkpoint: Path, rank: int) -> TrainingState:
     sharded = checkpoint / SHARDED_OPTIMIZER_DIR  # read into this run's slices by resume (fsdp.py)
     whole = {} if sharded.is_dir() else load_file(checkpoint / "optimizer.safetensors")
     known = {f.name for f in fields(TrainingState)}
+    callback_tensors = checkpoint / CALLBACK_TENSORS
     return TrainingState(**{**{k: v for k, v in state.items() if k in known},
                             "position": Position(**state["position"]),
                             "model": load_file(checkpoint / "model.safetensors"),
                             "optimizer": join_optimizer_state(whole, state["optimizer"]),
                             "callbacks": state.get("callbacks") or {}, "rng": rng,
+                            "callback_tensors": load_file(callback_tensors) if callback_tensors.is_file() else {},
                             "sharded_optimizer": sharded if sharded.is_dir() else None})
 
 

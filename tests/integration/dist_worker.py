@@ -2,8 +2,9 @@
 
     python dist_worker.py SCENARIO DATA_ROOT OUT_DIR [BATCH_SIZE]
 
-Scenarios: strategies (freeze_unfreeze, unfreeze_milestones, the guide's custom strategy, in turn; then early
-stopping; then the balanced sampler with one rank that alone would stop early; then a short lr sweep),
+Scenarios: strategies (freeze_unfreeze with a weight average, unfreeze_milestones, the guide's custom strategy,
+in turn; then early stopping; then the balanced sampler with one rank that alone would stop early; then a short
+lr sweep),
 equivalence (one deterministic run), mismatch (at a transition rank 1 alone alters a weight, adds its
 groups in another layout, or gives a group another lr; each rank writes the error it got), no_resync
 (a plain Accelerate loop that unfreezes after ``prepare`` without rebuilding DDP: the drift the
@@ -111,6 +112,9 @@ def train(strategy: BaseFinetuning, data_root: Path, out: Path, batch_size: int,
     rank = trainer.accelerator.process_index
     state = {n: t.detach().cpu().contiguous() for n, t in task.state_dict().items()}
     save_file(state, out / f"rank{rank}_final.safetensors")
+    if trainer.run.ema is not None:
+        save_file({n: t.cpu().contiguous() for n, t in trainer.run.ema.weights.items()},
+                  out / f"rank{rank}_ema.safetensors")
     report = {"rank": rank, "world_size": trainer.accelerator.num_processes, "metrics": metrics,
               "local": snapshots.local, "device": str(trainer.accelerator.device),
               "graphs_at_epoch_start": snapshots.graphs_at_epoch_start,
@@ -288,7 +292,7 @@ def run_scenario(scenario: str, data_root: Path, out: Path, batch_size: int) -> 
         # took) fails after 4 minutes instead of hanging until the test's own timeout
         trainers = [
             train(FreezeUnfreeze(unfreeze_epoch=1, train_bn=True), data_root, out / "freeze_unfreeze", batch_size,
-                  process_group_timeout_s=240),
+                  process_group_timeout_s=240, ema_decay=0.5),  # with a weight average, in the rank checks too
             train(UnfreezeMilestones((1, 2), num_layers=2, train_bn=True), data_root, out / "unfreeze_milestones",
                   batch_size),
             train(GuideStrategy(unfreeze_epoch=1), data_root, out / "custom", batch_size),

@@ -3,9 +3,10 @@
     python fsdp_worker.py SCENARIO DATA_ROOT OUT_DIR [BATCH_SIZE]
 
 Scenarios: strategies (under FSDP2: no_freeze, freeze, freeze_unfreeze, unfreeze_milestones, the guide's
-custom strategy; under DDP: freeze_unfreeze and unfreeze_milestones, the same seeds; FSDP2 freeze_unfreeze
-with activation checkpointing; then the FSDP2 freeze_unfreeze run resumed from its epoch-1 checkpoint), resume_elsewhere (that checkpoint resumed by
-this launch's process count, with the optimizer state it loaded written whole).
+custom strategy; under DDP: freeze_unfreeze and unfreeze_milestones, the same seeds; freeze_unfreeze with a
+weight average both ways; FSDP2 freeze_unfreeze with activation checkpointing; then the FSDP2 freeze_unfreeze
+run resumed from its epoch-1 checkpoint), resume_elsewhere (that checkpoint resumed by this launch's process
+count, with the optimizer state it loaded written whole).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dist_finetune.sharding import full_state_dict, full_tensor
 from test_finetuning import FeatureExtractorFreezeUnfreeze as GuideStrategy  # the Flash guide's example
 
 EPOCHS = 3
+EMA_DECAY = 0.5  # the freeze_unfreeze runs keep a weight average (sharded under FSDP2)
 
 
 class Holdings(Callback):
@@ -88,6 +90,9 @@ def train(strategy, sharding: str, data_root: Path, out: Path, batch_size: int, 
     rank = trainer.accelerator.process_index
     state = full_state_dict(task.state_dict())  # collective under FSDP2
     save_file({n: t.cpu().contiguous() for n, t in state.items()}, out / f"rank{rank}_final.safetensors")
+    if trainer.run.ema is not None:  # the weight average, gathered whole (collective)
+        average = full_state_dict(trainer.run.ema.weights)
+        save_file({n: t.cpu().contiguous() for n, t in average.items()}, out / f"rank{rank}_ema.safetensors")
     report = {"rank": rank, "world_size": trainer.accelerator.num_processes, "metrics": metrics,
               "sharded": sorted(n for n, p in task.named_parameters() if isinstance(p, DTensor)),
               "parameters": sorted(n for n, _ in task.named_parameters()),
@@ -109,18 +114,20 @@ def main() -> None:
     batch_size = int(sys.argv[4]) if len(sys.argv) > 4 else 4
     if scenario == "strategies":
         for name, strategy in strategies().items():
-            train(strategy, "fsdp2", data_root, out / "fsdp2" / name, batch_size, checkpoints=name == "freeze_unfreeze")
+            train(strategy, "fsdp2", data_root, out / "fsdp2" / name, batch_size, checkpoints=name == "freeze_unfreeze",
+                  ema_decay=EMA_DECAY if name == "freeze_unfreeze" else None)
         for name in ("freeze_unfreeze", "unfreeze_milestones"):
-            train(strategies()[name], "ddp", data_root, out / "ddp" / name, batch_size)
+            train(strategies()[name], "ddp", data_root, out / "ddp" / name, batch_size,
+                  ema_decay=EMA_DECAY if name == "freeze_unfreeze" else None)
         train(strategies()["freeze_unfreeze"], "fsdp2", data_root, out / "fsdp2" / "recomputed", batch_size,
               activation_checkpointing=True)
         epoch_one = sorted((out / "fsdp2" / "freeze_unfreeze" / "checkpoints").glob("step-*"))[1]
         train(strategies()["freeze_unfreeze"], "fsdp2", data_root, out / "fsdp2" / "resumed", batch_size,
-              resume=str(epoch_one))
+              resume=str(epoch_one), ema_decay=EMA_DECAY)
     elif scenario == "resume_elsewhere":  # DATA_ROOT/../fsdp2/freeze_unfreeze holds the 2-rank run
         epoch_one = sorted((out.parent / "fsdp2" / "freeze_unfreeze" / "checkpoints").glob("step-*"))[1]
         train(strategies()["freeze_unfreeze"], "fsdp2", data_root, out, batch_size, resume=str(epoch_one),
-              callback=LoadedMoments(out))
+              callback=LoadedMoments(out), ema_decay=EMA_DECAY)
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     shutdown()

@@ -70,6 +70,8 @@ def test_ranks_bit_identical_after_each_transition_and_at_the_end(strategies_run
     for epoch in range(3):
         assert_identical(*rank_files(folder, f"epoch{epoch}"), f"{strategy} start of epoch {epoch}")
     assert_identical(*rank_files(folder, "final"), f"{strategy} end (parameters and BN buffers)")
+    if strategy == "freeze_unfreeze":  # run with ema_decay: every rank averaged alike, and validated the average
+        assert_identical(*rank_files(folder, "ema"), "the weight average at the end")
     start, end = rank_files(folder, "epoch1")[0], rank_files(folder, "final")[0]
     assert not torch.equal(start["backbone.layer4.1.conv2.weight"], end["backbone.layer4.1.conv2.weight"]), \
         "the unfrozen backbone must have trained"
@@ -152,13 +154,19 @@ def test_checkpoint_and_metrics_written_once_by_the_main_process(strategies_run,
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [0, 1, 2]
     best = [m for m in metrics if m.get("best")][-1]
-    # the same weights give the same accuracy in one process: no image counted twice or dropped
+    # the same weights give the same accuracy in one process: no image counted twice or dropped; the run has a
+    # weight average (ema_decay): model.safetensors holds it when it was the better, as the record says
     data = ImageClassificationData.from_folders(str(image_folders / "train"), str(image_folders / "val"),
                                                 image_size=32, batch_size=4, num_workers=0)
-    for name, record in (("model.safetensors", best), ("last.safetensors", metrics[-1])):
+    kept = "_ema" if best["best_weights"] == "ema" else ""
+    for name, record, suffix in (("model.safetensors", best, kept), ("last.safetensors", metrics[-1], "")):
         single = Trainer(progress_bar=False).validate(ImageClassifier.load_from_checkpoint(folder / name), data)
-        assert single["val_acc"] == pytest.approx(record["val_acc"]), name
-        assert single["val_loss"] == pytest.approx(record["val_loss"], rel=1e-5), name
+        assert single["val_acc"] == pytest.approx(record["val_acc" + suffix]), name
+        assert single["val_loss"] == pytest.approx(record["val_loss" + suffix], rel=1e-5), name
+    final = ImageClassifier.load_from_checkpoint(folder / "last.safetensors")
+    final.load_weights({**final.state_dict(), **load_file(folder / "rank0_ema.safetensors")}, "the average")
+    single = Trainer(progress_bar=False).validate(final, data)
+    assert single["val_loss"] == pytest.approx(metrics[-1]["val_loss_ema"], rel=1e-5), "the average validated"
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """FSDP2 over two real gloo ranks (dist_finetune/fsdp.py): every strategy trains sharded per backbone layer,
-ends where DDP ends, checkpoints the optimizer sharded and resumes bit-exact."""
+ends where DDP ends, checkpoints the optimizer sharded and resumes bit-exact, with a sharded weight average."""
 
 from __future__ import annotations
 
@@ -72,6 +72,10 @@ def test_fsdp2_ends_with_the_weights_ddp_ends_with(strategies_run, strategy):
     measured: bit-identical on gloo (max difference 0.0); float reordering would be ~1e-7, bounded at 1e-5."""
     sharded, replicated = finals(strategies_run / "fsdp2" / strategy)[0], finals(strategies_run / "ddp" / strategy)[0]
     assert max_difference(sharded, replicated) < 1e-5
+    if strategy == "freeze_unfreeze":  # with a weight average: each rank averaged its slices, as DDP the whole
+        averages = [load_file(strategies_run / sharding / strategy / "rank0_ema.safetensors") for sharding in
+                    ("fsdp2", "ddp")]
+        assert max_difference(*averages) < 1e-5
     start = load_file(strategies_run / "fsdp2" / strategy / "moments_epoch0.safetensors")
     assert "backbone.layer4.1.conv2.weight.exp_avg" not in start, "frozen in epoch 0: no optimizer state"
     assert reports(strategies_run / "ddp" / strategy)[0]["sharded"] == []
@@ -103,6 +107,11 @@ def test_checkpoints_hold_whole_model_files_and_a_sharded_optimizer_and_resume_b
     assert "optimizer/__1_0.distcp" in json.loads((checkpoint / "manifest.json").read_text())
     resumed = finals(strategies_run / "fsdp2" / "resumed")[0]
     assert max_difference(resumed, finals(folder)[0]) == 0, "resume is bit-exact"
+    averages = [load_file(path / f"rank{rank}_ema.safetensors") for path, rank in
+                ((folder, 0), (folder, 1), (strategies_run / "fsdp2" / "resumed", 0))]
+    assert max_difference(*averages[:2]) == 0 and max_difference(averages[0], averages[2]) == 0, \
+        "the weight average: one on both ranks, resumed bit-exact"
+    assert "callbacks.safetensors" in json.loads((checkpoint / "manifest.json").read_text())
 
 
 @pytest.mark.distributed
@@ -117,3 +126,4 @@ def test_a_sharded_checkpoint_resumes_in_another_process_count(strategies_run, i
     assert all(torch.equal(saved[k], loaded[k]) for k in saved)
     report = json.loads((out / "rank0_report.json").read_text())
     assert report["world_size"] == 1 and [m["epoch"] for m in report["metrics"]] == [2]
+    assert "val_acc_ema" in report["metrics"][0], "the weight average, resharded onto one process, goes on"

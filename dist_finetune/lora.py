@@ -82,7 +82,10 @@ class LoRA(FreezeUnfreeze):
             warn_never("lora adds the adapters", self.unfreeze_epoch, max_epochs)
 
     def freeze_before_training(self, model: nn.Module) -> None:
-        add_adapters(model, self.rank, self.alpha, self.dropout, lora_targets(model, self.targets))
+        """Adapters in, then the backbone frozen with them (they join at ``unfreeze_epoch``), BatchNorm in eval."""
+        if not _lora_layers(model):  # a dry run replays the strategy on the task it has set up
+            add_adapters(model, self.rank, self.alpha, self.dropout, lora_targets(model, self.targets))
+        BaseFinetuning.freeze(model.backbone, train_bn=False)
 
     def finetune_function(self, model: nn.Module, epoch: int, optimizer) -> None:
         if epoch == self.unfreeze_epoch:
@@ -142,14 +145,12 @@ def check_lora(strategy: BaseFinetuning, task: nn.Module, sharding: str) -> None
 
 
 def add_adapters(task: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str]) -> None:
-    """Put adapters on ``targets`` (names within the backbone); the whole backbone is frozen, adapters too
-    (the strategy lets them join), BatchNorm in eval mode. Identical on every rank (A is drawn from the
+    """Put adapters on ``targets`` (names within the backbone). Identical on every rank (A is drawn from the
     seeded global RNG; DDP also starts every rank from rank 0's)."""
     peft = _peft()
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
                              bias="none")
     peft.inject_adapter_in_model(config, task.backbone, adapter_name=ADAPTER)
-    BaseFinetuning.freeze(task.backbone, train_bn=False)
     # a layer listed by parameter names (timm's groups) takes an adapted module whole, so its adapters are in it
     adapted = set(targets)
     task.layer_names = [list(dict.fromkeys(name.rpartition(".")[0] if name.rpartition(".")[0] in adapted else name

@@ -189,24 +189,24 @@ def test_bad_input_fails_before_anything_is_written(image_folders, tiny_data, tm
 
 
 def test_a_killed_conv_run_resumes_bit_exactly(tiny_data, tmp_path):
-    """tiny_resnet, adapters on its 20 convolutions joining at epoch 1 of 2 (6 steps an epoch), killed at step 10
-    and resumed from step 8's checkpoint (adapter weights and their AdamW moments): the same model file and
-    adapter as the uninterrupted run, bit for bit."""
+    """tiny_resnet, adapters on its 20 convolutions from the start of its one epoch (6 steps), killed at step 5 and
+    resumed from step 4's checkpoint (adapter weights and their AdamW moments): the same model file and adapter
+    as the uninterrupted run, bit for bit."""
     def finetune(out, callbacks=(), resume=None):
         seed_everything(0)
         task = ImageClassifier(3, "tiny_resnet", pretrained=False)
-        trainer = tiny_trainer(max_epochs=2, output_dir=str(out), save_every_n_steps=4, callbacks=list(callbacks),
-                               load_best_model_at_end=False)
-        trainer.finetune(task, tiny_data, lora(), resume=resume)
-        return load_file(out / "last.safetensors"), load_file(out / "model.adapter.safetensors")
+        trainer = tiny_trainer(max_epochs=1, output_dir=str(out), save_every_n_steps=2, callbacks=list(callbacks))
+        trainer.finetune(task, tiny_data, lora(unfreeze_epoch=0), resume=resume)
+        return load_file(out / "model.safetensors"), load_file(out / "model.adapter.safetensors")
 
     uninterrupted, adapter = finetune(tmp_path / "a")
     assert len([k for k in adapter if ".lora_A." in k]) == 20
     assert adapter["backbone.conv1.lora_A.default.weight"].shape == (RANK, 3, 3, 3)  # conv 3->8, 3x3: A is 3->r
     assert adapter["backbone.conv1.lora_B.default.weight"].shape == (8, RANK, 1, 1)  # B is r->8, 1x1
     with pytest.raises(Killed):
-        finetune(tmp_path / "b", [kill_at(10)])
+        finetune(tmp_path / "b", [kill_at(5)])
     resumed, resumed_adapter = finetune(tmp_path / "b", resume="latest")
     for saved, again in ((uninterrupted, resumed), (adapter, resumed_adapter)):
         assert saved.keys() == again.keys()
         assert not [name for name in saved if not torch.equal(saved[name], again[name])]
+    assert not torch.equal(adapter["backbone.conv1.lora_B.default.weight"], torch.zeros(8, RANK, 1, 1)), "trained"

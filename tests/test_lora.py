@@ -144,6 +144,19 @@ def test_default_targets_per_backbone_family_and_patterns():
     assert "features.0.0" in targets and "features.1.block.2.0" in targets  # stem and a pointwise conv
 
 
+def test_a_timm_layer_takes_its_adapted_modules_whole():
+    """timm lists a layer by parameter names; an adapted module joins its layer whole, so every adapter (and
+    every other backbone parameter) is in a backbone layer: layer decay and the "joined" names see them."""
+    from dist_finetune.finetuning import layer_index
+
+    task = ImageClassifier(3, "timm:test_efficientnet", pretrained=False)
+    lora().freeze_before_training(task)
+    index, _ = layer_index(task)
+    adapters = [p for name, p in task.named_parameters() if ".lora_" in name]
+    assert len(adapters) > 10 and all(id(p) in index for p in adapters)
+    assert all(id(p) in index for p in task.backbone.parameters())
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"rank": 0}, r"lora_rank \(--lora-rank\) must be a positive integer, got 0"),
     ({"rank": -2}, r"lora_rank .* got -2"),

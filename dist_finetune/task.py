@@ -16,7 +16,7 @@ from torch import nn
 from . import __version__
 from .backbones import Backbone, build_backbone, layer_groups
 from .checkpoint import check_state_dict_matches, load_model, save_model
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .finetuning import keep_frozen_norms_in_eval
 from .images import list_image_files
 from .lora import load_adapter_into, merged_state_dict, save_adapter
@@ -178,7 +178,7 @@ class ImageClassifier(nn.Module):
         map_location = select_device(map_location)
         state, meta = load_model(path, "cpu")
         if "lora" not in meta:
-            raise ConfigError(f"{path} is not a LoRA adapter file (it has no LoRA settings); load a model file with "
+            raise CheckpointError(f"{path} is not a LoRA adapter file (it has no LoRA settings); load a model file with "
                               "ImageClassifier.load_from_checkpoint")
         model = cls._from_metadata(meta, pretrained=True, weights=weights)
         load_adapter_into(model, state, meta["lora"], str(path))

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from dist_finetune import ImageClassifier, seed_everything
 from dist_finetune.callbacks import Callback
 from dist_finetune.checkpoint import read_metadata
-from dist_finetune.errors import ConfigError
+from dist_finetune.errors import CheckpointError, ConfigError
 
 # tiny_vit's one block: qkv 16->48, proj 16->16, fc1 16->32, fc2 32->16; an adapter of rank r on a Linear
 # in->out holds r*in (A) + out*r (B) parameters; the head is Linear 16->3 (48 + 3)
@@ -124,7 +124,7 @@ def test_the_adapter_file_is_small_and_rebuilds_the_model(vit_run):
     with torch.no_grad():
         difference = (rebuilt(vit_run["images"]) - vit_run["logits"][epoch]).abs().max().item()
     assert difference < 1e-5, difference
-    with pytest.raises(ConfigError, match="not a LoRA adapter file"):
+    with pytest.raises(CheckpointError, match="not a LoRA adapter file"):
         ImageClassifier.load_adapter(run / "model.safetensors")
 
 

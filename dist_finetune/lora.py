@@ -34,6 +34,7 @@ from .finetuning import (
     register_strategy,
     warn_never,
 )
+from .sharding import full_state_dict
 
 DEFAULT_LORA_RANK = 8
 DEFAULT_LORA_ALPHA = 16.0
@@ -184,6 +185,12 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             state[prefix + key[len(base):]] = state.pop(key)
         state[f"{prefix}weight"] = _merged_weight(layer)
     return state
+
+
+def file_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a model file holds: whole tensors (gathering sharded ones is collective), adapters merged into the
+    weights they adapt, under the plain model's names."""
+    return full_state_dict(merged_state_dict(model))
 
 
 def merge_adapters(model: nn.Module) -> None:

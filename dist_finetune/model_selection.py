@@ -22,6 +22,7 @@ from .callbacks import Callback, RunState
 from .checkpoint import load_model, read_metadata, save_model
 from .distributed import any_rank
 from .errors import CheckpointError
+from .lora import file_weights
 from .training_state import CHECKPOINTS_DIR
 
 MODEL_FILENAME = "model.safetensors"
@@ -75,7 +76,7 @@ class BestModel(Callback):
             return
         record["best"] = True
         self.best = {k: record[k] for k in ("epoch", "val_acc", "val_loss", "val_top5") if k in record}
-        self._weights = {k: v.to("cpu", copy=True) for k, v in run.task.file_weights().items()}
+        self._weights = {k: v.to("cpu", copy=True) for k, v in file_weights(run.task).items()}
         if run.output_dir is not None:  # written before the epoch's training state, so never behind it
             trainer.save_checkpoint(run.output_dir / MODEL_FILENAME, training=self.best)
 
@@ -95,7 +96,7 @@ class BestModel(Callback):
         if run.resumed_from.parent.name == CHECKPOINTS_DIR and of_checkpoint.resolve() not in map(Path.resolve, files):
             files.append(of_checkpoint)
         if (position.epoch, position.batch) == (best["epoch"] + 1, 0):
-            self._weights = {k: v.to("cpu", copy=True) for k, v in run.task.file_weights().items()}
+            self._weights = {k: v.to("cpu", copy=True) for k, v in file_weights(run.task).items()}
         else:
             source = next((path for path in files if _holds(path, best)), None)
             self._weights = load_model(source)[0] if source is not None else None

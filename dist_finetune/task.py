@@ -21,7 +21,7 @@ from .finetuning import keep_frozen_norms_in_eval
 from .images import list_image_files
 from .lora import load_adapter_into, merged_state_dict, save_adapter
 from .prediction import predict_paths, select_device
-from .sharding import full_state_dict, shard_state_dict
+from .sharding import shard_state_dict
 
 
 class ClassifierHead(nn.Module):
@@ -141,18 +141,13 @@ class ImageClassifier(nn.Module):
             "library_version": __version__,
         }
 
-    def file_weights(self) -> dict[str, torch.Tensor]:
-        """What a model file holds: whole tensors (gathering sharded ones is collective), LoRA adapters merged
-        into the weights they adapt, under the plain model's names."""
-        return full_state_dict(merged_state_dict(self))
-
     def save_checkpoint(self, path: str | os.PathLike, training: dict | None = None,
                         weights: dict[str, torch.Tensor] | None = None) -> None:
         """Write weights + metadata as one safetensors file (atomically); while LoRA adapters train, also
         ``<name>.adapter.safetensors``, the adapters and head alone (see ``lora``).
 
         ``training``: what to record of the epoch the weights come from (its number and metrics).
-        ``weights``: whole tensors to write instead of this process's ``file_weights`` (the Trainer gathers them).
+        ``weights``: whole tensors to write instead of this process's (the Trainer gathers them: ``lora.file_weights``).
         """
         metadata = self.metadata() if training is None else {**self.metadata(), "training": training}
         save_model(path, merged_state_dict(self) if weights is None else weights, metadata)
@@ -178,8 +173,8 @@ class ImageClassifier(nn.Module):
         map_location = select_device(map_location)
         state, meta = load_model(path, "cpu")
         if "lora" not in meta:
-            raise CheckpointError(f"{path} is not a LoRA adapter file (it has no LoRA settings); load a model file with "
-                              "ImageClassifier.load_from_checkpoint")
+            raise CheckpointError(f"{path} is not a LoRA adapter file (it has no LoRA settings); load a model file "
+                                  "with ImageClassifier.load_from_checkpoint")
         model = cls._from_metadata(meta, pretrained=True, weights=weights)
         load_adapter_into(model, state, meta["lora"], str(path))
         return model.to(map_location).eval()

@@ -47,7 +47,7 @@ from .finetuning import BaseFinetuning, NoFreeze, StrategyCallback, build_optimi
 from .host_memory import keep_freed_memory
 from .inference import eval_loader, validation_metrics
 from .load_failures import LoadFailureReport
-from .lora import check_lora, merge_adapters
+from .lora import check_lora, file_weights, merge_adapters
 from .loss_guard import LossGuard, refuse_non_finite_weights
 from .memory_format import resolve_channels_last
 from .metrics import MetricsLogger
@@ -137,7 +137,7 @@ class Trainer:
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         refuse_non_finite_weights(accelerator, self.task.state_dict(), path, self.run and self.run.last_checkpoint)
-        weights = self.task.file_weights()  # on every rank: gathering sharded (FSDP2) ones is collective
+        weights = file_weights(self.task)  # on every rank: gathering sharded (FSDP2) ones is collective
         if accelerator.is_main_process:
             self.task.save_checkpoint(path, training=training, weights=weights)
         accelerator.wait_for_everyone()

@@ -36,9 +36,10 @@ def config_flag(section: str, spec: dataclasses.Field, kind: Any) -> tuple[str, 
         shown = None if default is None else ("on" if default else "off")
     elif types[0] is bool:
         options["action"], shown = "store_false" if default else "store_true", None
-    elif get_origin(types[0]) is tuple:
-        options.update(type=get_args(types[0])[0], nargs=len(get_args(types[0])))
-        shown = " ".join(map(str, default))
+    elif get_origin(types[0]) is tuple:  # tuple[int, int]: that many values; tuple[str, ...]: one or more
+        items = get_args(types[0])
+        options.update(type=items[0], nargs="+" if items[-1] is Ellipsis else len(items))
+        shown = None if default is None else " ".join(map(str, default))
     elif "choices" not in options:
         options["type"] = types[0]
     options["help"] = meta["help"] + (f" (default: {shown})" if shown is not None else "")

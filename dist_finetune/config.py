@@ -24,10 +24,11 @@ from .finetuning import (
     DEFAULT_MILESTONES,
     DEFAULT_NUM_LAYERS,
     DEFAULT_UNFREEZE_EPOCH,
-    STRATEGY_NAMES,
     BaseFinetuning,
     build_strategy,
+    strategy_names,
 )
+from .lora import DEFAULT_LORA_ALPHA, DEFAULT_LORA_RANK
 from .mixing import check_mixing
 from .model_selection import METRICS_FOR_BEST
 from .trackers import tracker_names
@@ -124,8 +125,9 @@ class ModelConfig:
 class StrategyConfig:
     """The strategy's settings; only those of the chosen strategy are used, and checked (by the strategy)."""
 
-    name: str = setting("freeze_unfreeze", "finetuning strategy", flag="--strategy", choices=STRATEGY_NAMES)
-    unfreeze_epoch: int = setting(DEFAULT_UNFREEZE_EPOCH, "freeze_unfreeze: epoch the backbone joins")
+    name: str = setting("freeze_unfreeze", "finetuning strategy", flag="--strategy", choices=strategy_names())
+    unfreeze_epoch: int = setting(DEFAULT_UNFREEZE_EPOCH, "freeze_unfreeze: epoch the backbone joins (lora: its "
+                                                          "adapters)")
     milestones: tuple[int, int] = setting(DEFAULT_MILESTONES, "unfreeze_milestones: last K layers join at A, the "
                                                               "rest at B", metavar=("A", "B"))
     num_layers: int = setting(DEFAULT_NUM_LAYERS, "unfreeze_milestones: K, layers unfrozen at A")
@@ -133,16 +135,27 @@ class StrategyConfig:
                                                "eval mode with their pretrained statistics)", negatable=True)
     initial_denom_lr: float = setting(DEFAULT_INITIAL_DENOM_LR, "groups the strategy unfreezes train at "
                                                                 "trainer.lr / this")
+    lora_rank: int = setting(DEFAULT_LORA_RANK, "lora: rank R of the adapters (needs pip install "
+                                                "'dist_finetune[lora]')")
+    lora_alpha: float = setting(DEFAULT_LORA_ALPHA, "lora: an adapter's output is scaled by alpha / R")
+    lora_targets: tuple[str, ...] | None = setting(None, "lora: backbone module names or glob patterns to adapt "
+                                                         "(default: the Linears of a ViT; the Conv2d and Linears of a "
+                                                         "conv net; depthwise convs skipped)", metavar="PATTERN")
+    lora_dropout: float = setting(0.0, "lora: dropout on the adapters' input")
 
     def __post_init__(self) -> None:
         self.milestones = tuple(self.milestones)
+        if self.lora_targets is not None:  # YAML: one name or a list
+            self.lora_targets = (self.lora_targets,) if isinstance(self.lora_targets, str) else tuple(self.lora_targets)
         self.strategy()  # the strategy checks its settings
 
     def strategy(self) -> BaseFinetuning:
         """The strategy object this section describes, as ``Trainer.finetune`` takes it."""
         return build_strategy(self.name, unfreeze_epoch=self.unfreeze_epoch, milestones=self.milestones,
                               num_layers=self.num_layers, train_bn=self.train_bn,
-                              initial_denom_lr=self.initial_denom_lr)
+                              initial_denom_lr=self.initial_denom_lr, lora_rank=self.lora_rank,
+                              lora_alpha=self.lora_alpha, lora_targets=self.lora_targets,
+                              lora_dropout=self.lora_dropout)
 
 
 @dataclass

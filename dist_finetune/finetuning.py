@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ def check_milestones(milestones, num_layers: int) -> None:
         raise ConfigError(f"num_layers must be >= 1, got {num_layers}")
 
 
-def _warn_never(what: str, epoch: int, max_epochs: int) -> None:
+def warn_never(what: str, epoch: int, max_epochs: int) -> None:
     warnings.warn(f"{what} at epoch {epoch} but max_epochs={max_epochs} (epochs count from 0): it never happens in "
                   "this run, which trains the frozen model only", UserWarning, stacklevel=3)
 
@@ -224,7 +224,7 @@ class FreezeUnfreeze(BaseFinetuning):
 
     def validate(self, max_epochs: int) -> None:
         if self.unfreeze_epoch >= max_epochs:
-            _warn_never("freeze_unfreeze unfreezes the backbone", self.unfreeze_epoch, max_epochs)
+            warn_never("freeze_unfreeze unfreezes the backbone", self.unfreeze_epoch, max_epochs)
 
     def finetune_function(self, model: nn.Module, epoch: int, optimizer) -> None:
         if epoch == self.unfreeze_epoch:
@@ -252,9 +252,9 @@ class UnfreezeMilestones(BaseFinetuning):
     def validate(self, max_epochs: int) -> None:
         first, second = self.unfreeze_milestones
         if first >= max_epochs:
-            _warn_never(f"unfreeze_milestones unfreezes the last {self.num_layers} layer(s)", first, max_epochs)
+            warn_never(f"unfreeze_milestones unfreezes the last {self.num_layers} layer(s)", first, max_epochs)
         elif second >= max_epochs:
-            _warn_never("unfreeze_milestones unfreezes the remaining layers", second, max_epochs)
+            warn_never("unfreeze_milestones unfreezes the remaining layers", second, max_epochs)
 
     def finetune_function(self, model: nn.Module, epoch: int, optimizer) -> None:
         layers = model.backbone_layers()
@@ -266,12 +266,26 @@ class UnfreezeMilestones(BaseFinetuning):
                                               train_bn=self.train_bn)
 
 
+_REGISTERED: dict[str, Callable[..., BaseFinetuning]] = {}  # strategies of later modules (lora.py), by name
+
+
+def register_strategy(name: str, builder: Callable[..., BaseFinetuning]) -> None:
+    """``build_strategy(name, ...)``, the one path from a name to a strategy, returns ``builder(**every setting)``
+    (the builder takes those it uses)."""
+    _REGISTERED[name] = builder
+
+
+def strategy_names() -> tuple[str, ...]:
+    return STRATEGY_NAMES + tuple(_REGISTERED)
+
+
 def build_strategy(name: str, unfreeze_epoch: int = DEFAULT_UNFREEZE_EPOCH,
                    milestones: tuple[int, int] = DEFAULT_MILESTONES, num_layers: int = DEFAULT_NUM_LAYERS,
-                   train_bn: bool = BUILTIN_TRAIN_BN,
-                   initial_denom_lr: float = DEFAULT_INITIAL_DENOM_LR) -> BaseFinetuning:
-    """The built-in strategy ``name`` with the settings it uses (the others are ignored); the strategies'
-    constructors check them, the one place they are checked (``config.StrategyConfig`` builds through here)."""
+                   train_bn: bool = BUILTIN_TRAIN_BN, initial_denom_lr: float = DEFAULT_INITIAL_DENOM_LR,
+                   **settings) -> BaseFinetuning:
+    """The strategy ``name`` with the settings it uses (the others are ignored; ``settings``: those of registered
+    strategies, e.g. ``lora_rank``); the strategies' constructors check them, the one place they are checked
+    (``config.StrategyConfig`` builds through here)."""
     if name == "no_freeze":
         return NoFreeze(train_bn=train_bn)
     if name == "freeze":
@@ -280,7 +294,10 @@ def build_strategy(name: str, unfreeze_epoch: int = DEFAULT_UNFREEZE_EPOCH,
         return FreezeUnfreeze(unfreeze_epoch, train_bn=train_bn, initial_denom_lr=initial_denom_lr)
     if name == "unfreeze_milestones":
         return UnfreezeMilestones(milestones, num_layers, train_bn=train_bn, initial_denom_lr=initial_denom_lr)
-    raise ConfigError(f"unknown strategy {name!r}: use one of {', '.join(map(repr, STRATEGY_NAMES))}, a (name, "
+    if name in _REGISTERED:
+        return _REGISTERED[name](unfreeze_epoch=unfreeze_epoch, milestones=milestones, num_layers=num_layers,
+                                 train_bn=train_bn, initial_denom_lr=initial_denom_lr, **settings)
+    raise ConfigError(f"unknown strategy {name!r}: use one of {', '.join(map(repr, strategy_names()))}, a (name, "
                       "argument) tuple, or a BaseFinetuning subclass instance")
 
 

@@ -26,7 +26,7 @@ from .checkpoint import load_model, read_metadata, save_model
 from .distributed import any_rank
 from .ema import EMA_SUFFIX, VALIDATION_KEYS
 from .errors import CheckpointError
-from .sharding import full_state_dict
+from .lora import file_weights
 from .training_state import CHECKPOINTS_DIR
 
 MODEL_FILENAME = "model.safetensors"
@@ -101,7 +101,7 @@ class BestModel(Callback):
         if "val_acc" + EMA_SUFFIX in record:  # the weight average was a candidate: say which won
             self.best["weights"] = record["best_weights"] = weights
         with _holding(run, self.best):
-            self._weights = {k: v.to("cpu", copy=True) for k, v in full_state_dict(run.task.state_dict()).items()}
+            self._weights = {k: v.to("cpu", copy=True) for k, v in file_weights(run.task).items()}
             if run.output_dir is not None:  # written before the epoch's training state, so never behind it
                 trainer.save_checkpoint(run.output_dir / MODEL_FILENAME, training=self.best)
 
@@ -123,7 +123,7 @@ class BestModel(Callback):
         at_its_end = (position.epoch, position.batch) == (best["epoch"] + 1, 0)
         if at_its_end and (best.get("weights") != "ema" or run.ema is not None):
             with _holding(run, best):
-                self._weights = {k: v.to("cpu", copy=True) for k, v in full_state_dict(run.task.state_dict()).items()}
+                self._weights = {k: v.to("cpu", copy=True) for k, v in file_weights(run.task).items()}
         else:
             source = next((path for path in files if _holds(path, best)), None)
             self._weights = load_model(source)[0] if source is not None else None

@@ -16,9 +16,10 @@ from torch import nn
 from . import __version__
 from .backbones import Backbone, build_backbone, layer_groups
 from .checkpoint import check_state_dict_matches, load_model, save_model
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .finetuning import keep_frozen_norms_in_eval
 from .images import list_image_files
+from .lora import load_adapter_into, merged_state_dict, save_adapter
 from .prediction import predict_paths, select_device
 from .sharding import shard_state_dict
 
@@ -142,13 +143,15 @@ class ImageClassifier(nn.Module):
 
     def save_checkpoint(self, path: str | os.PathLike, training: dict | None = None,
                         weights: dict[str, torch.Tensor] | None = None) -> None:
-        """Write weights + metadata as one safetensors file (atomically).
+        """Write weights + metadata as one safetensors file (atomically); while LoRA adapters train, also
+        ``<name>.adapter.safetensors``, the adapters and head alone (see ``lora``).
 
         ``training``: what to record of the epoch the weights come from (its number and metrics).
-        ``weights``: whole tensors to write instead of ``state_dict()`` (the Trainer gathers sharded ones).
+        ``weights``: whole tensors to write instead of this process's (the Trainer gathers them: ``lora.file_weights``).
         """
         metadata = self.metadata() if training is None else {**self.metadata(), "training": training}
-        save_model(path, self.state_dict() if weights is None else weights, metadata)
+        save_model(path, merged_state_dict(self) if weights is None else weights, metadata)
+        save_adapter(self, path, metadata)
 
     @classmethod
     def load_from_checkpoint(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "ImageClassifier":
@@ -158,20 +161,34 @@ class ImageClassifier(nn.Module):
         """
         map_location = select_device(map_location)
         state, meta = load_model(path, map_location)
-        model = cls(
-            num_classes=meta["num_classes"],
-            backbone=meta["backbone"],
-            pretrained=False,
-            head_hidden=meta.get("head_hidden"),
-            head_dropout=meta.get("head_dropout", 0.0),
-            labels=meta["labels"],
-            image_size=meta["image_size"],
-        )
+        model = cls._from_metadata(meta, pretrained=False)
+        model.load_weights(state, str(path))
+        return model.to(map_location).eval()
+
+    @classmethod
+    def load_adapter(cls, path: str | os.PathLike, weights: str | None = None,
+                     map_location: str | torch.device = "cpu") -> "ImageClassifier":
+        """The model a LoRA run's ``*.adapter.safetensors`` was saved from: the pretrained backbone (or
+        ``weights``, a local backbone file) with the adapters merged in and the head loaded; needs peft."""
+        map_location = select_device(map_location)
+        state, meta = load_model(path, "cpu")
+        if "lora" not in meta:
+            raise CheckpointError(f"{path} is not a LoRA adapter file (it has no LoRA settings); load a model file "
+                                  "with ImageClassifier.load_from_checkpoint")
+        model = cls._from_metadata(meta, pretrained=True, weights=weights)
+        load_adapter_into(model, state, meta["lora"], str(path))
+        return model.to(map_location).eval()
+
+    @classmethod
+    def _from_metadata(cls, meta: dict, pretrained: bool, weights: str | None = None) -> "ImageClassifier":
+        """The classifier a model or adapter file's metadata describes, with its preprocessing."""
+        model = cls(num_classes=meta["num_classes"], backbone=meta["backbone"], pretrained=pretrained, weights=weights,
+                    head_hidden=meta.get("head_hidden"), head_dropout=meta.get("head_dropout", 0.0),
+                    labels=meta["labels"], image_size=meta["image_size"])
         model.mean.copy_(torch.tensor(meta["mean"]).view(1, 3, 1, 1))
         model.std.copy_(torch.tensor(meta["std"]).view(1, 3, 1, 1))
         model.class_weights = meta.get("class_weights")
-        model.load_weights(state, str(path))
-        return model.to(map_location).eval()
+        return model
 
     def load_weights(self, state: dict[str, torch.Tensor], source: str) -> None:
         """Load whole tensors (a model file, a checkpoint), each rank keeping its slice of sharded ones."""

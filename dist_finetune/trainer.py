@@ -47,6 +47,7 @@ from .finetuning import BaseFinetuning, NoFreeze, StrategyCallback, build_optimi
 from .host_memory import keep_freed_memory
 from .inference import eval_loader, validation_metrics
 from .load_failures import LoadFailureReport
+from .lora import check_lora, file_weights, merge_adapters
 from .loss_guard import LossGuard, refuse_non_finite_weights
 from .lr_finder import LRFinderResult, LRSweep, find_lr
 from .memory_format import resolve_channels_last
@@ -58,7 +59,6 @@ from .reports import validation_report
 from .resume import Resume
 from .run_records import run_outputs
 from .schedule import WarmupSchedule
-from .sharding import full_state_dict
 from .task import ImageClassifier
 from .trackers import check_trackers
 from .run_signature import run_signature
@@ -150,7 +150,7 @@ class Trainer:
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         refuse_non_finite_weights(accelerator, self.task.state_dict(), path, self.run and self.run.last_checkpoint)
-        weights = full_state_dict(self.task.state_dict())  # on every rank: gathering sharded (FSDP2) ones is collective
+        weights = file_weights(self.task)  # on every rank: gathering sharded (FSDP2) ones is collective
         if accelerator.is_main_process:
             self.task.save_checkpoint(path, training=training, weights=weights)
         accelerator.wait_for_everyone()
@@ -190,6 +190,7 @@ class Trainer:
         config = dataclasses.replace(self.config, resume=self.config.resume if resume is None else resume)
         checkpoint = checkpoint_to_resume(config.resume, config.output_dir)
         config.sharding = resolve_sharding(config.sharding, freezes=not isinstance(strategy, NoFreeze))
+        check_lora(strategy, task, config.sharding)
         return strategy, config, checkpoint
 
     def _start(self, task: ImageClassifier, data: ImageClassificationData, strategy: BaseFinetuning,
@@ -215,6 +216,13 @@ class Trainer:
             checkpoint_trainable_layers(run.task)
         run.sharded = run.config.sharding == "fsdp2" and shard_for_training(run.task, run.accelerator)
         run.optimizer = build_optimizer(run.task, run.config)
+        self._announce_trainable(run)
+
+    def _announce_trainable(self, run: RunState) -> None:
+        """At the start and after every transition: "trainable parameters: N of M (x.xx%)"."""
+        trainable, total = (sum(p.numel() for p in params) for params in (trainable_parameters(run.task),
+                                                                          run.task.parameters()))
+        self.announce(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 
     def _make_accelerator(self, log_with: list[str] | None = None):
         config = self.config
@@ -307,6 +315,7 @@ class Trainer:
         if run.config.check_rank_consistency:
             check_rank_consistency(run.accelerator, run.model, run.optimizer, "at the end of training",
                                    run.ema_weights)
+        merge_adapters(run.task)  # LoRA: the task leaves training a plain model, as its model file loads
         if run.stop_reason:
             self.announce(f"training stopped: {run.stop_reason}")
         run.callbacks.call("on_fit_end", self, run)
@@ -331,6 +340,7 @@ class Trainer:
                         check_rank_consistency(accelerator, run.task, run.optimizer,
                                                f"after the strategy transition at epoch {epoch}", run.ema_weights)
                     run.model = resync()
+                    self._announce_trainable(run)
             run.model.train()
             record = {"epoch": epoch, **self._train_epoch(run)}
             broadcast_buffers(accelerator, run.task)  # every rank validates (and saves) rank 0's BN statistics

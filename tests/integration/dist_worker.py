@@ -3,8 +3,8 @@
     python dist_worker.py SCENARIO DATA_ROOT OUT_DIR [BATCH_SIZE]
 
 Scenarios: strategies (freeze_unfreeze with a weight average, unfreeze_milestones, the guide's custom strategy,
-in turn; then early stopping; then the balanced sampler with one rank that alone would stop early; then a short
-lr sweep),
+lora, in turn; then early stopping; then the balanced sampler with one rank that alone would stop early; then a
+short lr sweep),
 equivalence (one deterministic run), mismatch (at a transition rank 1 alone alters a weight, adds its
 groups in another layout, or gives a group another lr; each rank writes the error it got), no_resync
 (a plain Accelerate loop that unfreezes after ``prepare`` without rebuilding DDP: the drift the
@@ -30,6 +30,7 @@ from dist_finetune.callbacks import Callback
 from dist_finetune.distributed import make_accelerator, shutdown
 from dist_finetune.errors import RankMismatchError
 from dist_finetune.finetuning import BaseFinetuning, FreezeUnfreeze, UnfreezeMilestones
+from dist_finetune.lora import LoRA
 from dist_finetune.lr_finder import LRSweep
 from test_finetuning import FeatureExtractorFreezeUnfreeze as GuideStrategy  # the Flash guide's example
 
@@ -296,6 +297,7 @@ def run_scenario(scenario: str, data_root: Path, out: Path, batch_size: int) -> 
             train(UnfreezeMilestones((1, 2), num_layers=2, train_bn=True), data_root, out / "unfreeze_milestones",
                   batch_size),
             train(GuideStrategy(unfreeze_epoch=1), data_root, out / "custom", batch_size),
+            train(LoRA(rank=2, alpha=4.0, unfreeze_epoch=1), data_root, out / "lora", batch_size),
             # no val_acc can improve by more than 1: patience 1 stops every rank after epoch 1 of 3
             train("no_freeze", data_root, out / "early_stopping", batch_size, early_stopping_patience=1,
                   early_stopping_min_delta=1.0),

@@ -90,6 +90,19 @@ def test_ranks_bit_identical_after_each_transition_and_at_the_end(strategies_run
             assert record["val_loss"] == pytest.approx(mine["loss_sum"] / 12, rel=1e-5)
 
 
+def test_lora_ranks_bit_identical_and_only_adapters_and_head_train(strategies_run):
+    """LoRA's adapters join at epoch 1 (a transition: DDP rebuilt, ranks checked): every rank holds the same
+    parameters at each epoch start and the same merged model at the end; epoch 1 trained adapters and head only."""
+    folder = strategies_run / "lora"
+    for epoch in range(3):
+        assert_identical(*rank_files(folder, f"epoch{epoch}"), f"lora start of epoch {epoch}")
+    assert_identical(*rank_files(folder, "final"), "lora end (merged parameters and BN buffers)")
+    before, after = rank_files(folder, "epoch1")[0], rank_files(folder, "epoch2")[0]
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert {name for name in moved if "lora_B" in name} and all("lora_" in n or n.startswith("head.") for n in moved)
+    assert "backbone.layer4.1.conv2.weight" in rank_files(folder, "final")[0], "merged: the plain model's names"
+
+
 def test_early_stopping_stops_every_rank_after_the_same_epoch(strategies_run):
     """The decision is every rank's (one all-reduce): a rank that stopped alone would leave the other
     waiting in its next step's all-reduce, and the pair would never finish."""

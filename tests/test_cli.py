@@ -25,7 +25,8 @@ DOCUMENTED_TRAIN_FLAGS = """
 --output-dir --no-feature-cache --save-every-n-steps --keep-last --no-rank-check --channels-last
 --no-channels-last --compile --compile-backend --compile-mode --check-every-n-steps --no-progress-bar
 --unfreeze-warmup-epochs --layer-decay --metric-for-best --keep-last-model --early-stopping-patience
---early-stopping-min-delta --log-every-n-steps --deterministic
+--early-stopping-min-delta --log-every-n-steps --deterministic --augment --mixup --cutmix --tta --ema-decay
+--lora-rank --lora-alpha --lora-targets --lora-dropout
 """.split()
 
 

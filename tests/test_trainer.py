@@ -39,7 +39,7 @@ def compiled_run(tiny_data):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ACCELERATE_DYNAMO_BACKEND", "AOT_EAGER")
         patch.setattr(torch, "compile", fake_compile)
-        patch.setattr(trainer_module, "check_rank_consistency", lambda accelerator, model, optimizer, where:
+        patch.setattr(trainer_module, "check_rank_consistency", lambda accelerator, model, optimizer, where, averaged=None:
                       seen["checked"].append(where))
         seen["trainer"] = finetune(tiny_data)
     return seen
@@ -51,7 +51,7 @@ def test_the_rank_check_runs_after_each_transition_and_at_the_end(compiled_run):
 
 def test_the_rank_check_can_be_turned_off(tiny_data, monkeypatch):
     checked = []
-    monkeypatch.setattr(trainer_module, "check_rank_consistency", lambda accelerator, model, optimizer, where:
+    monkeypatch.setattr(trainer_module, "check_rank_consistency", lambda accelerator, model, optimizer, where, averaged=None:
                         checked.append(where))
     finetune(tiny_data, check_rank_consistency=False)
     assert checked == []

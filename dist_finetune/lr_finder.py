@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -25,6 +24,7 @@ from .config import TrainerConfig, setting
 from .distributed import release_wrappers
 from .errors import ConfigError, NonFiniteLossError
 from .finetuning import BaseFinetuning, build_optimizer
+from .mixing import training_loss
 from .plots import MATPLOTLIB_HINT, PlotsUnavailable, plot_lr_find
 from .run_files import write_atomic
 from .training_state import capture_rng, restore_rng
@@ -174,8 +174,7 @@ def _step(model, optimizer, batches, accelerator, config: TrainerConfig, class_w
     while True:
         images, labels = next(batches)
         with accelerator.accumulate(model):
-            loss = F.cross_entropy(model(images).float(), labels, weight=class_weights,
-                                   label_smoothing=config.label_smoothing)
+            loss = training_loss(model(images).float(), labels, class_weights, config.label_smoothing)
             mean = accelerator.reduce(loss.detach(), reduction="mean").item()
             if not math.isfinite(mean):
                 return mean

@@ -14,16 +14,11 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from .errors import ConfigError
+from .errors import check_choice
 
 AUGMENT_POLICIES = ("basic", "trivial", "randaugment")
 TTA_MODES = ("none", "flip")
 EVAL_RESIZE_RATIO = 0.875  # resize to size/0.875, then center-crop size (the torchvision convention)
-
-
-def check_choice(setting: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{setting} must be one of {choices}, got {value!r}")
 
 
 def train_transform(image_size: int, policy: str = "basic") -> v2.Compose:

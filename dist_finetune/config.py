@@ -14,9 +14,9 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from .augment import AUGMENT_POLICIES, TTA_MODES, check_choice
+from .augment import AUGMENT_POLICIES, TTA_MODES
 from .distributed import DEFAULT_PROCESS_GROUP_TIMEOUT_S
-from .errors import ConfigError
+from .errors import ConfigError, check_choice
 from .fsdp import SHARDINGS
 from .finetuning import (
     BUILTIN_TRAIN_BN,
@@ -101,8 +101,7 @@ class DataConfig:
                                ("val_split_name", "dataset")):
             _require(getattr(self, setting) is None or getattr(self, needs) is not None,
                      f"data.{setting} is set but data.{needs} is not: {setting} belongs to that source")
-        _require(self.class_weights in CLASS_WEIGHTS,
-                 f"class_weights must be one of {CLASS_WEIGHTS}, got {self.class_weights!r}")
+        check_choice("class_weights", self.class_weights, CLASS_WEIGHTS)
         check_choice("data.augment_policy (--augment)", self.augment_policy, AUGMENT_POLICIES)
         _require(self.augment or self.augment_policy == "basic",
                  f"data.augment_policy {self.augment_policy!r} needs augment on: drop --no-augment")
@@ -236,30 +235,24 @@ class TrainerConfig:
         _require(0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)")
         check_mixing(self.mixup, self.cutmix)
         check_choice("tta (--tta)", self.tta, TTA_MODES)
-        _require(
-            self.mixed_precision is None or self.mixed_precision in MIXED_PRECISION,
-            f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}",
-        )
+        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION, unset_allowed=True)
         _require(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
         _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be positive")
         _require(self.save_every_n_steps is None or self.save_every_n_steps >= 1, "save_every_n_steps must be >= 1")
         _require(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
-        _require(self.compile_mode is None or self.compile_mode in COMPILE_MODES,
-                 f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+        check_choice("compile_mode", self.compile_mode, COMPILE_MODES, unset_allowed=True)
         _require(self.check_every_n_steps >= 1, "check_every_n_steps must be >= 1")
         _require(self.process_group_timeout_s > 0,
                  f"process_group_timeout_s must be positive, got {self.process_group_timeout_s}")
         _require(self.unfreeze_warmup_epochs >= 0, "unfreeze_warmup_epochs must be >= 0")
         _require(self.layer_decay is None or 0 < self.layer_decay <= 1,
                  f"layer_decay must be in (0, 1], got {self.layer_decay}")
-        _require(self.metric_for_best in METRICS_FOR_BEST,
-                 f"metric_for_best must be one of {METRICS_FOR_BEST}, got {self.metric_for_best!r}")
+        check_choice("metric_for_best", self.metric_for_best, METRICS_FOR_BEST)
         _require(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
                  "early_stopping_patience must be >= 1")
         _require(self.early_stopping_min_delta >= 0, "early_stopping_min_delta must be >= 0")
         _require(self.log_every_n_steps >= 1, "log_every_n_steps must be >= 1")
-        _require(self.sharding is None or self.sharding in SHARDINGS,
-                 f"sharding must be one of {SHARDINGS}, got {self.sharding!r}")
+        check_choice("sharding", self.sharding, SHARDINGS, unset_allowed=True)
         _require(self.ema_decay is None or 0 < self.ema_decay < 1,
                  f"ema_decay must be in (0, 1), got {self.ema_decay}: the weight the average keeps per step, "
                  "e.g. 0.999 (leave it unset for no average)")

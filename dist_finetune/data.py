@@ -21,9 +21,9 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .augment import AUGMENT_POLICIES, check_choice, eval_resize_size, eval_transform, sample_seed, train_transform
+from .augment import AUGMENT_POLICIES, eval_resize_size, eval_transform, sample_seed, train_transform
 from .distributed import local_world_size, same_on_every_rank, split_over_ranks
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, check_choice
 from .images import FileImages, content_digests, load_rgb, scan, scan_cache_file
 from .load_failures import LoadFailures
 from .packing import packed_note
@@ -190,8 +190,7 @@ class ImageClassificationData:
     load_failures: LoadFailures | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.class_weights not in CLASS_WEIGHTS:
-            raise ConfigError(f"class_weights must be one of {CLASS_WEIGHTS}, got {self.class_weights!r}")
+        check_choice("class_weights", self.class_weights, CLASS_WEIGHTS)
         check_choice("augment_policy (--augment)", self.augment_policy, AUGMENT_POLICIES)
         if not self.augment and self.augment_policy != "basic":
             raise ConfigError(f"augment_policy {self.augment_policy!r} needs augment on: drop --no-augment")

@@ -16,6 +16,13 @@ class ConfigError(UserError, ValueError):
     """A configuration value that cannot work; raised before any data is read or model built."""
 
 
+def check_choice(setting: str, value, choices: tuple, unset_allowed: bool = False) -> None:
+    """A ConfigError naming ``setting``, its choices and the value given, unless the value is one of them
+    (or None, with ``unset_allowed``)."""
+    if value not in choices and not (unset_allowed and value is None):
+        raise ConfigError(f"{setting} must be one of {choices}, got {value!r}")
+
+
 class DataError(UserError, ValueError):
     """A problem with the user's images or dataset; the message names the path and the fix."""
 

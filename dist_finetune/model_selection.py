@@ -25,7 +25,7 @@ from .callbacks import Callback, RunState
 from .checkpoint import load_model, read_metadata, save_model
 from .distributed import any_rank
 from .ema import EMA_SUFFIX, VALIDATION_KEYS
-from .errors import CheckpointError
+from .errors import CheckpointError, check_choice
 from .lora import file_weights
 from .training_state import CHECKPOINTS_DIR
 
@@ -84,8 +84,7 @@ class BestModel(Callback):
     """
 
     def __init__(self, metric: str = "val_acc", load_best_at_end: bool = True):
-        if metric not in METRICS_FOR_BEST:
-            raise ValueError(f"metric for best must be one of {METRICS_FOR_BEST}, got {metric!r}")
+        check_choice("metric_for_best", metric, METRICS_FOR_BEST)
         self.metric = metric
         self.load_best_at_end = load_best_at_end
         self.best: dict | None = None  # the best epoch's record

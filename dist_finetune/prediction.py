@@ -29,10 +29,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .augment import TTA_MODES, check_choice, eval_resize_size, eval_transform, tta_logits
+from .augment import TTA_MODES, eval_resize_size, eval_transform, tta_logits
 from .data import default_num_workers
 from .distributed import from_main_process, launcher_mixed_precision, local_world_size
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, check_choice
 from .host_memory import keep_freed_memory
 from .images import IMAGE_EXTENSIONS, FileImages, list_image_files, load_rgb
 from .memory_format import channels_last_by_default
@@ -87,8 +87,7 @@ def launcher_device(accelerator, device: str | torch.device | None) -> torch.dev
 
 def autocast_dtype(mixed_precision: str | None) -> torch.dtype | None:
     """The autocast dtype of ``"bf16"``/``"fp16"``; None (float32) for ``"no"`` or None."""
-    if mixed_precision is not None and mixed_precision not in AUTOCAST_DTYPES:
-        raise ConfigError(f"mixed_precision must be one of {tuple(AUTOCAST_DTYPES)}, got {mixed_precision!r}")
+    check_choice("mixed_precision", mixed_precision, tuple(AUTOCAST_DTYPES), unset_allowed=True)
     return AUTOCAST_DTYPES.get(mixed_precision)
 
 
@@ -346,8 +345,7 @@ PREDICTION_FORMATS = tuple(WRITERS)
 def output_format(output: str | None, requested: str | None = None) -> str:
     """``requested``, else ``jsonl`` for a ``.jsonl`` output file, else ``csv``."""
     if requested is not None:
-        if requested not in WRITERS:
-            raise ConfigError(f"format must be one of {PREDICTION_FORMATS}, got {requested!r}")
+        check_choice("format", requested, PREDICTION_FORMATS)
         return requested
     return "jsonl" if output and output.lower().endswith(".jsonl") else "csv"
 

@@ -463,18 +463,21 @@ def test_more_processes_per_machine_than_gpus_is_refused_naming_both_numbers(mon
     check_gpus_per_machine()
 
 
-def test_eight_two_rank_jobs_exit_cleanly_with_no_gloo_thread_left_after_shutdown(tmp_path):
+EXIT_RUNS = 3
+
+
+def test_two_rank_jobs_exit_cleanly_with_no_gloo_thread_left_after_shutdown(tmp_path):
     """A rank that finished its work now and then died at exit with SIGABRT ("terminate called without
     an active exception"): destroy_process_group does not stop a gloo group's threads, and the DDP
     wrappers in the run's reference cycle kept the group alive into the interpreter's final garbage
     collection, so its threads were stopped during finalisation. tests/integration/exit_worker.py runs the exit
-    path 8 times (before the fix every run left the threads alive: 30 of 30); every rank must exit 0,
-    with no gloo thread left once shutdown has run."""
-    result = subprocess.run([sys.executable, str(EXIT_WORKER), "8", str(tmp_path)], capture_output=True, text=True,
-                            env=ENV, timeout=900)
+    path 3 times; every rank must exit 0, with no gloo thread left once shutdown has run. The threads are the
+    deterministic symptom (before the fix every run left them alive: 30 of 30); the abort was the rare one."""
+    result = subprocess.run([sys.executable, str(EXIT_WORKER), str(EXIT_RUNS), str(tmp_path)], capture_output=True,
+                            text=True, env=ENV, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert len(summary) == 8
+    assert len(summary) == EXIT_RUNS
     failed = [(run, job["exit_codes"]) for run, job in enumerate(summary) if job["exit_codes"] != [0, 0]]
     survived = [(run, job["gloo_threads_after_shutdown"]) for run, job in enumerate(summary)
                 if job["gloo_threads_after_shutdown"] != [[], []]]

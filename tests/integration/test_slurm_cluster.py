@@ -165,46 +165,13 @@ def test_multi_node_training_on_cpu(uninterrupted):
     assert text.rstrip().endswith("training finished")
 
 
-@pytest.mark.parametrize("signal_name", ["USR1"])
-def test_multi_node_training_preempted_and_resumed(slurm_cluster, tmp_path, uninterrupted, signal_name):
-    """The whole preemption path with the real runner: SIGUSR1 to the batch shell (what
-    --signal=B:USR1@120 does) mid-training reaches both ranks through srun while `accelerate
-    launch` survives it; both ranks checkpoint and exit 42; the script requeues; the restarted job
-    (SLURM_RESTART_COUNT=1) resumes with `--resume latest` and finishes, every epoch logged once,
-    with final weights bit-identical to the uninterrupted run. (SIGTERM stops without a requeue: below.)"""
-    epochs = EPOCHS
-    job, out, log = _submit_training(slurm_cluster, tmp_path, epochs=epochs)
-    metrics = out / "metrics.jsonl"
-    _wait_for_first_epoch(slurm_cluster, job, metrics, log)
-    slurm_cluster.run(["scancel", "--batch", f"--signal={signal_name}", job])
-    # the first run ends in a requeue (PENDING again), not COMPLETED; wait for the second
-    deadline = time.monotonic() + 120
-    info = slurm_cluster.wait(job, timeout=120)
-    while info.get("Restarts", "0") == "0" and time.monotonic() < deadline:
-        time.sleep(0.5)
-        info = slurm_cluster.wait(job, timeout=max(1.0, deadline - time.monotonic()))
-    text = log.read_text()
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, text)
-    assert f"got SIG{signal_name}" in text and f"requeueing job {job}" in text
-    # each launcher stayed alive and saw its worker exit 42 (it reports that as its own exit 1)
-    assert len(re.findall(r"exitcode\s*:\s*42", text)) >= 2, text
-    assert "start #0" in text and "start #1 (SLURM_RESTART_COUNT=1)" in text
-    # both nodes, both runs
-    assert len(re.findall(r"^\d: \[slurm_multi_node\] node .* --resume latest$", text, re.M)) == 4
-    assert text.rstrip().endswith("training finished")
-    assert sorted(p.name for p in out.glob("*.safetensors")) == ["last.safetensors", "model.safetensors"]
-    logged = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
-    assert logged == list(range(epochs)), text
-    assert_same_final_weights(out, uninterrupted[1])
-
-
-def _wait_for_first_epoch(cluster, job: str, metrics: Path, log: Path) -> None:
-    """Until epoch 0 is logged: the job is mid-training."""
-    deadline = time.monotonic() + 90
-    while not (metrics.exists() and metrics.read_text().strip()):
+def _wait_for(condition, cluster, job: str, log: Path, what: str, timeout: float = 90) -> None:
+    """Until ``condition()`` holds while the job is pending or running."""
+    deadline = time.monotonic() + timeout
+    while not condition():
         state = cluster.job(job).get("JobState")
-        assert state in ("PENDING", "CONFIGURING", "RUNNING"), (state, log.read_text())
-        assert time.monotonic() < deadline, log.read_text()
+        assert state in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED"), (what, state, log.read_text())
+        assert time.monotonic() < deadline, (what, log.read_text())
         time.sleep(0.05)
 
 
@@ -217,37 +184,53 @@ def assert_same_final_weights(out: Path, reference: Path) -> None:
         assert all(torch.equal(resumed[k], expected[k]) for k in expected), f"resumed {name} differs"
 
 
-def test_scancel_checkpoints_and_the_run_resumes_exactly(slurm_cluster, tmp_path, uninterrupted):
-    """Plain `scancel JOB` sends SIGTERM to every process of the job at once, the training processes
-    included (not only the batch shell, as above): each runner's own SIGTERM handler keeps it alive to
-    finish its step, save and exit 42 before KillWait's SIGKILL; the batch script does not requeue
-    (SIGTERM means stop), and submitting the same command again continues from that step to the
-    uninterrupted run's exact weights. Logging and checking every step changes no weight."""
+def test_preempted_requeued_cancelled_and_resubmitted_run_ends_exactly(slurm_cluster, tmp_path, uninterrupted):
+    """One multi-node run stopped twice, each stop the way a cluster does it:
+
+    1. Preemption: SIGUSR1 to the batch shell (what --signal=B:USR1@120 does) mid-training reaches both
+       ranks through srun while `accelerate launch` survives it; both ranks checkpoint and exit 42; the
+       script requeues; the restarted job (SLURM_RESTART_COUNT=1) resumes with `--resume latest`.
+    2. Plain `scancel JOB` during the restarted job sends SIGTERM to every process of the job at once, the
+       training processes included: each runner's own SIGTERM handler keeps it alive to finish its step,
+       save and exit 42 before KillWait's SIGKILL; the script does not requeue (SIGTERM means stop).
+    3. Submitting the same command again continues from that step and finishes: every epoch logged once,
+       final weights bit-identical to the uninterrupted run (so logging and checking every step, on here,
+       changes no weight either)."""
     every_step = ("--log-every-n-steps", "1", "--check-every-n-steps", "1")
     job, out, log = _submit_training(slurm_cluster, tmp_path, epochs=EPOCHS, extra=every_step)
-    steps = out / "steps.jsonl"
-    deadline = time.monotonic() + 90
-    while not (steps.exists() and steps.read_text().strip()):  # the first step is done
-        state = slurm_cluster.job(job).get("JobState")
-        assert state in ("PENDING", "CONFIGURING", "RUNNING"), (state, log.read_text())
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
+    metrics, steps = out / "metrics.jsonl", out / "steps.jsonl"
+    _wait_for(lambda: metrics.exists() and metrics.read_text().strip(), slurm_cluster, job, log, "epoch 0")
+    slurm_cluster.run(["scancel", "--batch", "--signal=USR1", job])
+    resumed_at = re.compile(r"^0: resumed from \S+ at epoch \d+, batch \d+, step (\d+)$", re.M)
+    _wait_for(lambda: resumed_at.search(log.read_text()), slurm_cluster, job, log, "the requeued job's resume")
+    first = int(resumed_at.search(log.read_text()).group(1))
+    logged_steps = lambda: [json.loads(line)["step"] for line in steps.read_text().splitlines()]  # noqa: E731
+    _wait_for(lambda: max(logged_steps(), default=0) > first, slurm_cluster, job, log, "a step after the resume")
     slurm_cluster.run(["scancel", job])
     info = slurm_cluster.wait(job, timeout=150)
     text = log.read_text()
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "1", (info, text)
+    # 1: preempted and requeued; each launcher stayed alive and saw its worker exit 42 (reported as its exit 1)
+    assert "got SIGUSR1" in text and f"requeueing job {job}" in text
+    assert len(re.findall(r"exitcode\s*:\s*42", text)) >= 2, text
+    assert "start #0" in text and "start #1 (SLURM_RESTART_COUNT=1)" in text
+    assert len(re.findall(r"^\d: \[slurm_multi_node\] node .* --resume latest$", text, re.M)) == 4  # 2 nodes x 2
+    # 2: cancelled; both runners lived to save the same step, and said so
+    restarted = text[text.index("start #1"):]
     stops = re.findall(r"^(\d): dist-finetune train: stopped by (SIGTERM|SIGUSR1|a peer rank); state saved in "
-                       r"(\S+step-(\d+));", text, re.M)
-    assert sorted(rank for rank, *_ in stops) == ["0", "1"], text  # both runners lived to save, and said so
+                       r"(\S+step-(\d+));", restarted, re.M)
+    assert sorted(rank for rank, *_ in stops) == ["0", "1"], text
     assert len({saved for _, _, saved, _ in stops}) == 1, text
     stopped_at = int(stops[0][3])
-    assert stopped_at < EPOCHS * 2, "stopped before the last step"
-    assert info["JobState"] == "CANCELLED" and info.get("Restarts", "0") == "0", (info, text)
-    assert "checkpoint saved, job not requeued" in text and "requeueing" not in text, text
+    assert first < stopped_at < EPOCHS * 2, "stopped after the resume, before the last step"
+    assert text.count("checkpoint saved, job not requeued") == 1 and text.count("requeueing") == 1, text
+    # 3: resubmitted
     job, _, log = _submit_training(slurm_cluster, tmp_path, epochs=EPOCHS, log_name="again.out", extra=every_step)
     info = slurm_cluster.wait(job, timeout=150)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED", (info, text)
     assert re.search(rf"^0: resumed from \S+ at epoch \d+, batch \d+, step {stopped_at}$", text, re.M), text
-    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == \
-        list(range(EPOCHS))
+    assert text.rstrip().endswith("training finished")
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["last.safetensors", "model.safetensors"]
+    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == list(range(EPOCHS))
     assert_same_final_weights(out, uninterrupted[1])

@@ -38,7 +38,6 @@ from .splits import (
     later_duplicates,
     stratified_split,
 )
-from .worker_start import worker_context
 
 CLASS_WEIGHTS = ("none", "auto")
 
@@ -376,7 +375,6 @@ class ImageClassificationData:
             drop_last=drop_last,
             persistent_workers=persistent_workers and workers > 0,
             prefetch_factor=4 if workers > 0 else None,
-            multiprocessing_context=worker_context(workers, dataset),
             generator=torch.Generator().manual_seed(seed),  # worker seeds; keeps the global RNG untouched
         )
 

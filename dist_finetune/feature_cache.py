@@ -22,7 +22,6 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.utils.data import DataLoader, Dataset
 
 from .distributed import gather_rows
-from .worker_start import worker_context
 
 MAX_CACHE_BYTES = 4 << 30
 
@@ -67,7 +66,6 @@ def encode_dataset(task: nn.Module, dataset: Dataset, batch_size: int, num_worke
     rank, world_size = accelerator.process_index, accelerator.num_processes
     share = list(range(rank, len(dataset), world_size))
     loader = DataLoader(torch.utils.data.Subset(dataset, share), batch_size=batch_size, num_workers=num_workers,
-                        multiprocessing_context=worker_context(num_workers, dataset),
                         generator=torch.Generator())  # its own seed source: the global RNG (dropout) stays put
     was_training = task.training
     task.eval()

@@ -36,7 +36,6 @@ from .errors import ConfigError, DataError, check_choice
 from .host_memory import keep_freed_memory
 from .images import IMAGE_EXTENSIONS, FileImages, list_image_files, load_rgb
 from .memory_format import channels_last_by_default
-from .worker_start import worker_context
 
 CSV_COLUMNS = ("path", "label", "probability", "error")
 UNREADABLE_EXIT_CODE = 3  # `predict --strict` when any file could not be read (its rows are still written)
@@ -167,10 +166,9 @@ def prediction_loader(paths: Sequence[str], image_size: int, batch_size: int, nu
     """Batches in input order. Workers (default: from the CPU cores) only when there is more than one batch."""
     if num_workers is None:
         num_workers = default_num_workers(local_processes) if len(paths) > batch_size else 0
-    dataset = PredictionDataset(paths, image_size, reader)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if num_workers > 0 else None,
-                      multiprocessing_context=worker_context(num_workers, dataset))
+    return DataLoader(PredictionDataset(paths, image_size, reader), batch_size=batch_size, shuffle=False,
+                      num_workers=num_workers, pin_memory=pin_memory,
+                      prefetch_factor=4 if num_workers > 0 else None)
 
 
 def unreadable_reason(item: str, reader=None) -> str:
